@@ -1,0 +1,241 @@
+"""
+LoRA (Low-Rank Adaptation, Hu et al. 2021, arXiv:2106.09685), written by hand for BLIP-2.
+
+Fine-tuning a 3.9B-parameter model normally means an optimizer state for every weight. LoRA freezes every
+pretrained weight W and learns a low-rank *change* to a few of them instead:
+
+         x (in_features)
+         |
+    +----+--------------------+
+    |                         |
+    |                  +--------------+
+ +-----+               |  A  (r, in)  |   A: random init (kaiming uniform)
+ |  W  | frozen        +--------------+
+ |     | (out, in)            | (r)         r << in, out: the "rank"
+ +-----+               +--------------+
+    |                  |  B  (out, r) |   B: zeros, so at step 0 the model is exactly the base model
+    |                  +--------------+
+    |                         | * alpha / r
+    +---------- + ------------+
+                |
+         y = W x + (alpha / r) * B A x
+
+Why it works (paper, section 4): the update a fine-tune makes to a weight has low "intrinsic rank", so a rank-r
+product B @ A captures most of it. Each wrapped (out, in) layer trains r * (in + out) numbers instead of in * out:
+for T5-XL's 2048 x 2048 attention projections at r = 8 that is 32,768 instead of 4,194,304 (0.8%).
+`alpha` (section 4.1) fixes the size of the update as r changes: the product is scaled by alpha / r, so a learning
+rate tuned at one r still works at another.
+
+After training, B @ A can be folded into W (`merge_lora`): the deployed model is a plain model with no extra cost.
+
+Public API (used by train.py, evaluate.py, caption.py, and your own code):
+    LoRALinear, DEFAULT_TARGETS, inject_lora, lora_state_dict, save_adapter, load_adapter, merge_lora, lora_summary
+
+Adapters are saved in the layout Hugging Face peft reads (`adapter_model.safetensors` + `adapter_config.json`), so
+`peft.PeftModel.from_pretrained(base_model, adapter_dir)` loads what this file writes; this project never imports peft.
+"""
+import json
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+# Module-path suffixes that get LoRA. BLIP-2's trainable bridge (the Q-Former) and the T5 language model's attention:
+# - "attention.query/key/value" matches Q-Former self-attention (qformer.encoder.layer.N.attention.attention.query)
+#   and cross-attention to the image (qformer.encoder.layer.N.crossattention.attention.query);
+# - "SelfAttention.q/k/v/o" matches T5 encoder and decoder self-attention;
+# - "EncDecAttention.q/k/v/o" matches T5 decoder cross-attention to the encoder.
+# Nothing here is inside the vision transformer, so its outputs never change during training (train.py caches them).
+DEFAULT_TARGETS = (
+    "attention.query", "attention.key", "attention.value",
+    "SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o",
+    "EncDecAttention.q", "EncDecAttention.k", "EncDecAttention.v", "EncDecAttention.o",
+)
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update: y = base(x) + dropout(x) @ A.T @ B.T * (alpha / r)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if r <= 0 or alpha <= 0:
+            raise ValueError(f"LoRA needs r > 0 and alpha > 0, got r={r}, alpha={alpha}")
+        self.base = base
+        self.base.requires_grad_(False)
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # The adapter is kept in float32 even when the base weight is bf16/fp16: its updates are tiny relative to
+        # the weights, and in 16-bit arithmetic many of them would round away.
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=torch.float32))
+        # Same init as nn.Linear's weight (and loralib/peft): A random, B zero, so B @ A = 0 at the start.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    # transformers' T5 code reads e.g. `self.wo.weight.dtype` directly: look like the layer we wrap.
+    @property
+    def weight(self):
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return self.base.bias
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    @property
+    def out_features(self):
+        return self.base.out_features
+
+    def forward(self, x):  # x: (..., in_features) -> (..., out_features)
+        result = self.base(x)
+        h = self.dropout(x.to(self.lora_A.dtype))          # (..., in)   in float32
+        update = F.linear(F.linear(h, self.lora_A), self.lora_B)  # (..., r) -> (..., out)
+        return result + (update * self.scaling).to(result.dtype)
+
+    def extra_repr(self):
+        return f"LoRA r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
+
+
+def _matches(path, targets):
+    # Exact path, or a suffix on a dot boundary: "SelfAttention.q" matches "...layer.0.SelfAttention.q",
+    # and "q" would not match "...xq". This is also the rule peft applies to a list of target names.
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def lora_layers(model):
+    """(path, LoRALinear) for every adapter in the model, in module order."""
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def inject_lora(model, targets=DEFAULT_TARGETS, r=8, alpha=16, dropout=0.0):
+    """Wrap every nn.Linear whose path matches a target, freeze everything else, and return the wrapped paths."""
+    if lora_layers(model):
+        raise ValueError("the model already has LoRA layers: inject once (or merge_lora first)")
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    paths = [p for p, m in model.named_modules() if isinstance(m, nn.Linear) and _matches(p, targets)]
+    for t in targets:
+        if not any(_matches(p, [t]) for p in paths):
+            raise ValueError(f"LoRA target {t!r} matches no nn.Linear in {type(model).__name__}")
+    model.requires_grad_(False)
+    for path in paths:
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout))
+    return paths
+
+
+def lora_state_dict(model):
+    """The adapter tensors, keyed as peft names them: base_model.model.<path>.lora_A.weight, (r, in) / (out, r)."""
+    tensors = {}
+    for path, layer in lora_layers(model):
+        tensors[f"base_model.model.{path}.lora_A.weight"] = layer.lora_A.detach()
+        tensors[f"base_model.model.{path}.lora_B.weight"] = layer.lora_B.detach()
+    return tensors
+
+
+def _atomic_write(path, write):
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
+
+
+def save_adapter(model, out_dir, base_model_name_or_path):
+    """Write only the LoRA tensors (safetensors) and a peft-compatible adapter_config.json into out_dir."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers to save: call inject_lora first")
+    first = layers[0][1]
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": str(base_model_name_or_path),
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0,
+        # The exact wrapped paths: peft wraps precisely these, whatever target suffixes found them.
+        "target_modules": [path for path, _ in layers],
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {k: v.to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(model).items()}
+    _atomic_write(os.path.join(out_dir, "adapter_model.safetensors"), lambda p: save_file(tensors, p))
+    _atomic_write(os.path.join(out_dir, "adapter_config.json"),
+                  lambda p: open(p, "w").write(json.dumps(config, indent=2) + "\n"))
+
+
+def read_adapter_config(adapter_dir):
+    """adapter_config.json as a dict, or a one-line ValueError saying what is wrong with the directory."""
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.isfile(path) or not os.path.isfile(os.path.join(adapter_dir, "adapter_model.safetensors")):
+        raise ValueError(f"{adapter_dir}: not an adapter directory (needs adapter_config.json and "
+                         "adapter_model.safetensors, as written by train.py)")
+    try:
+        config = json.load(open(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in config:
+            raise ValueError(f"{path}: missing key {key!r}")
+    return config
+
+
+def load_adapter(model, adapter_dir):
+    """Inject LoRA as adapter_config.json says (unless already injected) and load the tensors, checking every key."""
+    config = read_adapter_config(adapter_dir)
+    if not lora_layers(model):
+        try:
+            inject_lora(model, config["target_modules"], config["r"], config["lora_alpha"],
+                        config.get("lora_dropout", 0.0))
+        except ValueError as e:
+            raise ValueError(f"{adapter_dir}: {e} (was the adapter trained on a different base model?)") from None
+    expected = {k: v.shape for k, v in lora_state_dict(model).items()}
+    try:
+        tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))  # safetensors: never pickle
+    except Exception as e:
+        raise ValueError(f"{adapter_dir}/adapter_model.safetensors: unreadable ({e})") from None
+    for key, tensor in tensors.items():
+        if key not in expected:
+            raise ValueError(f"{adapter_dir}: tensor {key} has no LoRA layer in this model "
+                             "(was the adapter trained on a different base model?)")
+        if tensor.shape != expected[key]:
+            raise ValueError(f"{adapter_dir}: tensor {key} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{tuple(expected[key])} (was the adapter trained on a different base model?)")
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ValueError(f"{adapter_dir}: no tensor for {missing[0]} ({len(missing)} LoRA tensors missing)")
+    with torch.no_grad():
+        for path, layer in lora_layers(model):
+            layer.lora_A.copy_(tensors[f"base_model.model.{path}.lora_A.weight"])
+            layer.lora_B.copy_(tensors[f"base_model.model.{path}.lora_B.weight"])
+    return config
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every adapter into its weight (W' = W + (alpha/r) * B @ A) and put the plain nn.Linear back."""
+    for path, layer in lora_layers(model):
+        base = layer.base
+        delta = (layer.lora_B @ layer.lora_A) * layer.scaling                # (out, r) @ (r, in) -> (out, in)
+        merged = base.weight.to(torch.float32) + delta                       # in float32, then cast once
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"merging the adapter into {path} gives non-finite weights; nothing was changed there")
+        base.weight.copy_(merged.to(base.weight.dtype))
+        parent_path, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), child, base)
+    return model
+
+
+def lora_summary(model):
+    """One line for logs: how many parameters train, out of how many."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return (f"LoRA: {len(lora_layers(model))} layers, {trainable:,} trainable of {total:,} parameters "
+            f"({100 * trainable / max(total, 1):.3f}%)")

@@ -1,0 +1,206 @@
+"""
+The BLIP-2 pieces that train.py, evaluate.py, caption.py and bench.py share: loading with clear errors, the forward
+pass split into its parts, the grouped loss, the frozen-vision cache, and caption generation.
+
+BLIP-2 (Li et al. 2023) captions an image in four stages:
+    pixels (B, 3, 224, 224) --ViT-g--> vision_embeds (B, 257, 1408)             frozen, no LoRA: cacheable
+          --Q-Former, 32 learned queries cross-attend the image--> (B, 32, 768)
+          --language_projection--> image_features (B, 32, 2048), written over the 32 image tokens of the prompt
+          --T5 encoder--> (B, Q+P, 2048) --T5 decoder, one pass per caption--> logits (N, T, vocab)
+Flickr8k has five captions per image. Running stages 1-4 once per image and only the decoder once per caption
+(`grouped_caption_loss`) gives the same loss and gradients as five full forwards, for a fraction of the compute.
+"""
+import hashlib
+import json
+import os
+import socket
+
+import torch
+import torch.nn.functional as F
+
+DEMO_MODEL = "data/demo/blip2-tiny"
+
+
+class ModelError(Exception):
+    """A model or adapter that cannot be loaded, reported in one line without a traceback."""
+
+
+def _hub_reachable():
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_blip2(name_or_path, device="cpu", dtype=torch.float32):
+    """Blip2ForConditionalGeneration + Blip2Processor from a hub id or a local directory, in eval mode."""
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+    from transformers.utils import logging as hf_logging
+    if os.path.normpath(name_or_path) == os.path.normpath(DEMO_MODEL) and not os.path.isdir(DEMO_MODEL):
+        import demo
+        demo.build_demo_world()
+    if not os.path.isdir(name_or_path):
+        from huggingface_hub import try_to_load_from_cache
+        looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/"))
+        cached = looks_like_hub_id and isinstance(try_to_load_from_cache(name_or_path, "config.json"), str)
+        if not looks_like_hub_id or not (cached or _hub_reachable()):
+            raise ModelError(
+                f"model {name_or_path!r} is not a local directory and cannot be downloaded here. On a machine with "
+                f"internet: `hf download Salesforce/blip2-flan-t5-xl --local-dir models/blip2-flan-t5-xl`, then "
+                f"pass --model=models/blip2-flan-t5-xl (about 16 GB). Offline demo: python train.py config/demo.py")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # keep load reports (e.g. dtype notes) out of the user's output
+    try:
+        processor = Blip2Processor.from_pretrained(name_or_path)
+        model = Blip2ForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load BLIP-2 from {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if model.config.text_config.is_encoder_decoder is not True:
+        raise ModelError(f"{name_or_path}: this project fine-tunes BLIP-2 with a T5 language model; "
+                         f"found {model.config.text_config.model_type}")
+    return model.to(device).eval(), processor
+
+
+def autocast_dtype(device):
+    """bf16 where the GPU supports it (Flan-T5 overflows in fp16), float32 on the CPU."""
+    if str(device).startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+# ------------------------------------------------------------------------------------------- the forward, in parts
+
+def vision_embeds(model, pixel_values):
+    """(B, 3, H, W) -> (B, V, Dv): the ViT's last hidden state. V = 257 and Dv = 1408 for blip2-flan-t5-xl."""
+    dtype = model.vision_model.embeddings.patch_embedding.weight.dtype
+    return model.vision_model(pixel_values=pixel_values.to(dtype)).last_hidden_state
+
+
+def image_features(model, image_embeds):
+    """(B, V, Dv) -> (B, Q, Dt): Q-Former queries read the image, then are projected to T5's width."""
+    queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)                  # (B, Q, Dq)
+    mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    query_output = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
+                                 encoder_attention_mask=mask).last_hidden_state          # (B, Q, Dq), fp32
+    return model.language_projection(query_output.to(image_embeds.dtype))               # (B, Q, Dt)
+
+
+def encoder_inputs(model, input_ids, features):
+    """Embed the prompt ids (B, L) and write the image features over the image-token positions -> (B, L, Dt)."""
+    embeds = model.get_input_embeddings()(input_ids)
+    image_positions = (input_ids == model.config.image_token_id).unsqueeze(-1)          # (B, L, 1)
+    if image_positions.sum() != features.shape[0] * features.shape[1]:
+        raise ValueError(f"each encoder input needs exactly {features.shape[1]} image tokens "
+                         f"(id {model.config.image_token_id}); see data.encoder_prompt_ids")
+    return embeds.masked_scatter(image_positions, features.to(embeds.dtype))
+
+
+def decoder_inputs(model, labels):
+    """Teacher forcing: the decoder reads [start] + labels[:-1], with -100 padding turned into the pad id."""
+    start = torch.full_like(labels[:, :1], model.config.text_config.decoder_start_token_id)
+    shifted = torch.cat([start, labels[:, :-1]], dim=1)
+    return shifted.masked_fill(shifted == -100, model.config.text_config.pad_token_id)
+
+
+def caption_loss_sum(logits, labels):
+    """Summed token cross-entropy (padding ignored) and the token count: the caller divides, so micro-batches
+    and captions of different lengths are weighted by their tokens."""
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    return loss, (labels != -100).sum()
+
+
+def grouped_caption_loss(model, batch, image_embeds):
+    """Stages 2-4 once per image, the decoder once per caption. image_embeds: (B, V, Dv) from vision_embeds or the
+    cache. Returns (summed loss, caption tokens)."""
+    text = model.language_model
+    features = image_features(model, image_embeds)                                      # (B, Q, Dt)
+    embeds = encoder_inputs(model, batch["input_ids"], features)                        # (B, L, Dt)
+    encoded = text.encoder(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
+    per_caption = batch["caption_image"]                                                # (N,) image of each caption
+    logits = text(encoder_outputs=(encoded[per_caption],),                              # (N, L, Dt) -> (N, T, vocab)
+                  attention_mask=batch["attention_mask"][per_caption],
+                  decoder_input_ids=decoder_inputs(model, batch["labels"])).logits
+    return caption_loss_sum(logits, batch["labels"])
+
+
+def per_pair_caption_loss(model, batch):
+    """The usual way, for comparison: one full BLIP-2 forward per (image, caption) pair."""
+    per_caption = batch["caption_image"]
+    logits = model(pixel_values=batch["pixel_values"][per_caption], input_ids=batch["input_ids"][per_caption],
+                   attention_mask=batch["attention_mask"][per_caption],
+                   decoder_input_ids=decoder_inputs(model, batch["labels"])).logits
+    return caption_loss_sum(logits, batch["labels"])
+
+
+@torch.no_grad()
+def generate_captions(model, tokenizer, prompt_ids, image_embeds, num_beams=5, max_new_tokens=30, min_new_tokens=8):
+    """Beam-search captions for (B, V, Dv) image embeddings; the same computation as model.generate(**processor(
+    images, text=prompt)), split so that cached vision outputs can be used."""
+    input_ids = torch.tensor(prompt_ids, device=image_embeds.device).expand(image_embeds.shape[0], -1)
+    embeds = encoder_inputs(model, input_ids, image_features(model, image_embeds))
+    output = model.language_model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids),
+                                           num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                           min_new_tokens=min_new_tokens)
+    return [c.strip() for c in tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+
+# ------------------------------------------------------------------------------------------- frozen-vision cache
+
+class VisionCache:
+    """ViT outputs of every image, computed once and memory-mapped from disk: (num_images, V, Dv) in `dtype`.
+
+    Valid only while nothing inside the ViT trains (no LoRA target there, no augmentation). The directory name is a
+    hash of (model, image size, dtype, ViT shape, image list): change any of them and a new cache is built.
+    A cache is used only once complete (its meta.json is written last), so an interrupted build starts over.
+    """
+
+    def __init__(self, root, model, model_name, image_size, names, dtype):
+        vision = model.config.vision_config
+        tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+        self.key = {"model": model_name, "image_size": image_size, "dtype": str(dtype),
+                    "shape": [len(names), tokens, vision.hidden_size],
+                    "images": hashlib.sha1("\n".join(names).encode()).hexdigest()}
+        digest = hashlib.sha1(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
+        self.dir = os.path.join(root, digest)
+        self.row = {name: i for i, name in enumerate(names)}
+        self.dtype, self.shape = dtype, tuple(self.key["shape"])
+        meta = os.path.join(self.dir, "meta.json")
+        self.complete = os.path.isfile(meta)
+        self.table = self._map() if self.complete else None
+        self.missing = set(json.load(open(meta))["missing"]) if self.complete else set()  # unreadable images
+
+    def _map(self):
+        numel = self.shape[0] * self.shape[1] * self.shape[2]
+        path = os.path.join(self.dir, "vision.bin")
+        return torch.from_file(path, shared=True, size=numel, dtype=self.dtype).view(self.shape)
+
+    @torch.no_grad()
+    def build(self, model, loader, device, autocast, log=print):
+        """Fill the cache from a loader over all the images (batches from data.CaptionCollator)."""
+        os.makedirs(self.dir, exist_ok=True)
+        numel = self.shape[0] * self.shape[1] * self.shape[2]
+        with open(os.path.join(self.dir, "vision.bin"), "wb") as f:
+            f.truncate(numel * torch.finfo(self.dtype).bits // 8)
+        self.table = self._map()
+        items = loader.dataset.items
+        self.missing = set(self.row)
+        for batch in loader:
+            if "pixel_values" not in batch:
+                continue  # every image of this batch was unreadable (already warned and counted)
+            self.missing -= {items[i].name for i in batch["image_index"].tolist()}
+            with autocast:
+                embeds = vision_embeds(model, batch["pixel_values"].to(device))
+            rows = torch.tensor([self.row[items[i].name] for i in batch["image_index"].tolist()])
+            self.table[rows] = embeds.to("cpu", self.dtype)
+        with open(os.path.join(self.dir, "meta.json.tmp"), "w") as f:
+            json.dump({**self.key, "missing": sorted(self.missing)}, f)
+        os.replace(os.path.join(self.dir, "meta.json.tmp"), os.path.join(self.dir, "meta.json"))
+        self.complete = True
+        log(f"vision cache: {self.shape[0]} images written to {self.dir}")
+
+    def lookup(self, names, device):
+        rows = torch.tensor([self.row[n] for n in names])
+        return self.table[rows].to(device, non_blocking=True)
