@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw
 
 DEMO_ROOT = "data/demo"
+DEMO_DATA, DEMO_MODEL = "data/demo/flickr8k", "data/demo/blip2-tiny"
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 60, 220), "yellow": (240, 210, 30)}
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 SIZES = {"small": (14, 24), "big": (44, 60)}  # circle diameter in pixels of the 96 x 96 image
@@ -147,6 +148,12 @@ def pretrain_base(processor, rng, steps=600, batch_images=32, log=print):
         if step % 100 == 0 or step == steps - 1:
             log(f"  pretraining the tiny base: step {step:4d}  loss {(loss_sum / n_tokens).item():.3f}")
     return model.eval()
+
+
+def ensure_demo_world(path, log=print):
+    """Build the demo world if `path` points into it and is missing; any other path is left alone."""
+    if os.path.normpath(path) in (DEMO_DATA, DEMO_MODEL) and not os.path.isdir(path):
+        build_demo_world(log=log)
 
 
 def build_demo_world(root=DEMO_ROOT, log=print):

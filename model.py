@@ -37,9 +37,8 @@ def load_blip2(name_or_path, device="cpu", dtype=torch.float32):
     """Blip2ForConditionalGeneration + Blip2Processor from a hub id or a local directory, in eval mode."""
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
     from transformers.utils import logging as hf_logging
-    if os.path.normpath(name_or_path) == os.path.normpath(DEMO_MODEL) and not os.path.isdir(DEMO_MODEL):
-        import demo
-        demo.build_demo_world()
+    import demo
+    demo.ensure_demo_world(name_or_path)
     if not os.path.isdir(name_or_path):
         from huggingface_hub import try_to_load_from_cache
         looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/"))
@@ -50,7 +49,8 @@ def load_blip2(name_or_path, device="cpu", dtype=torch.float32):
                 f"internet: `hf download Salesforce/blip2-flan-t5-xl --local-dir models/blip2-flan-t5-xl`, then "
                 f"pass --model=models/blip2-flan-t5-xl (about 16 GB). Offline demo: python train.py config/demo.py")
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # keep load reports (e.g. dtype notes) out of the user's output
+    hf_logging.set_verbosity_error()  # keep load reports and progress bars out of the user's output
+    hf_logging.disable_progress_bar()
     try:
         processor = Blip2Processor.from_pretrained(name_or_path)
         model = Blip2ForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
@@ -144,6 +144,8 @@ def generate_captions(model, tokenizer, prompt_ids, image_embeds, num_beams=5, m
     output = model.language_model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids),
                                            num_beams=num_beams, max_new_tokens=max_new_tokens,
                                            min_new_tokens=min_new_tokens)
+    if tokenizer is None:
+        return output  # token ids (N, T): bench.py times generation without decoding
     return [c.strip() for c in tokenizer.batch_decode(output, skip_special_tokens=True)]
 
 

@@ -1,0 +1,129 @@
+"""
+Caption images with BLIP-2 and a LoRA adapter; or export base + adapter as one plain transformers checkpoint.
+
+    python caption.py photo.jpg more_photos/                     # adapter in out/adapter if present, else zero-shot
+    python caption.py --adapter out/demo/adapter data/demo/flickr8k/Flicker8k_Dataset
+    python caption.py --adapter none --model Salesforce/blip2-flan-t5-xl photo.jpg
+    python caption.py --adapter out/adapter --export-merged out/merged    # then: from_pretrained("out/merged")
+
+Prints `path<TAB>caption` per image. The model input is exactly Blip2Processor(images=..., text=prompt), as in any
+transformers code. A missing, non-image or corrupt file gets one line on stderr; the rest are still captioned, and the
+exit code is then 1.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+DEFAULT_ADAPTER, DEFAULT_MODEL = "out/adapter", "Salesforce/blip2-flan-t5-xl"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def resolve_model(adapter, model, log=lambda m: print(m, file=sys.stderr)):
+    """(adapter dir or None, base model) from the flags: out/adapter when present; the adapter names its base."""
+    from lora import read_adapter_config
+    if adapter is None:
+        adapter = DEFAULT_ADAPTER if os.path.isdir(DEFAULT_ADAPTER) else "none"
+        log(f"note: using the adapter in {DEFAULT_ADAPTER}" if adapter != "none" else
+            f"note: no adapter in {DEFAULT_ADAPTER}: captioning with the zero-shot base model")
+    if adapter == "none":
+        return None, model or DEFAULT_MODEL
+    config = read_adapter_config(adapter)
+    return adapter, model or config.get("base_model_name_or_path") or DEFAULT_MODEL
+
+
+def load_for_captioning(model_name, adapter, device):
+    """The base model (bf16 on GPUs that have it, else float32) with the adapter loaded, in eval mode."""
+    from lora import load_adapter
+    from model import autocast_dtype, load_blip2
+    model, processor = load_blip2(model_name, device, dtype=autocast_dtype(device))
+    if adapter is not None:
+        load_adapter(model, adapter)
+    return model.eval(), processor
+
+
+def image_paths(arguments):
+    """Files as given, directories expanded to their image files (sorted); a missing path is an error line."""
+    paths, errors = [], []
+    for arg in arguments:
+        if os.path.isdir(arg):
+            paths += sorted(os.path.join(arg, n) for n in os.listdir(arg)
+                            if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith("._"))
+        elif os.path.isfile(arg):
+            paths.append(arg)
+        else:
+            errors.append(f"{arg}: no such file or directory")
+    return paths, errors
+
+
+def export_merged(model, processor, out_dir):
+    """Fold the adapter into the weights and save a plain checkpoint that needs neither this project nor peft."""
+    from lora import merge_lora
+    merge_lora(model)
+    tmp = out_dir.rstrip("/") + ".tmp"
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    if os.path.isdir(out_dir):
+        import shutil
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Caption images with BLIP-2 (+ a LoRA adapter).")
+    parser.add_argument("images", nargs="*", help="image files or directories of images")
+    parser.add_argument("--adapter", help=f"adapter directory, or 'none' (default: {DEFAULT_ADAPTER} if present)")
+    parser.add_argument("--model", help="base model hub id or directory (default: the adapter's base model)")
+    parser.add_argument("--prompt", default="a photo of")
+    parser.add_argument("--num-beams", type=int, default=5)
+    parser.add_argument("--max-new-tokens", type=int, default=30)
+    parser.add_argument("--min-new-tokens", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--export-merged", metavar="DIR", help="merge the adapter into the base and save it to DIR")
+    args = parser.parse_args(argv)
+    if not args.images and not args.export_merged:
+        parser.error("give image files or directories (or --export-merged DIR)")
+    from data import load_rgb
+    from model import ModelError
+    try:
+        adapter, model_name = resolve_model(args.adapter, args.model)
+        model, processor = load_for_captioning(model_name, adapter, args.device)
+    except (ModelError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.export_merged:
+        if adapter is None:
+            print("error: --export-merged needs an adapter (--adapter DIR)", file=sys.stderr)
+            return 1
+        export_merged(model, processor, args.export_merged)
+        print(f"merged {adapter} into {model_name}: {args.export_merged} loads with "
+              f"Blip2ForConditionalGeneration.from_pretrained alone", file=sys.stderr)
+        return 0
+    paths, errors = image_paths(args.images)
+    for e in errors:
+        print(e, file=sys.stderr)
+    for start in range(0, len(paths), args.batch_size):
+        images, names = [], []
+        for path in paths[start:start + args.batch_size]:
+            try:
+                images.append(load_rgb(path))
+                names.append(path)
+            except (OSError, ValueError) as e:
+                errors.append(path)
+                print(f"{path}: not a readable image ({type(e).__name__}: {str(e).splitlines()[0]})", file=sys.stderr)
+        if not images:
+            continue
+        inputs = processor(images=images, text=[args.prompt] * len(images), return_tensors="pt").to(args.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        with torch.no_grad():
+            output = model.generate(**inputs, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                                    min_new_tokens=args.min_new_tokens)
+        for path, text in zip(names, processor.tokenizer.batch_decode(output, skip_special_tokens=True)):
+            print(f"{path}\t{text.strip()}", flush=True)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""
+Score captions the way captioning papers do: the COCO caption toolkit (pycocoevalcap) on Flickr8k's test split.
+
+    python evaluate.py                                   # the adapter in out/adapter, on the test split
+    python evaluate.py --adapter out/demo/adapter        # the demo's adapter (its config names the base model)
+    python evaluate.py --adapter none --model Salesforce/blip2-flan-t5-xl --data data/flickr8k   # zero-shot base
+    python evaluate.py --predictions preds.json          # score captions made elsewhere: {"<image>": "<caption>"}
+    python evaluate.py --out scores.json --html report.html
+
+Every image is captioned with beam search (5 beams, 8 to 30 new tokens by default) and scored against all its
+references: PTB tokenizer on both sides (lower-cases, strips punctuation), then BLEU-1..4, METEOR 1.5, ROUGE-L and
+CIDEr-D, on the 0..1 scale (papers print x100). METEOR and the tokenizer run on Java; METEOR starts once per call.
+"""
+import argparse
+import base64
+import html
+import io
+import json
+import os
+import shutil
+import sys
+import warnings
+
+import torch
+from tqdm import tqdm
+
+METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+
+
+class ScoringError(Exception):
+    pass
+
+
+def score_captions(predictions, references, metrics=METRICS, spice=False, log=print):
+    """predictions {image: caption}, references {image: [captions]} -> {metric: score}. The function train.py uses."""
+    if shutil.which("java") is None:
+        raise ScoringError("java is not installed; the COCO toolkit's tokenizer and METEOR need it "
+                           "(Debian/Ubuntu: apt-get install -y default-jre-headless)")
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    names = sorted(predictions)
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({n: [{"caption": c} for c in references[n]] for n in names})
+    res = tokenizer.tokenize({n: [{"caption": predictions[n]}] for n in names})
+    scores = {}
+    if any(m.startswith("Bleu") for m in metrics):
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        scores.update({f"Bleu_{i + 1}": b for i, b in enumerate(bleu) if f"Bleu_{i + 1}" in metrics})
+    if "METEOR" in metrics:
+        meteor = Meteor()  # one Java process (it loads a paraphrase table for ~10 s) for all images
+        try:
+            scores["METEOR"] = meteor.compute_score(gts, res)[0]
+        finally:
+            meteor.meteor_p.kill()
+            meteor.meteor_p.wait()
+    if "ROUGE_L" in metrics:
+        scores["ROUGE_L"] = Rouge().compute_score(gts, res)[0]
+    if "CIDEr" in metrics:
+        scores["CIDEr"] = Cider().compute_score(gts, res)[0]  # CIDEr-D, idf from these references
+    if spice:
+        try:
+            from pycocoevalcap.spice.spice import Spice
+            scores["SPICE"] = Spice().compute_score(gts, res)[0]
+        except Exception as e:  # offline model download, Java > 8, ...: report the rest
+            log(f"SPICE could not run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                "reporting the other metrics")
+    return {k: float(v) for k, v in scores.items()}
+
+
+@torch.no_grad()
+def caption_items(model, processor, items, prompt_ids, device, autocast, cache=None, batch_size=32, progress=False,
+                  **generate_kwargs):
+    """Caption data.ImageCaptions items -> {image name: caption}; vision outputs from the cache when it has them."""
+    from data import load_rgb
+    from model import generate_captions, vision_embeds
+    captions = {}
+    for start in tqdm(range(0, len(items), batch_size), desc="captioning", unit="batch", disable=not progress):
+        chunk = items[start:start + batch_size]
+        if cache is not None and cache.complete:
+            chunk = [i for i in chunk if i.name not in cache.missing]
+            with autocast:
+                embeds = cache.lookup([i.name for i in chunk], device)
+        else:
+            images, kept = [], []
+            for item in chunk:
+                try:
+                    images.append(load_rgb(item.path))
+                    kept.append(item)
+                except (OSError, ValueError) as e:
+                    warnings.warn(f"skipping unreadable image {item.path}: {e}")
+            chunk = kept
+            if not chunk:
+                continue
+            pixels = processor.image_processor(images, return_tensors="pt").pixel_values.to(device)
+            with autocast:
+                embeds = vision_embeds(model, pixels)
+        if not chunk:
+            continue
+        with autocast:
+            texts = generate_captions(model, processor.tokenizer, prompt_ids, embeds, **generate_kwargs)
+        captions.update({item.name: text for item, text in zip(chunk, texts)})
+    return captions
+
+
+def print_table(columns):
+    """columns: {"name": {metric: score}} -> a small aligned table, x100 as papers print it."""
+    names = list(columns)
+    print(f"{'metric':10s}" + "".join(f"{n:>14s}" for n in names))
+    for metric in [m for m in METRICS + ("SPICE",) if any(m in c for c in columns.values())]:
+        print(f"{metric:10s}" + "".join(f"{100 * columns[n][metric]:14.1f}" if metric in columns[n]
+                                        else f"{'-':>14s}" for n in names))
+
+
+def write_html(path, metrics, rows, title):
+    """One self-contained page: the metric table, then each image as an embedded thumbnail with its captions."""
+    from PIL import Image
+    from data import load_rgb
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}td{vertical-align:top;padding:4px}"
+             "img{max-width:160px}.gen{font-weight:bold}</style>", f"<h1>{html.escape(title)}</h1><table>"]
+    parts += [f"<tr><td>{m}</td><td>{100 * v:.1f}</td></tr>" for m, v in metrics.items()]
+    parts.append("</table><table>")
+    for row in rows:
+        try:
+            image = load_rgb(row["path"])
+            image.thumbnail((160, 160), Image.Resampling.BICUBIC)
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=80)
+            img = f"<img src='data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}'>"
+        except (OSError, ValueError):
+            img = "(unreadable)"
+        refs = "".join(f"<li>{html.escape(r)}</li>" for r in row["references"])
+        parts.append(f"<tr><td>{img}</td><td><div>{html.escape(row['image'])}</div>"
+                     f"<div class='gen'>{html.escape(row['caption'])}</div><ul>{refs}</ul></td></tr>")
+    parts.append("</table>")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("\n".join(parts))
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="COCO-toolkit scores for a BLIP-2 adapter on Flickr8k.")
+    parser.add_argument("--adapter", help="adapter directory, or 'none' for the zero-shot base (default: out/adapter)")
+    parser.add_argument("--model", help="base model hub id or directory (default: the adapter's base model)")
+    parser.add_argument("--data", help="Flickr8k directory (default: data/flickr8k, or the demo's for a demo model)")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    parser.add_argument("--predictions", help="score this JSON {image: caption} instead of generating")
+    parser.add_argument("--prompt", default="a photo of")
+    parser.add_argument("--num-beams", type=int, default=5)
+    parser.add_argument("--max-new-tokens", type=int, default=30)
+    parser.add_argument("--min-new-tokens", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--spice", action="store_true", help="also try SPICE (needs Java 8 and a download)")
+    parser.add_argument("--out", help="write metrics, settings and every caption as JSON")
+    parser.add_argument("--html", help="write a self-contained HTML page with thumbnails and captions")
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except Exception as e:
+        from data import DataError
+        from model import ModelError
+        if isinstance(e, (DataError, ModelError, ScoringError, ValueError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+def run(args):
+    from caption import resolve_model
+    from data import encoder_prompt_ids, read_flickr8k
+    from model import DEMO_MODEL, autocast_dtype
+    import demo
+    adapter, model_name = resolve_model(args.adapter, args.model)
+    data_dir = args.data or (demo.DEMO_DATA if os.path.normpath(model_name) == DEMO_MODEL else "data/flickr8k")
+    demo.ensure_demo_world(data_dir)
+    items = read_flickr8k(data_dir).splits[args.split]
+    references = {i.name: i.captions for i in items}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "html")}
+    settings.update(adapter=adapter, model=model_name, data=data_dir)
+    if args.predictions:
+        try:
+            predictions = json.load(open(args.predictions, encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ScoringError(f"{args.predictions}: cannot read predictions ({e})") from None
+        if not isinstance(predictions, dict) or not all(isinstance(v, str) for v in predictions.values()):
+            raise ScoringError(f"{args.predictions}: expected a JSON object {{\"<image file name>\": \"<caption>\"}}")
+        unknown = sorted(set(predictions) - set(references))
+        missing = sorted(set(references) - set(predictions))
+        if unknown:
+            raise ScoringError(f"{args.predictions}: {unknown[0]!r} is not an image of the {args.split} split "
+                               f"({len(unknown)} such names)")
+        if missing:
+            raise ScoringError(f"{args.predictions}: no caption for {missing[0]!r} of the {args.split} split "
+                               f"({len(missing)} of {len(references)} images missing)")
+    else:
+        from caption import load_for_captioning
+        model, processor = load_for_captioning(model_name, adapter, args.device)
+        prompt_ids = encoder_prompt_ids(processor.tokenizer, args.prompt, model.config.num_query_tokens,
+                                        model.config.image_token_id)
+        autocast = torch.autocast(args.device.split(":")[0], dtype=autocast_dtype(args.device),
+                                  enabled=autocast_dtype(args.device) != torch.float32)
+        predictions = caption_items(model, processor, items, prompt_ids, args.device, autocast,
+                                    batch_size=args.batch_size, progress=True, num_beams=args.num_beams,
+                                    max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens)
+        references = {n: references[n] for n in predictions}  # unreadable images were warned about and skipped
+    metrics = score_captions(predictions, references, spice=args.spice, log=lambda m: print(m, file=sys.stderr))
+    label = "zero-shot" if adapter is None else os.path.basename(os.path.normpath(adapter))
+    print(f"{args.split} split, {len(predictions)} images, {label}")
+    print_table({label: metrics})
+    rows = [{"image": i.name, "caption": predictions[i.name], "references": i.captions, "path": i.path}
+            for i in items if i.name in predictions]
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"metrics": metrics, "settings": settings,
+                       "captions": [{k: r[k] for k in ("image", "caption", "references")} for r in rows]}, f, indent=1)
+        os.replace(tmp, args.out)
+    if args.html:
+        write_html(args.html, metrics, rows, f"BLIP-2 captions, Flickr8k {args.split} split ({label})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

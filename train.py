@@ -1,0 +1,460 @@
+"""
+Fine-tune BLIP-2 (Salesforce/blip2-flan-t5-xl) on Flickr8k captions with hand-written LoRA (lora.py).
+
+    python train.py config/demo.py                              # offline demo: ~3 minutes on 2 CPU cores
+    python train.py --model=models/blip2-flan-t5-xl --data_dir=data/flickr8k
+    torchrun --standalone --nproc_per_node=4 train.py --data_dir=data/flickr8k       # several GPUs (or processes)
+
+What the loop does, top to bottom:
+- LoRA on the Q-Former and T5 attention; everything else frozen; AdamW over the LoRA tensors only.
+- Grouped steps: a micro-batch is B images with all their captions; ViT, Q-Former and T5 encoder run once per image,
+  the decoder once per caption (model.grouped_caption_loss). The ViT is frozen, so its outputs are computed once and
+  memory-mapped from disk (model.VisionCache); `vision_cache=False` turns that off.
+- Loss = summed caption-token cross-entropy / caption tokens in the whole optimizer step (all micro-batches, all
+  ranks), so long and short captions weigh the same however the batch is split.
+- Linear warmup then cosine decay; gradient clipping; bf16 autocast on GPUs that support it, fp16 + GradScaler only
+  when asked (T5 overflows in fp16), float32 on CPU. A non-finite loss stops the run, keeping the last checkpoint.
+- Every `eval_interval` steps and at each epoch end: CIDEr on the val split; the best adapter goes to out_dir/adapter.
+- Every `checkpoint_interval` steps: out_dir/checkpoint (adapter, optimizer, RNG, step, settings), written atomically.
+  Running the same command again resumes from it; a finished run is not trained again.
+- At the end: zero-shot base and best adapter scored on the test split -> out_dir/results.json.
+
+Settings: the block below. Override with a config file (Python assignments of literals, e.g. config/demo.py) and/or
+--key=value; an unknown key or a value of the wrong type is an error.
+"""
+import ast
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+# ----------------------------------------------------------------------------------------------------- settings
+model = "Salesforce/blip2-flan-t5-xl"  # hub id or local directory
+data_dir = "data/flickr8k"             # any of the three Flickr8k layouts (python data.py DIR checks it)
+out_dir = "out"
+prompt = "a photo of"                  # T5 encoder prompt after the image tokens (the LAVIS caption recipe's)
+# LoRA
+lora_r = 8
+lora_alpha = 16
+lora_dropout = 0.05
+lora_targets = ["attention.query", "attention.key", "attention.value", "SelfAttention.q", "SelfAttention.k",
+                "SelfAttention.v", "SelfAttention.o", "EncDecAttention.q", "EncDecAttention.k", "EncDecAttention.v",
+                "EncDecAttention.o"]   # = lora.DEFAULT_TARGETS: Q-Former self/cross and all T5 attention
+# optimisation
+batch_images = 16                      # images per micro-batch, each with all its captions (80 captions on Flickr8k)
+grad_accum = 1                         # micro-batches per optimizer step (per process)
+epochs = 3
+max_steps = 0                          # optimizer steps; 0 = epochs over the train split
+learning_rate = 2e-4
+min_lr_ratio = 0.1                     # cosine decays to learning_rate * min_lr_ratio
+warmup_steps = 50
+weight_decay = 0.0
+grad_clip = 1.0                        # max global gradient norm; 0 = off
+max_caption_tokens = 40
+dtype = "auto"                         # auto (bf16 on GPUs that support it, float32 on CPU) | bfloat16 | float16 | float32
+device = "auto"                        # auto | cpu | cuda
+vision_cache = True                    # compute the frozen ViT's outputs once (valid while no LoRA target is in the ViT)
+num_workers = 4                        # image-decoding processes (only when images are read: cache build, no cache)
+# evaluation, checkpoints, logs
+eval_interval = 500                    # steps between val CIDEr evaluations (and at each epoch end); 0 = none
+eval_images = 500                      # val images used for that (0 = all)
+final_eval = True                      # score zero-shot and fine-tuned on the test split at the end
+num_beams = 5
+max_new_tokens = 30
+min_new_tokens = 8
+checkpoint_interval = 200              # steps between checkpoints
+log_interval = 10
+seed = 1337
+# -------------------------------------------------------------------------------------------------------------
+
+
+class SettingsError(Exception):
+    pass
+
+
+def apply_settings(argv, settings):
+    """Config files and --key=value over the defaults above; a typo or a wrong type is a one-line error."""
+    def assign(key, value, where):
+        if key not in settings:
+            raise SettingsError(f"{where}: unknown setting {key!r} (settings are listed at the top of train.py)")
+        default = settings[key]
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(default, list) and isinstance(value, (tuple, str)):
+            value = [value] if isinstance(value, str) else list(value)
+        if type(value) is not type(default):
+            raise SettingsError(f"{where}: {key} must be {type(default).__name__}, got {value!r}")
+        settings[key] = value
+
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise SettingsError(f"{arg}: write settings as --key=value")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare word is a string: --model=models/blip2
+            assign(key, value, arg)
+        else:
+            try:
+                tree = ast.parse(open(arg).read(), arg)
+            except OSError as e:
+                raise SettingsError(f"{arg}: cannot read config file ({e.strerror})") from None
+            except SyntaxError as e:
+                raise SettingsError(f"{arg}:{e.lineno}: not valid Python ({e.msg})") from None
+            for node in tree.body:
+                if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+                    continue  # a docstring
+                if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+                    raise SettingsError(f"{arg}:{node.lineno}: only 'key = value' lines are allowed")
+                try:
+                    value = ast.literal_eval(node.value)
+                except ValueError:
+                    raise SettingsError(f"{arg}:{node.lineno}: the value must be a literal") from None
+                assign(node.targets[0].id, value, f"{arg}:{node.lineno}")
+    return settings
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def lr_at(step, total_steps):
+    """Linear warmup to learning_rate, then cosine decay to learning_rate * min_lr_ratio."""
+    if step < warmup_steps:
+        return learning_rate * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return learning_rate * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def epoch_micro_batches(num_images, epoch, group):
+    """The epoch's shuffled image order cut into micro-batches; a trailing part too small for a full optimizer step
+    on every rank is dropped. Deterministic in (seed, epoch), so a resumed run sees the same batches."""
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    batches = [order[i:i + batch_images] for i in range(0, num_images - batch_images + 1, batch_images)]
+    return batches[:len(batches) - len(batches) % group]
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, state, lora_tensors, optimizer, scaler):
+    """Everything needed to continue exactly, into path.tmp then renamed: a kill mid-save leaves the old one."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.cpu().contiguous() for k, v in lora_tensors.items()}, os.path.join(tmp, "lora.safetensors"))
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))  # tensors only: loads with weights_only
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, os.path.join(tmp, "rng.safetensors"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump({**state, "scaler": scaler.state_dict()}, f, indent=1)
+    if os.path.isdir(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(path):
+    """The checkpoint to resume from, if any: a crash between the two renames leaves only path.old."""
+    for candidate in (path, path + ".old"):
+        if os.path.isfile(os.path.join(candidate, "state.json")):
+            return candidate
+    return None
+
+
+def main():
+    settings = apply_settings(sys.argv[1:], {k: v for k, v in globals().items()
+                                            if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))})
+    globals().update(settings)
+
+    # ---- processes: one per GPU under torchrun (gloo on CPU), or just this one
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if ddp:
+        cuda = torch.cuda.is_available() and device != "cpu"
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        run_device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
+        if cuda:
+            torch.cuda.set_device(run_device)
+    else:
+        rank, world_size = 0, 1
+        run_device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    device_type = "cuda" if run_device.startswith("cuda") else "cpu"
+    from model import ModelError, autocast_dtype
+    compute_dtype = {"auto": autocast_dtype(run_device), "bfloat16": torch.bfloat16, "float16": torch.float16,
+                     "float32": torch.float32}.get(dtype)
+    if compute_dtype is None:
+        fail(f"dtype={dtype!r}: use auto, bfloat16, float16 or float32")
+    if compute_dtype == torch.float16:
+        log("warning: float16 with T5 often overflows (NaN/inf loss); bfloat16 or float32 are safer")
+    autocast = (torch.autocast(device_type, dtype=compute_dtype) if compute_dtype != torch.float32 else nullcontext())
+    torch.manual_seed(seed)
+
+    results_path = os.path.join(out_dir, "results.json")
+    checkpoint_dir = os.path.join(out_dir, "checkpoint")
+    resume_from = find_checkpoint(checkpoint_dir)
+    if resume_from and json.load(open(os.path.join(resume_from, "state.json"))).get("finished") \
+            and (os.path.isfile(results_path) or not final_eval):
+        log(f"{out_dir}: this run has finished (delete {checkpoint_dir} to train again)")
+        if os.path.isfile(results_path):
+            from evaluate import print_table
+            results = json.load(open(results_path))
+            log("test split:")
+            print_table({"zero-shot": results["zero_shot"], "fine-tuned": results["fine_tuned"]}) if master else None
+        return
+
+    # ---- data and model
+    import demo
+    from data import CaptionCollator, DataError, ImageCaptionDataset, encoder_prompt_ids, read_flickr8k
+    from evaluate import ScoringError, caption_items, print_table, score_captions
+    from lora import inject_lora, load_adapter, lora_layers, lora_state_dict, lora_summary, save_adapter
+    from model import VisionCache, grouped_caption_loss, load_blip2, vision_embeds
+    try:
+        if master:
+            demo.ensure_demo_world(data_dir, log=log)
+            demo.ensure_demo_world(model, log=log)
+        if ddp:
+            dist.barrier()
+        data = read_flickr8k(data_dir)
+        # frozen base in the compute dtype (halves memory on GPUs); LoRA tensors stay float32 (lora.py)
+        blip2, processor = load_blip2(model, run_device, dtype=compute_dtype if device_type == "cuda" else torch.float32)
+        wrapped = inject_lora(blip2, lora_targets, lora_r, lora_alpha, lora_dropout)
+    except (DataError, ModelError, ValueError) as e:
+        fail(e)
+    log(f"{data.layout}: " + ", ".join(f"{s} {len(v)} images" for s, v in data.splits.items())
+        + (f"; {len(data.skipped)} entries skipped (python data.py {data_dir})" if data.skipped else ""))
+    log(lora_summary(blip2))
+    prompt_ids = encoder_prompt_ids(processor.tokenizer, prompt, blip2.config.num_query_tokens,
+                                    blip2.config.image_token_id)
+    train_items, val_items, test_items = data.splits["train"], data.splits["val"], data.splits["test"]
+    val_items = val_items[:eval_images] if eval_images else val_items
+
+    # ---- the frozen-vision cache: ViT outputs of every image, computed once (rank 0 builds, the others wait)
+    cache = None
+    if vision_cache and not any(p.startswith("vision_model.") for p in wrapped):
+        all_items = train_items + data.splits["val"] + test_items
+        image_size = "x".join(str(processor.image_processor.size[k]) for k in ("height", "width"))
+        cache = VisionCache(os.path.join(out_dir, "vision_cache"), blip2, model, image_size,
+                            [i.name for i in all_items], compute_dtype)
+        if not cache.complete and master:
+            log(f"vision cache: computing ViT outputs of {len(all_items)} images once ...")
+            loader = torch.utils.data.DataLoader(ImageCaptionDataset(all_items, processor.image_processor),
+                                                 batch_size=32, num_workers=min(num_workers, os.cpu_count() or 1),
+                                                 collate_fn=CaptionCollator(all_items, processor.tokenizer, prompt_ids))
+            cache.build(blip2, loader, run_device, autocast, log=log)
+        if ddp:
+            dist.barrier()
+        cache = VisionCache(os.path.join(out_dir, "vision_cache"), blip2, model, image_size,
+                            [i.name for i in all_items], compute_dtype)
+        if cache.missing:
+            log(f"vision cache: {len(cache.missing)} unreadable images are left out")
+            train_items = [i for i in train_items if i.name not in cache.missing]
+    elif vision_cache:
+        log("vision cache: off (a LoRA target is inside the ViT, so its outputs change while training)")
+
+    collate = CaptionCollator(train_items, processor.tokenizer, prompt_ids, max_caption_tokens,
+                              load_images=cache is None)
+    dataset = ImageCaptionDataset(train_items, processor.image_processor, load_images=cache is None)
+    group = grad_accum * world_size  # micro-batches per optimizer step, all ranks together
+    steps_per_epoch = len(epoch_micro_batches(len(train_items), 0, group)) // group
+    if steps_per_epoch == 0:
+        fail(f"{data_dir}: {len(train_items)} train images is fewer than one step needs "
+             f"(batch_images * grad_accum * processes = {batch_images * group}); lower batch_images")
+    total_steps = max_steps or epochs * steps_per_epoch
+
+    params = [p for p in blip2.parameters() if p.requires_grad]  # exactly the LoRA tensors
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay,
+                                  fused=device_type == "cuda")
+    scaler = torch.amp.GradScaler(device_type, enabled=compute_dtype == torch.float16)
+
+    step, best_cider, history = 0, -1.0, []
+    if resume_from:
+        state = json.load(open(os.path.join(resume_from, "state.json")))
+        tensors = load_file(os.path.join(resume_from, "lora.safetensors"))
+        with torch.no_grad():
+            for path, layer in lora_layers(blip2):
+                layer.lora_A.copy_(tensors[f"base_model.model.{path}.lora_A.weight"])
+                layer.lora_B.copy_(tensors[f"base_model.model.{path}.lora_B.weight"])
+        optimizer.load_state_dict(torch.load(os.path.join(resume_from, "optimizer.pt"), weights_only=True,
+                                             map_location=run_device))
+        scaler.load_state_dict(state["scaler"])
+        rng = load_file(os.path.join(resume_from, "rng.safetensors"))
+        torch.set_rng_state(rng["cpu"])
+        if torch.cuda.is_available() and "cuda0" in rng:
+            torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
+        step, best_cider, history = state["step"], state["best_cider"], state["history"]
+        log(f"resuming from {resume_from} at step {step}")
+    os.makedirs(out_dir, exist_ok=True)
+    log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if master else None
+
+    def record(entry):
+        if master:
+            log_file.write(json.dumps(entry) + "\n")
+            log_file.flush()
+
+    def checkpoint(finished=False):
+        if master:
+            save_checkpoint(checkpoint_dir, {"step": step, "best_cider": best_cider, "history": history,
+                                             "finished": finished, "settings": settings},
+                            lora_state_dict(blip2), optimizer, scaler)
+
+    def evaluate_val():
+        """CIDEr on the val images; rank 0 only, the others wait. Keeps the best adapter in out_dir/adapter."""
+        nonlocal best_cider
+        if master:
+            blip2.eval()
+            predictions = caption_items(blip2, processor, val_items, prompt_ids, run_device, autocast, cache,
+                                        num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                        min_new_tokens=min_new_tokens)
+            cider = score_captions(predictions, {i.name: i.captions for i in val_items}, metrics=("CIDEr",))["CIDEr"]
+            history.append({"step": step, "val_CIDEr": cider})
+            record({"step": step, "val_CIDEr": cider})
+            improved = cider > best_cider
+            if improved:
+                best_cider = cider
+                save_adapter(blip2, os.path.join(out_dir, "adapter"), model)
+            log(f"step {step}: val CIDEr {cider:.3f}" + (" (best so far: adapter saved)" if improved else
+                                                           f" (best {best_cider:.3f})"))
+            blip2.train()
+        if ddp:
+            dist.barrier()
+
+    # ---- the loop
+    blip2.train()
+    loader_rng = torch.Generator()  # the loader draws its worker seeds here, not from the global RNG (dropout's)
+    t_last, captions_since = time.time(), 0
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        micro = epoch_micro_batches(len(train_items), epoch, group)[offset * group:]
+        mine = [b for i, b in enumerate(micro) if i % world_size == rank]  # shard by rank within each step
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=mine, collate_fn=collate, generator=loader_rng,
+                                             num_workers=0 if cache else min(num_workers, os.cpu_count() or 1))
+        batches = iter(loader)
+        for _ in range(steps_per_epoch - offset):
+            if step >= total_steps:
+                break
+            lr = lr_at(step, total_steps)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            step_batches = [next(batches) for _ in range(grad_accum)]
+            skipped = sum(b["skipped"] for b in step_batches)
+            step_batches = [b for b in step_batches if "labels" in b]
+            # every token of the step, on every rank, counts once: the gradient is of the mean over all of them
+            tokens = torch.tensor(float(sum((b["labels"] != -100).sum() for b in step_batches)), device=run_device)
+            if ddp:
+                dist.all_reduce(tokens)
+            loss_sum = torch.zeros((), device=run_device)
+            for b in step_batches:
+                b = {k: v.to(run_device) if torch.is_tensor(v) else v for k, v in b.items()}
+                with autocast:
+                    if cache is not None:
+                        image_embeds = cache.lookup([train_items[i].name for i in b["image_index"].tolist()],
+                                                    run_device)
+                    else:
+                        with torch.no_grad():
+                            image_embeds = vision_embeds(blip2, b["pixel_values"])
+                    batch_loss, _ = grouped_caption_loss(blip2, b, image_embeds)
+                scaler.scale(batch_loss / tokens).backward()
+                loss_sum += batch_loss.detach()
+                captions_since += b["labels"].shape[0]
+            if ddp:
+                # data parallelism by hand: sum the LoRA gradients over ranks (one flat buffer; they are ~0.3% of
+                # the model) and the losses for the log. Each rank divided by the global token count already.
+                flat = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
+                                  for p in params])
+                dist.all_reduce(flat)
+                offset_ = 0
+                for p in params:
+                    p.grad = flat[offset_:offset_ + p.numel()].view_as(p).clone()
+                    offset_ += p.numel()
+                dist.all_reduce(loss_sum)
+            loss = (loss_sum / tokens).item()
+            if not math.isfinite(loss):
+                kept = find_checkpoint(checkpoint_dir)
+                fail(f"the loss became {loss} at step {step}. "
+                     + ("float16 overflows in T5: use dtype=bfloat16 or float32. " if compute_dtype == torch.float16
+                        else f"Lower learning_rate (now {learning_rate:g}) or check the data. ")
+                     + (f"The last good checkpoint ({kept}, step "
+                        f"{json.load(open(os.path.join(kept, 'state.json')))['step']}) is kept; fix the setting and "
+                        f"run again to resume from it." if kept else "No checkpoint was written yet."))
+            if grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            if step % log_interval == 0 or step == total_steps:
+                if device_type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.time() - t_last
+                entry = {"step": step, "epoch": epoch, "loss": round(loss, 5), "lr": lr,
+                         "ms_per_step": round(1000 * elapsed / log_interval, 1),
+                         "captions_per_s": round(captions_since * world_size / elapsed, 1)}
+                if device_type == "cuda":
+                    entry["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                if skipped:
+                    entry["skipped_images"] = skipped
+                log("  ".join(f"{k} {v}" for k, v in entry.items()))
+                record(entry)
+                t_last, captions_since = time.time(), 0
+            end_of_epoch = step % steps_per_epoch == 0
+            if eval_interval and (step % eval_interval == 0 or end_of_epoch or step == total_steps):
+                evaluate_val()
+            if step % checkpoint_interval == 0 and step < total_steps:
+                checkpoint()
+                t_last = time.time()
+
+    # ---- the end: the adapter, then the test scores
+    if master and not eval_interval:
+        save_adapter(blip2, os.path.join(out_dir, "adapter"), model)  # no evaluation: the final adapter is the one
+    checkpoint(finished=True)
+    if final_eval and master:
+        blip2.eval()
+        references = {i.name: i.captions for i in test_items}
+        results = {}
+        with torch.no_grad():
+            for name in ("zero_shot", "fine_tuned"):
+                if name == "zero_shot":
+                    for _, layer in lora_layers(blip2):
+                        layer.lora_B.zero_()  # B = 0: exactly the base model
+                else:
+                    load_adapter(blip2, os.path.join(out_dir, "adapter"))
+                predictions = caption_items(blip2, processor, test_items, prompt_ids, run_device, autocast, cache,
+                                            num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                            min_new_tokens=min_new_tokens)
+                try:
+                    results[name] = score_captions(predictions, {n: references[n] for n in predictions})
+                except ScoringError as e:
+                    fail(e)
+                if name == "fine_tuned":
+                    results["examples"] = [{"image": n, "caption": predictions[n], "references": references[n]}
+                                           for n in sorted(predictions)[:5]]
+        with open(results_path + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(results_path + ".tmp", results_path)
+        log(f"test split ({len(test_items)} images), beam {num_beams}:")
+        print_table({"zero-shot": results["zero_shot"], "fine-tuned": results["fine_tuned"]})
+        log(f"adapter: {os.path.join(out_dir, 'adapter')}   scores: {results_path}")
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
