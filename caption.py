@@ -26,7 +26,9 @@ def resolve_model(adapter, model, log=lambda m: print(m, file=sys.stderr)):
     if adapter is None:
         adapter = DEFAULT_ADAPTER if os.path.isdir(DEFAULT_ADAPTER) else "none"
         log(f"note: using the adapter in {DEFAULT_ADAPTER}" if adapter != "none" else
-            f"note: no adapter in {DEFAULT_ADAPTER}: captioning with the zero-shot base model")
+            f"note: no adapter in {DEFAULT_ADAPTER}: using the zero-shot base model")
+    elif adapter == "none":
+        log("note: no adapter: using the zero-shot base model")
     if adapter == "none":
         return None, model or DEFAULT_MODEL
     config = read_adapter_config(adapter)

@@ -18,7 +18,6 @@ without them it would train and caption blind, with no error (the "image-token t
 """
 import csv
 import hashlib
-import io
 import json
 import os
 import sys
@@ -170,6 +169,8 @@ def read_flickr8k(root):
     for name in captions:
         if name not in images:
             skipped.append({"item": name, "reason": f"no image file ({len(captions[name])} captions)"})
+        elif not captions[name]:
+            skipped.append({"item": name, "reason": "no captions"})
     usable = {n for n in captions if n in images and captions[n]}
 
     if layout == "karpathy":
@@ -188,8 +189,8 @@ def read_flickr8k(root):
             if name in usable and name not in placed:
                 placed.add(name)
                 splits[s].append(ImageCaptions(name, images[name], captions[name]))
-            elif name not in usable:
-                skipped.append({"item": name, "reason": f"in the {s} split but has no image or no captions"})
+            elif name not in captions:  # (an id with captions but no image was reported above)
+                skipped.append({"item": name, "reason": f"listed in the {s} split but has no captions"})
     for name in sorted(usable - placed):
         skipped.append({"item": name, "reason": "in no split"})  # 91 real images of the release
     return Flickr8k(layout, split_source, splits, skipped)

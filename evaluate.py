@@ -20,6 +20,7 @@ import os
 import shutil
 import sys
 import warnings
+from contextlib import contextmanager
 
 import torch
 from tqdm import tqdm
@@ -29,6 +30,20 @@ METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
 class ScoringError(Exception):
     pass
+
+
+@contextmanager
+def _java_chatter_silenced():
+    """The PTB tokenizer's Java process prints a progress line to our stderr on every call: drop it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def score_captions(predictions, references, metrics=METRICS, spice=False, log=print):
@@ -43,8 +58,9 @@ def score_captions(predictions, references, metrics=METRICS, spice=False, log=pr
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     names = sorted(predictions)
     tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({n: [{"caption": c} for c in references[n]] for n in names})
-    res = tokenizer.tokenize({n: [{"caption": predictions[n]}] for n in names})
+    with _java_chatter_silenced():
+        gts = tokenizer.tokenize({n: [{"caption": c} for c in references[n]] for n in names})
+        res = tokenizer.tokenize({n: [{"caption": predictions[n]}] for n in names})
     scores = {}
     if any(m.startswith("Bleu") for m in metrics):
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)

@@ -174,9 +174,22 @@ def find_checkpoint(path):
     return None
 
 
+def train_mode(model):
+    """Only the adapters train: their dropout is on; the frozen base runs in eval mode, since its own dropout would
+    only add noise to features it cannot adapt (and would make runs depend on how batches are split)."""
+    from lora import lora_layers
+    model.eval()
+    for _, layer in lora_layers(model):
+        layer.train()
+
+
 def main():
-    settings = apply_settings(sys.argv[1:], {k: v for k, v in globals().items()
-                                            if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))})
+    defaults = {k: v for k, v in globals().items()
+                if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
+    try:
+        settings = apply_settings(sys.argv[1:], defaults)
+    except SettingsError as e:
+        fail(e)
     globals().update(settings)
 
     # ---- processes: one per GPU under torchrun (gloo on CPU), or just this one
@@ -329,12 +342,12 @@ def main():
                 save_adapter(blip2, os.path.join(out_dir, "adapter"), model)
             log(f"step {step}: val CIDEr {cider:.3f}" + (" (best so far: adapter saved)" if improved else
                                                            f" (best {best_cider:.3f})"))
-            blip2.train()
+            train_mode(blip2)
         if ddp:
             dist.barrier()
 
     # ---- the loop
-    blip2.train()
+    train_mode(blip2)
     loader_rng = torch.Generator()  # the loader draws its worker seeds here, not from the global RNG (dropout's)
     t_last, captions_since = time.time(), 0
     while step < total_steps:

@@ -1,0 +1,61 @@
+"""Shared fixtures: a tiny BLIP-2 built from configs (no download), the demo world, one finished demo run."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.chdir(ROOT)  # the scripts resolve data/demo/ and out/ from the repository root, as a user runs them
+
+
+def run_script(*args, timeout=300, env=None):
+    """Run one of the project's scripts as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def tiny_blip2():
+    """A fresh tiny BLIP-2 (ViT + Q-Former + T5) with random weights, in float32 and eval mode."""
+    import demo
+    from transformers import Blip2ForConditionalGeneration
+
+    def make(seed=0):
+        torch.manual_seed(seed)
+        model = Blip2ForConditionalGeneration(demo.tiny_config(vocab_size=48, image_token_id=47))
+        torch.nn.init.normal_(model.query_tokens, std=0.02)
+        return model.eval()
+    return make
+
+
+@pytest.fixture(scope="session")
+def demo_world():
+    import demo
+    demo.build_demo_world(log=lambda *a: None)
+    return demo.DEMO_DATA, demo.DEMO_MODEL
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_world, tmp_path_factory):
+    """python train.py config/demo.py, exactly as the README's quick start, into a temporary out_dir."""
+    out_dir = str(tmp_path_factory.mktemp("demo_run"))
+    result = run_script("train.py", "config/demo.py", f"--out_dir={out_dir}", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out_dir, result
+
+
+@pytest.fixture
+def random_lora_b():
+    """Give every LoRA layer a non-zero B, as after some training."""
+    from lora import lora_layers
+
+    def apply(model, seed=1, scale=0.05):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, layer in lora_layers(model):
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * scale)
+        return model
+    return apply

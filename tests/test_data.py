@@ -1,0 +1,202 @@
+"""data.py: every download layout and quirk, the check report, image modes, and batches the model really sees."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_script
+from data import (CaptionCollator, DataError, ImageCaptionDataset, clean_caption, encoder_prompt_ids, load_rgb,
+                  read_flickr8k)
+
+IDS = [f"{1000 + i}_abc{i}.jpg" for i in range(12)]
+
+
+def write_images(folder, names):
+    os.makedirs(folder, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", (8, 8), (20 * i, 0, 0)).save(os.path.join(folder, name))
+
+
+def write_original(root, token_text=None, newline="\n"):
+    """The original release: Flicker8k_Dataset/ (sic), Flickr8k.token.txt, three split files, macOS litter."""
+    write_images(root / "Flicker8k_Dataset", IDS)
+    (root / "Flicker8k_Dataset" / "._1000_abc0.jpg").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    write_images(root / "__MACOSX" / "Flicker8k_Dataset", ["._" + IDS[0]])
+    if token_text is None:
+        lines = [f"{name}#{k}\tA caption {k} of image {name} ." for name in IDS for k in range(5)]
+        lines.append("2258277193_586949ec62.jpg.1#0\tThe phantom id has no image .")
+        lines.append(f"{IDS[0]}#5\tThe Sooners # 28 player .")  # '#' inside a caption
+        token_text = "\n".join(lines) + "\n"
+    (root / "Flickr8k.token.txt").write_bytes(token_text.replace("\n", newline).encode())
+    for split, names in (("train", IDS[:8]), ("dev", IDS[8:10]), ("test", IDS[10:11])):  # IDS[11]: in no split
+        (root / f"Flickr_8k.{split}Images.txt").write_text("\n".join(names) + "\n")
+
+
+def reasons(data):
+    return {s["item"]: s["reason"] for s in data.skipped}
+
+
+def test_original_release_layout(tmp_path):
+    write_original(tmp_path)
+    data = read_flickr8k(str(tmp_path))
+    assert data.layout == "flickr8k-text" and data.split_source == "official split files"
+    assert [len(data.splits[s]) for s in ("train", "val", "test")] == [8, 2, 1]  # dev == val
+    first = data.splits["train"][0]
+    assert first.name == IDS[0] and len(first.captions) == 6
+    assert first.captions[5] == "The Sooners # 28 player ."  # split on the LAST '#' of the key, not the caption's
+    skipped = reasons(data)
+    assert skipped["2258277193_586949ec62.jpg.1"].startswith("no image file")  # the phantom id, never guessed
+    assert skipped[IDS[11]] == "in no split"
+    assert not any("._" in item for item in skipped)  # macOS resource forks are not images
+
+
+@pytest.mark.parametrize("newline", ["\r\n", "\n"])
+def test_token_file_variants_crlf_space_instead_of_tab_no_final_newline(tmp_path, newline):
+    lines = [f"{IDS[i]}#{k}{' ' if i % 2 else chr(9)}A dog number {i} runs ." for i in range(12) for k in range(5)]
+    lines.append("garbage line without a caption number")
+    write_original(tmp_path, token_text="\n".join(lines), newline=newline)  # and no final newline
+    data = read_flickr8k(str(tmp_path))
+    counts = data.report()["splits"]
+    assert counts["train"] == {"images": 8, "captions": 40}
+    assert all(c.endswith(" .") and "\r" not in c for i in data.splits["train"] for c in i.captions)
+    assert any(s["item"].startswith("Flickr8k.token.txt line") for s in data.skipped)
+
+
+def test_karpathy_layout_with_restval(tmp_path):
+    write_images(tmp_path / "Flicker8k_Dataset", IDS[:4])
+    images = [{"filename": name, "split": split, "sentences": [{"raw": f"caption {k} "} for k in range(5)]}
+              for name, split in zip(IDS[:4], ["train", "restval", "val", "test"])]
+    images.append({"filename": "missing.jpg", "split": "test", "sentences": [{"raw": "x"}]})
+    (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": images, "dataset": "flickr8k"}))
+    data = read_flickr8k(str(tmp_path))
+    assert data.layout == "karpathy"
+    assert [len(data.splits[s]) for s in ("train", "val", "test")] == [2, 1, 1]  # restval counts as train
+    assert reasons(data)["missing.jpg"].startswith("no image file")
+
+
+def test_kaggle_csv_quotes_and_deterministic_split(tmp_path):
+    write_images(tmp_path / "Images", IDS)
+    rows = ["image,caption"] + [f'{n},"A boy, with a black "" ADHD "" t-shirt {k}"' for n in IDS for k in range(5)]
+    (tmp_path / "captions.txt").write_text("\n".join(rows) + "\n")
+    data = read_flickr8k(str(tmp_path))
+    assert data.layout == "kaggle" and data.split_source.startswith("deterministic")
+    caption = data.splits["train"][0].captions[0]
+    assert caption.startswith('A boy, with a black " ADHD " t-shirt')  # csv module: commas and doubled quotes
+    assert sum(len(v) for v in data.splits.values()) == 12
+    again = read_flickr8k(str(tmp_path))
+    assert [i.name for i in again.splits["test"]] == [i.name for i in data.splits["test"]]
+
+
+def test_kaggle_uses_official_split_files_when_present(tmp_path):
+    write_images(tmp_path / "Images", IDS)
+    (tmp_path / "captions.txt").write_text("image,caption\n" + "".join(f"{n},a dog\n" for n in IDS))
+    for split, names in (("train", IDS[:6]), ("dev", IDS[6:9]), ("test", IDS[9:])):
+        (tmp_path / f"Flickr_8k.{split}Images.txt").write_text("\n".join(names))
+    data = read_flickr8k(str(tmp_path))
+    assert data.split_source == "official split files"
+    assert [len(data.splits[s]) for s in ("train", "val", "test")] == [6, 3, 3]
+
+
+def test_report_command_json_and_text(tmp_path):
+    write_original(tmp_path)
+    result = run_script("data.py", str(tmp_path), "--json")
+    assert result.returncode == 0
+    report = json.loads(result.stdout)
+    assert report["layout"] == "flickr8k-text"
+    assert report["splits"]["train"] == {"images": 8, "captions": 41}
+    assert {"item": "2258277193_586949ec62.jpg.1", "reason": "no image file (1 captions)"} in report["skipped"]
+    text = run_script("data.py", str(tmp_path)).stdout
+    assert "layout: flickr8k-text" in text and "no image file" in text
+
+
+def test_report_on_a_directory_with_no_layout_is_one_line(tmp_path):
+    result = run_script("data.py", str(tmp_path))
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Flickr8k.token.txt" in lines[0] and "captions.txt" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_directory_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="no such directory"):
+        read_flickr8k(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "I;16"])
+def test_every_image_mode_loads_as_rgb(tmp_path, mode):
+    image = Image.new("RGB", (10, 10), (200, 100, 50)).convert(mode)
+    path = tmp_path / ("x.jpg" if mode in ("L", "CMYK") else "x.png")
+    image.save(path)
+    loaded = load_rgb(path)
+    assert loaded.mode == "RGB" and loaded.size == (10, 10)
+
+
+def test_clean_caption():
+    assert clean_caption("A child  in a pink dress .") == "a child in a pink dress"
+    assert clean_caption("A") == "a"
+
+
+@pytest.fixture(scope="module")
+def demo_processor(demo_world):
+    from transformers import Blip2Processor
+    return Blip2Processor.from_pretrained(demo_world[1])
+
+
+def test_demo_base_loads_with_plain_transformers(demo_world):
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+    model = Blip2ForConditionalGeneration.from_pretrained(demo_world[1])
+    processor = Blip2Processor.from_pretrained(demo_world[1])
+    assert processor.num_query_tokens == model.config.num_query_tokens
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+    report = read_flickr8k(demo_world[0]).report()
+    assert report["layout"] == "flickr8k-text" and report["skipped"] == []
+    assert [report["splits"][s]["images"] for s in ("train", "val", "test")] == [200, 50, 50]
+
+
+def test_encoder_input_is_what_blip2processor_makes(demo_world, demo_processor):
+    from transformers import Blip2ForConditionalGeneration
+    config = Blip2ForConditionalGeneration.from_pretrained(demo_world[1]).config
+    ids = encoder_prompt_ids(demo_processor.tokenizer, "a photo of", config.num_query_tokens, config.image_token_id)
+    reference = demo_processor(images=Image.new("RGB", (20, 20)), text="a photo of").input_ids[0]
+    assert ids == list(reference)
+    assert ids.count(config.image_token_id) == config.num_query_tokens
+
+
+def test_batches_hold_image_tokens_labels_pad_with_minus_100_and_skip_corrupt_images(demo_world, demo_processor,
+                                                                                   tmp_path):
+    items = read_flickr8k(demo_world[0]).splits["train"][:3]
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(open(items[1].path, "rb").read()[:200])  # a truncated JPEG
+    items[1] = type(items[1])(items[1].name, str(corrupt), items[1].captions)
+    items[2].captions.append("short")
+    prompt_ids = encoder_prompt_ids(demo_processor.tokenizer, "a photo of", 8, 41)
+    dataset = ImageCaptionDataset(items, demo_processor.image_processor)
+    collate = CaptionCollator(items, demo_processor.tokenizer, prompt_ids)
+    with pytest.warns(UserWarning, match="corrupt.jpg"):
+        batch = collate([dataset[i] for i in range(3)])
+    assert batch["skipped"] == 1 and batch["image_index"].tolist() == [0, 2]
+    assert batch["pixel_values"].shape[0] == 2
+    assert ((batch["input_ids"] == 41).sum(dim=1) == 8).all()  # every encoder input: exactly Q image tokens
+    assert batch["labels"].shape[0] == 11 and batch["caption_image"].tolist() == [0] * 5 + [1] * 6
+    short = batch["labels"][-1]
+    assert short[1].item() == 1 and (short[2:] == -100).all()  # "short" + EOS, then padding = -100
+
+
+def test_changing_the_image_changes_the_loss(demo_world):
+    """The proof that the model sees the image (the image-token trap would make both losses equal)."""
+    from model import grouped_caption_loss, load_blip2, per_pair_caption_loss, vision_embeds
+    model, processor = load_blip2(demo_world[1])
+    items = read_flickr8k(demo_world[0]).splits["train"]
+    prompt_ids = encoder_prompt_ids(processor.tokenizer, "a photo of", model.config.num_query_tokens,
+                                    model.config.image_token_id)
+    dataset = ImageCaptionDataset(items, processor.image_processor)
+    batch = CaptionCollator(items, processor.tokenizer, prompt_ids)([dataset[0]])
+    other = dataset[next(i for i in range(1, len(items)) if items[i].captions[0] != items[0].captions[0])][1]
+    with torch.no_grad():
+        loss, _ = per_pair_caption_loss(model, batch)
+        swapped, _ = per_pair_caption_loss(model, {**batch, "pixel_values": other[None]})
+        grouped, _ = grouped_caption_loss(model, batch, vision_embeds(model, batch["pixel_values"]))
+    assert abs(loss.item() - swapped.item()) > 1.0
+    assert torch.allclose(loss, grouped, rtol=1e-4)

@@ -1,0 +1,84 @@
+"""The fast path changes nothing but speed: grouped steps and the vision cache give the per-pair loss and gradients."""
+import torch
+
+from lora import inject_lora, lora_layers
+from model import VisionCache, grouped_caption_loss, per_pair_caption_loss, vision_embeds
+
+
+def batch_for(model, images=3, captions_per_image=(5, 4, 5), seed=0):
+    """B images, a different number of captions each and captions of different lengths (padding -100)."""
+    g = torch.Generator().manual_seed(seed)
+    config = model.config
+    size = config.vision_config.image_size
+    prompt = [config.image_token_id] * config.num_query_tokens + [5, 6, 7, 1]
+    caption_image = torch.cat([torch.full((n,), i) for i, n in enumerate(captions_per_image)])
+    labels = torch.randint(2, 40, (len(caption_image), 9), generator=g)
+    lengths = torch.randint(3, 10, (len(caption_image),), generator=g)
+    labels[torch.arange(9)[None, :] >= lengths[:, None]] = -100
+    return {"pixel_values": torch.randn(images, 3, size, size, generator=g),
+            "input_ids": torch.tensor([prompt] * images), "attention_mask": torch.ones(images, len(prompt)).long(),
+            "labels": labels, "caption_image": caption_image}
+
+
+def lora_grads(model):
+    return torch.cat([torch.cat([l.lora_A.grad.flatten(), l.lora_B.grad.flatten()]) for _, l in lora_layers(model)])
+
+
+def test_grouped_loss_and_gradients_equal_per_pair(tiny_blip2, random_lora_b):
+    model = tiny_blip2()
+    inject_lora(model)
+    random_lora_b(model)  # B != 0, so gradients reach A too
+    batch = batch_for(model)
+
+    loss, tokens = per_pair_caption_loss(model, batch)
+    (loss / tokens).backward()
+    per_pair_grads = lora_grads(model)
+    model.zero_grad()
+
+    grouped, grouped_tokens = grouped_caption_loss(model, batch, vision_embeds(model, batch["pixel_values"]))
+    (grouped / grouped_tokens).backward()
+    grouped_grads = lora_grads(model)
+
+    assert tokens == grouped_tokens == (batch["labels"] != -100).sum()
+    assert torch.allclose(loss, grouped, rtol=1e-5)
+    assert per_pair_grads.abs().max() > 0
+    assert torch.allclose(per_pair_grads, grouped_grads, rtol=1e-4, atol=1e-7)
+
+
+class FakeLoader:
+    """What VisionCache.build reads: batches with pixel_values and image_index, and .dataset.items."""
+
+    def __init__(self, items, batches):
+        self.dataset, self.batches = type("D", (), {"items": items})(), batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def test_cached_vision_gives_the_identical_loss_and_a_changed_key_rebuilds(tiny_blip2, tmp_path):
+    from contextlib import nullcontext
+    from data import ImageCaptions
+    model = tiny_blip2()
+    inject_lora(model)
+    batch = batch_for(model)
+    items = [ImageCaptions(f"img{i}.jpg", "", ["x"]) for i in range(3)]
+    names = [i.name for i in items]
+    cache = VisionCache(str(tmp_path), model, "tiny", "48x48", names, torch.float32)
+    assert not cache.complete
+    loader = FakeLoader(items, [{"pixel_values": batch["pixel_values"][:2], "image_index": torch.tensor([0, 1])},
+                                {"pixel_values": batch["pixel_values"][2:], "image_index": torch.tensor([2])}])
+    cache.build(model, loader, "cpu", nullcontext(), log=lambda *a: None)
+
+    reopened = VisionCache(str(tmp_path), model, "tiny", "48x48", names, torch.float32)  # memory-mapped from disk
+    assert reopened.complete and reopened.missing == set()
+    with torch.no_grad():
+        direct, _ = grouped_caption_loss(model, batch, vision_embeds(model, batch["pixel_values"]))
+        cached, _ = grouped_caption_loss(model, batch, reopened.lookup(names, "cpu"))
+    assert torch.equal(direct, cached)
+
+    for changed in [dict(model_name="other"), dict(image_size="64x64"), dict(dtype=torch.bfloat16),
+                    dict(names=names[::-1])]:
+        args = dict(model_name="tiny", image_size="48x48", names=names, dtype=torch.float32) | changed
+        other = VisionCache(str(tmp_path), model, args["model_name"], args["image_size"], args["names"],
+                            args["dtype"])
+        assert not other.complete and other.dir != reopened.dir  # a new key means a new cache, built again

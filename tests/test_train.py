@@ -1,0 +1,148 @@
+"""train.py as a user runs it: the demo end to end, exact resume after a crash, DDP, the NaN guard, settings errors."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, run_script
+
+SHORT = ["config/demo.py", "--max_steps=8", "--checkpoint_interval=2", "--eval_interval=0", "--final_eval=False",
+         "--lora_dropout=0.1"]  # dropout on: a resumed run must also restore the random state
+
+
+def adapter(out_dir):
+    return load_file(os.path.join(out_dir, "adapter", "adapter_model.safetensors"))
+
+
+def test_demo_end_to_end(demo_run):
+    out_dir, result = demo_run
+    results = json.load(open(os.path.join(out_dir, "results.json")))
+    for name in ("zero_shot", "fine_tuned"):
+        assert set(results[name]) >= {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
+    assert results["fine_tuned"]["CIDEr"] >= 1.0
+    assert results["fine_tuned"]["CIDEr"] >= 2 * results["zero_shot"]["CIDEr"]
+    assert "zero-shot" in result.stdout and "fine-tuned" in result.stdout and "CIDEr" in result.stdout
+    records = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+    steps = [r for r in records if "loss" in r]
+    assert steps and {"step", "loss", "lr", "ms_per_step", "captions_per_s"} <= set(steps[0])
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    val = [r["val_CIDEr"] for r in records if "val_CIDEr" in r]
+    assert max(val) > val[0]  # training improves val CIDEr; the best adapter is the one kept
+    assert os.path.isfile(os.path.join(out_dir, "adapter", "adapter_config.json"))
+
+
+def test_a_finished_run_is_not_trained_again(demo_run):
+    out_dir, _ = demo_run
+    before = adapter(out_dir)
+    result = run_script("train.py", "config/demo.py", f"--out_dir={out_dir}")
+    assert result.returncode == 0 and "has finished" in result.stdout
+    assert "step 10" not in result.stdout
+    after = adapter(out_dir)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_world, tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("uninterrupted"))
+    result = run_script("train.py", *SHORT, f"--out_dir={out_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out_dir
+
+
+CRASHING_RUN = """
+import os, sys
+sys.path.insert(0, {root!r})
+import train
+real_save, calls = train.save_checkpoint, []
+
+def save_then_die(path, *args, **kwargs):
+    calls.append(path)
+    if len(calls) < 2:
+        return real_save(path, *args, **kwargs)
+    if {where!r} == "writing":       # half of the new checkpoint written, then kill -9
+        os.makedirs(path + ".tmp", exist_ok=True)
+        open(os.path.join(path + ".tmp", "lora.safetensors"), "wb").write(b"half a file")
+    else:                            # killed between the two renames: only checkpoint.old is left
+        real_save(path + ".tmp_full", *args, **kwargs)
+        os.replace(path, path + ".old")
+        os.replace(path + ".tmp_full", path + ".tmp")
+    os._exit(137)
+
+train.save_checkpoint = save_then_die
+sys.argv = ["train.py"] + {args!r}
+train.main()
+"""
+
+
+@pytest.mark.parametrize("where", ["writing", "renaming"])
+def test_resume_after_a_kill_during_a_save_gives_the_identical_adapter(uninterrupted, tmp_path, where):
+    args = SHORT + [f"--out_dir={tmp_path}"]
+    crashed = run_script("-c", CRASHING_RUN.format(root=ROOT, where=where, args=args))
+    assert crashed.returncode == 137
+    assert not os.path.isdir(tmp_path / "adapter")  # it really died before finishing
+    resumed = run_script("train.py", *args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stdout and "at step 2" in resumed.stdout
+    expected, got = adapter(uninterrupted), adapter(tmp_path)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)  # bit-identical on CPU
+
+
+def test_two_processes_match_one_with_the_same_global_batch(demo_world, tmp_path):
+    common = ["config/demo.py", "--max_steps=3", "--batch_images=4", "--eval_interval=0", "--final_eval=False",
+              "--lora_dropout=0.0"]
+    single = run_script("train.py", *common, "--grad_accum=2", f"--out_dir={tmp_path / 'one'}")
+    assert single.returncode == 0, single.stderr[-2000:]
+    ddp = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *common,
+                     "--grad_accum=1", f"--out_dir={tmp_path / 'two'}", env={"OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    assert any(t.abs().max() > 0 for k, t in one.items() if "lora_B" in k)  # it trained
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-6, rtol=1e-4), k
+    assert ddp.stdout.count("step 3") == 1  # only rank 0 logs
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_checkpoint(demo_world, tmp_path):
+    result = run_script("train.py", "config/demo.py", "--learning_rate=1e30", "--warmup_steps=0", "--max_steps=6",
+                        "--checkpoint_interval=1", "--eval_interval=0", "--final_eval=False", f"--out_dir={tmp_path}")
+    assert result.returncode == 1
+    assert "the loss became" in result.stderr and "checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+    state = json.load(open(tmp_path / "checkpoint" / "state.json"))
+    assert state["step"] >= 1 and not state["finished"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lerning_rate=1e-3"], "unknown setting 'lerning_rate'"),
+    (["--max_steps=ten"], "max_steps must be int"),
+    (["--final_eval=1"], "final_eval must be bool"),
+    (["--learning_rate"], "write settings as --key=value"),
+    (["config/missing.py"], "cannot read config file"),
+])
+def test_a_settings_mistake_is_one_line(args, message):
+    result = run_script("train.py", *args)
+    assert result.returncode == 1
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_config_file_may_only_assign_literals(tmp_path):
+    config = tmp_path / "bad.py"
+    config.write_text("import os\nout_dir = os.getcwd()\n")
+    result = run_script("train.py", str(config))
+    assert result.returncode == 1 and "bad.py:1: only 'key = value' lines" in result.stderr
+
+
+def test_a_missing_model_says_what_to_download(tmp_path):
+    result = run_script("train.py", f"--model={tmp_path / 'no-such-model'}", "--data_dir=data/demo/flickr8k")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "hf download Salesforce/blip2-flan-t5-xl" in result.stderr and "config/demo.py" in result.stderr
+
+
+def test_missing_data_says_where_to_put_it(tmp_path):
+    result = run_script("train.py", f"--data_dir={tmp_path / 'flickr8k'}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "no such directory" in result.stderr and "Getting Flickr8k" in result.stderr
