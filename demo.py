@@ -180,6 +180,8 @@ def _build_flickr8k(path, log):
 def _build_model(path, log):
     processor = build_processor()
     model = pretrain_base(processor, random.Random(1), log=log)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     model.save_pretrained(path)
     processor.save_pretrained(path)
 

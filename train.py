@@ -385,7 +385,7 @@ def main():
                 loss_sum += batch_loss.detach()
                 captions_since += b["labels"].shape[0]
             if ddp:
-                # data parallelism by hand: sum the LoRA gradients over ranks (one flat buffer; they are ~0.3% of
+                # data parallelism by hand: sum the LoRA gradients over ranks (one flat buffer; they are 0.26% of
                 # the model) and the losses for the log. Each rank divided by the global token count already.
                 flat = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
                                   for p in params])
@@ -416,7 +416,7 @@ def main():
                 if device_type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.time() - t_last
-                entry = {"step": step, "epoch": epoch, "loss": round(loss, 5), "lr": lr,
+                entry = {"step": step, "epoch": epoch, "loss": round(loss, 5), "lr": float(f"{lr:.3g}"),
                          "ms_per_step": round(1000 * elapsed / log_interval, 1),
                          "captions_per_s": round(captions_since * world_size / elapsed, 1)}
                 if device_type == "cuda":
