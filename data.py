@@ -5,7 +5,7 @@ Check a download before training (prints the layout found, images and captions p
     python data.py data/flickr8k
     python data.py data/flickr8k --json
 
-Layouts (see README "Getting Flickr8k"); the first one found wins:
+Layouts (README, "Fine-tuning on Flickr8k"); the first one found wins:
     flickr8k-text  Flickr8k.token.txt + Flickr_8k.{train,dev,test}Images.txt + Flicker8k_Dataset/   (original release)
     karpathy       dataset_flickr8k.json + Flicker8k_Dataset/                                      (Karpathy split)
     kaggle         captions.txt (CSV: image,caption) + Images/                                      (Kaggle)
@@ -151,7 +151,8 @@ def _karpathy_split(path):
 def read_flickr8k(root):
     """Detect the layout in `root` and return a Flickr8k with every split's images and captions."""
     if not os.path.isdir(root):
-        raise DataError(f"{root}: no such directory (see README, 'Getting Flickr8k')")
+        raise DataError(f"{root}: no such directory. Put Flickr8k there (README: 'Fine-tuning on Flickr8k') "
+                        "or try the offline demo: python train.py config/demo.py")
     skipped = []
     token, karpathy, kaggle = _find(root, [TOKEN_FILE]), _find(root, [KARPATHY_FILE]), _find(root, [KAGGLE_FILE])
     if token:

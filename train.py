@@ -223,11 +223,11 @@ def main():
     if resume_from and json.load(open(os.path.join(resume_from, "state.json"))).get("finished") \
             and (os.path.isfile(results_path) or not final_eval):
         log(f"{out_dir}: this run has finished (delete {checkpoint_dir} to train again)")
-        if os.path.isfile(results_path):
+        if os.path.isfile(results_path) and master:
             from evaluate import print_table
             results = json.load(open(results_path))
-            log("test split:")
-            print_table({"zero-shot": results["zero_shot"], "fine-tuned": results["fine_tuned"]}) if master else None
+            print("test split:")
+            print_table({"zero-shot": results["zero_shot"], "fine-tuned": results["fine_tuned"]})
         return
 
     # ---- data and model
@@ -321,7 +321,9 @@ def main():
 
     def checkpoint(finished=False):
         if master:
-            save_checkpoint(checkpoint_dir, {"step": step, "best_cider": best_cider, "history": history,
+            epoch_now, step_in_epoch = divmod(step, steps_per_epoch)  # the data position (batches are seeded)
+            save_checkpoint(checkpoint_dir, {"step": step, "epoch": epoch_now, "step_in_epoch": step_in_epoch,
+                                             "best_cider": best_cider, "history": history,
                                              "finished": finished, "settings": settings},
                             lora_state_dict(blip2), optimizer, scaler)
 
@@ -455,9 +457,6 @@ def main():
                     results[name] = score_captions(predictions, {n: references[n] for n in predictions})
                 except ScoringError as e:
                     fail(e)
-                if name == "fine_tuned":
-                    results["examples"] = [{"image": n, "caption": predictions[n], "references": references[n]}
-                                           for n in sorted(predictions)[:5]]
         with open(results_path + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
         os.replace(results_path + ".tmp", results_path)

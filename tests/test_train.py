@@ -145,4 +145,4 @@ def test_a_missing_model_says_what_to_download(tmp_path):
 def test_missing_data_says_where_to_put_it(tmp_path):
     result = run_script("train.py", f"--data_dir={tmp_path / 'flickr8k'}")
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "no such directory" in result.stderr and "Getting Flickr8k" in result.stderr
+    assert "no such directory" in result.stderr and "config/demo.py" in result.stderr
