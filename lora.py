@@ -20,7 +20,7 @@ pretrained weight W and learns a low-rank *change* to a few of them instead:
                 |
          y = W x + (alpha / r) * B A x
 
-Why it works (paper, section 4): the update a fine-tune makes to a weight has low "intrinsic rank", so a rank-r
+Why it works (paper, sections 4.1 and 7): the update a fine-tune makes to a weight has low "intrinsic rank", so a rank-r
 product B @ A captures most of it. Each wrapped (out, in) layer trains r * (in + out) numbers instead of in * out:
 for T5-XL's 2048 x 2048 attention projections at r = 8 that is 32,768 instead of 4,194,304 (0.8%).
 `alpha` (section 4.1) fixes the size of the update as r changes: the product is scaled by alpha / r, so a learning

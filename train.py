@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from lora import DEFAULT_TARGETS
+
 # ----------------------------------------------------------------------------------------------------- settings
 model = "Salesforce/blip2-flan-t5-xl"  # hub id or local directory
 data_dir = "data/flickr8k"             # any of the three Flickr8k layouts (python data.py DIR checks it)
@@ -44,9 +46,7 @@ prompt = "a photo of"                  # T5 encoder prompt after the image token
 lora_r = 8
 lora_alpha = 16
 lora_dropout = 0.05
-lora_targets = ["attention.query", "attention.key", "attention.value", "SelfAttention.q", "SelfAttention.k",
-                "SelfAttention.v", "SelfAttention.o", "EncDecAttention.q", "EncDecAttention.k", "EncDecAttention.v",
-                "EncDecAttention.o"]   # = lora.DEFAULT_TARGETS: Q-Former self/cross and all T5 attention
+lora_targets = list(DEFAULT_TARGETS)   # module-path suffixes: Q-Former self/cross and all T5 attention (lora.py)
 # optimisation
 batch_images = 16                      # images per micro-batch, each with all its captions (80 captions on Flickr8k)
 grad_accum = 1                         # micro-batches per optimizer step (per process)
