@@ -146,12 +146,13 @@ def epoch_micro_batches(num_images, epoch, group):
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path, state, lora_tensors, optimizer, scaler):
+def save_checkpoint(path, state, blip2, optimizer, scaler):
     """Everything needed to continue exactly, into path.tmp then renamed: a kill mid-save leaves the old one."""
+    from lora import save_adapter
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_file({k: v.cpu().contiguous() for k, v in lora_tensors.items()}, os.path.join(tmp, "lora.safetensors"))
+    save_adapter(blip2, tmp, state["settings"]["model"])  # the adapter, as out_dir/adapter holds it
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))  # tensors only: loads with weights_only
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -234,7 +235,7 @@ def main():
     import demo
     from data import CaptionCollator, DataError, ImageCaptionDataset, encoder_prompt_ids, read_flickr8k
     from evaluate import ScoringError, caption_items, print_table, score_captions
-    from lora import inject_lora, load_adapter, lora_layers, lora_state_dict, lora_summary, save_adapter
+    from lora import inject_lora, load_adapter, lora_layers, lora_summary, save_adapter
     from model import VisionCache, grouped_caption_loss, load_blip2, vision_embeds
     try:
         if master:
@@ -297,11 +298,10 @@ def main():
     step, best_cider, history = 0, -1.0, []
     if resume_from:
         state = json.load(open(os.path.join(resume_from, "state.json")))
-        tensors = load_file(os.path.join(resume_from, "lora.safetensors"))
-        with torch.no_grad():
-            for path, layer in lora_layers(blip2):
-                layer.lora_A.copy_(tensors[f"base_model.model.{path}.lora_A.weight"])
-                layer.lora_B.copy_(tensors[f"base_model.model.{path}.lora_B.weight"])
+        try:
+            load_adapter(blip2, resume_from)  # checks every tensor against the model
+        except ValueError as e:
+            fail(f"{e}; to start this run afresh, delete {checkpoint_dir}")
         optimizer.load_state_dict(torch.load(os.path.join(resume_from, "optimizer.pt"), weights_only=True,
                                              map_location=run_device))
         scaler.load_state_dict(state["scaler"])
@@ -325,7 +325,7 @@ def main():
             save_checkpoint(checkpoint_dir, {"step": step, "epoch": epoch_now, "step_in_epoch": step_in_epoch,
                                              "best_cider": best_cider, "history": history,
                                              "finished": finished, "settings": settings},
-                            lora_state_dict(blip2), optimizer, scaler)
+                            blip2, optimizer, scaler)
 
     def evaluate_val():
         """CIDEr on the val images; rank 0 only, the others wait. Keeps the best adapter in out_dir/adapter."""

@@ -64,7 +64,7 @@ def save_then_die(path, *args, **kwargs):
         return real_save(path, *args, **kwargs)
     if {where!r} == "writing":       # half of the new checkpoint written, then kill -9
         os.makedirs(path + ".tmp", exist_ok=True)
-        open(os.path.join(path + ".tmp", "lora.safetensors"), "wb").write(b"half a file")
+        open(os.path.join(path + ".tmp", "adapter_model.safetensors"), "wb").write(b"half a file")
     else:                            # killed between the two renames: only checkpoint.old is left
         real_save(path + ".tmp_full", *args, **kwargs)
         os.replace(path, path + ".old")
