@@ -122,7 +122,8 @@ def main(argv=None):
     parser.add_argument("--model", choices=("tiny", "small", "full"), default="small")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
-    parser.add_argument("--batch-images", type=int, default=None, help="images per step (default: 16 on CUDA, 4 on CPU)")
+    parser.add_argument("--batch-images", type=int, default=None,
+                        help="images per step (default: 16 on CUDA, 4 on CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per mode (median reported)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)

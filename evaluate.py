@@ -189,10 +189,11 @@ def main(argv=None):
 def run(args):
     from caption import resolve_model
     from data import encoder_prompt_ids, read_flickr8k
-    from model import DEMO_MODEL, autocast_dtype
+    from model import autocast_dtype
     import demo
     adapter, model_name = resolve_model(args.adapter, args.model)
-    data_dir = args.data or (demo.DEMO_DATA if os.path.normpath(model_name) == DEMO_MODEL else "data/flickr8k")
+    is_demo = os.path.normpath(model_name) == demo.DEMO_MODEL
+    data_dir = args.data or (demo.DEMO_DATA if is_demo else "data/flickr8k")
     demo.ensure_demo_world(data_dir)
     items = read_flickr8k(data_dir).splits[args.split]
     references = {i.name: i.captions for i in items}

@@ -18,9 +18,6 @@ import socket
 import torch
 import torch.nn.functional as F
 
-DEMO_MODEL = "data/demo/blip2-tiny"
-
-
 class ModelError(Exception):
     """A model or adapter that cannot be loaded, reported in one line without a traceback."""
 
@@ -39,11 +36,13 @@ def load_blip2(name_or_path, device="cpu", dtype=torch.float32):
     from transformers.utils import logging as hf_logging
     import demo
     demo.ensure_demo_world(name_or_path)
+    offline = False
     if not os.path.isdir(name_or_path):
         from huggingface_hub import try_to_load_from_cache
         looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/"))
         cached = looks_like_hub_id and isinstance(try_to_load_from_cache(name_or_path, "config.json"), str)
-        if not looks_like_hub_id or not (cached or _hub_reachable()):
+        offline = not (looks_like_hub_id and _hub_reachable())  # then only the local cache can serve it
+        if not looks_like_hub_id or (offline and not cached):
             raise ModelError(
                 f"model {name_or_path!r} is not a local directory and cannot be downloaded here. On a machine with "
                 f"internet: `hf download Salesforce/blip2-flan-t5-xl --local-dir models/blip2-flan-t5-xl`, then "
@@ -52,8 +51,8 @@ def load_blip2(name_or_path, device="cpu", dtype=torch.float32):
     hf_logging.set_verbosity_error()  # keep load reports and progress bars out of the user's output
     hf_logging.disable_progress_bar()
     try:
-        processor = Blip2Processor.from_pretrained(name_or_path)
-        model = Blip2ForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype)
+        processor = Blip2Processor.from_pretrained(name_or_path, local_files_only=offline)
+        model = Blip2ForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, local_files_only=offline)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load BLIP-2 from {name_or_path!r}: {str(e).splitlines()[0]}") from None
     finally:

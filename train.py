@@ -58,9 +58,9 @@ warmup_steps = 50
 weight_decay = 0.0
 grad_clip = 1.0                        # max global gradient norm; 0 = off
 max_caption_tokens = 40
-dtype = "auto"                         # auto (bf16 on GPUs that support it, float32 on CPU) | bfloat16 | float16 | float32
+dtype = "auto"                         # auto (bf16 on GPUs that have it, else float32) | bfloat16 | float16 | float32
 device = "auto"                        # auto | cpu | cuda
-vision_cache = True                    # compute the frozen ViT's outputs once (valid while no LoRA target is in the ViT)
+vision_cache = True                    # compute the frozen ViT's outputs once (valid while no LoRA is in the ViT)
 num_workers = 4                        # image-decoding processes (only when images are read: cache build, no cache)
 # evaluation, checkpoints, logs
 eval_interval = 500                    # steps between val CIDEr evaluations (and at each epoch end); 0 = none
@@ -113,7 +113,8 @@ def apply_settings(argv, settings):
             for node in tree.body:
                 if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
                     continue  # a docstring
-                if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+                simple = isinstance(node, ast.Assign) and len(node.targets) == 1
+                if not (simple and isinstance(node.targets[0], ast.Name)):
                     raise SettingsError(f"{arg}:{node.lineno}: only 'key = value' lines are allowed")
                 try:
                     value = ast.literal_eval(node.value)
@@ -245,7 +246,8 @@ def main():
             dist.barrier()
         data = read_flickr8k(data_dir)
         # frozen base in the compute dtype (halves memory on GPUs); LoRA tensors stay float32 (lora.py)
-        blip2, processor = load_blip2(model, run_device, dtype=compute_dtype if device_type == "cuda" else torch.float32)
+        weights_dtype = compute_dtype if device_type == "cuda" else torch.float32
+        blip2, processor = load_blip2(model, run_device, dtype=weights_dtype)
         wrapped = inject_lora(blip2, lora_targets, lora_r, lora_alpha, lora_dropout)
     except (DataError, ModelError, ValueError) as e:
         fail(e)
@@ -307,8 +309,9 @@ def main():
         scaler.load_state_dict(state["scaler"])
         rng = load_file(os.path.join(resume_from, "rng.safetensors"))
         torch.set_rng_state(rng["cpu"])
-        if torch.cuda.is_available() and "cuda0" in rng:
-            torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count()) if f"cuda{i}" in rng])
+        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            if f"cuda{i}" in rng:
+                torch.cuda.set_rng_state(rng[f"cuda{i}"], i)
         step, best_cider, history = state["step"], state["best_cider"], state["history"]
         log(f"resuming from {resume_from} at step {step}")
     os.makedirs(out_dir, exist_ok=True)

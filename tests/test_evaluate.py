@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-from PIL import Image
 
 from conftest import run_script
 from evaluate import score_captions

@@ -1,7 +1,6 @@
 """train.py as a user runs it: the demo end to end, exact resume after a crash, DDP, the NaN guard, settings errors."""
 import json
 import os
-import sys
 
 import pytest
 import torch
