@@ -258,6 +258,9 @@ def main():
                                     blip2.config.image_token_id)
     train_items, val_items, test_items = data.splits["train"], data.splits["val"], data.splits["test"]
     val_items = val_items[:eval_images] if eval_images else val_items
+    evaluating = eval_interval > 0 and len(val_items) > 0
+    if eval_interval and not val_items:
+        log("no val images: no evaluation during training; the final adapter is the one kept")
 
     # ---- the frozen-vision cache: ViT outputs of every image, computed once (rank 0 builds, the others wait)
     cache = None
@@ -432,17 +435,19 @@ def main():
                 record(entry)
                 t_last, captions_since = time.time(), 0
             end_of_epoch = step % steps_per_epoch == 0
-            if eval_interval and (step % eval_interval == 0 or end_of_epoch or step == total_steps):
+            if evaluating and (step % eval_interval == 0 or end_of_epoch or step == total_steps):
                 evaluate_val()
             if step % checkpoint_interval == 0 and step < total_steps:
                 checkpoint()
                 t_last = time.time()
 
     # ---- the end: the adapter, then the test scores
-    if master and not eval_interval:
+    if master and not evaluating:
         save_adapter(blip2, os.path.join(out_dir, "adapter"), model)  # no evaluation: the final adapter is the one
     checkpoint(finished=True)
-    if final_eval and master:
+    if final_eval and master and not test_items:
+        log("no test images: no final evaluation")
+    elif final_eval and master:
         blip2.eval()
         references = {i.name: i.captions for i in test_items}
         results = {}

@@ -145,3 +145,15 @@ def test_missing_data_says_where_to_put_it(tmp_path):
     result = run_script("train.py", f"--data_dir={tmp_path / 'flickr8k'}")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "no such directory" in result.stderr and "config/demo.py" in result.stderr
+
+
+def test_without_val_images_the_final_adapter_is_kept(demo_world, tmp_path):
+    import shutil
+    data = tmp_path / "flickr8k"
+    shutil.copytree(demo_world[0], data)
+    (data / "Flickr_8k.devImages.txt").write_text("")  # a dataset of one's own, with no val split
+    result = run_script("train.py", "config/demo.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}",
+                        "--max_steps=2", "--eval_interval=1", "--final_eval=False")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no val images" in result.stdout
+    assert os.path.isfile(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
