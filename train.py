@@ -267,8 +267,8 @@ def main():
     if vision_cache and not any(p.startswith("vision_model.") for p in wrapped):
         all_items = train_items + data.splits["val"] + test_items
         image_size = "x".join(str(processor.image_processor.size[k]) for k in ("height", "width"))
-        cache = VisionCache(os.path.join(out_dir, "vision_cache"), blip2, model, image_size,
-                            [i.name for i in all_items], compute_dtype)
+        cache_key = (blip2, model, image_size, [i.name for i in all_items], compute_dtype)
+        cache = VisionCache(os.path.join(out_dir, "vision_cache"), *cache_key)
         if not cache.complete and master:
             log(f"vision cache: computing ViT outputs of {len(all_items)} images once ...")
             loader = torch.utils.data.DataLoader(ImageCaptionDataset(all_items, processor.image_processor),
@@ -277,8 +277,7 @@ def main():
             cache.build(blip2, loader, run_device, autocast, log=log)
         if ddp:
             dist.barrier()
-        cache = VisionCache(os.path.join(out_dir, "vision_cache"), blip2, model, image_size,
-                            [i.name for i in all_items], compute_dtype)
+            cache = VisionCache(os.path.join(out_dir, "vision_cache"), *cache_key)  # now complete on every rank
         if cache.missing:
             log(f"vision cache: {len(cache.missing)} unreadable images are left out")
             train_items = [i for i in train_items if i.name not in cache.missing]
