@@ -132,7 +132,7 @@ def main(argv=None):
     dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16, "float32": torch.float32}[args.dtype]
     batch_images = args.batch_images or (16 if cuda else 4)
-    repeats = args.repeats or (10 if cuda else 3)
+    repeats = args.repeats or (10 if cuda else 5)
     torch.manual_seed(0)
     model = build(args.model, device, dtype)
     batch, prompt = make_batch(model, batch_images, device)
