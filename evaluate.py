@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 
 import torch
 from tqdm import tqdm
@@ -79,7 +79,8 @@ def score_captions(predictions, references, metrics=METRICS, spice=False, log=pr
     if spice:
         try:
             from pycocoevalcap.spice.spice import Spice
-            scores["SPICE"] = Spice().compute_score(gts, res)[0]
+            with redirect_stdout(io.StringIO()):  # its download attempt prints; our one line below says enough
+                scores["SPICE"] = Spice().compute_score(gts, res)[0]
         except Exception as e:  # offline model download, Java > 8, ...: report the rest
             log(f"SPICE could not run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                 "reporting the other metrics")

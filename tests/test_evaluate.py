@@ -134,3 +134,17 @@ def test_exported_merged_model_captions_like_base_plus_adapter(demo_run, demo_wo
     with_adapter = run_script("caption.py", "--adapter", os.path.join(out_dir, "adapter"), "--num-beams", "1", *images)
     from_merged = run_script("caption.py", "--adapter", "none", "--model", str(merged), "--num-beams", "1", *images)
     assert with_adapter.stdout == from_merged.stdout and len(with_adapter.stdout.splitlines()) == 8
+
+
+def test_spice_that_cannot_run_is_one_line_and_the_rest_is_reported(demo_world, tmp_path):
+    from data import read_flickr8k
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps({i.name: i.captions[0] for i in read_flickr8k(demo_world[0]).splits["test"]}))
+    result = run_script("evaluate.py", "--adapter", "none", "--model", demo_world[1], "--predictions",
+                        str(predictions), "--spice", "--out", str(tmp_path / "scores.json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.load(open(tmp_path / "scores.json"))["metrics"]
+    assert metrics["CIDEr"] > 1.0 and "METEOR" in metrics
+    if "SPICE" not in metrics:  # offline, or a Java newer than SPICE supports
+        spice_lines = [line for line in result.stderr.splitlines() if "SPICE" in line]
+        assert len(spice_lines) == 1 and "could not run" in spice_lines[0]
