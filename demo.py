@@ -40,6 +40,7 @@ CAPTION_TEMPLATES = (
 )
 PRETRAIN_TEMPLATE = "{colour} dot . {size} . {background} backdrop"  # the base model's "wrong" style
 IMAGE_PIXELS, MODEL_PIXELS = 96, 48
+NUM_QUERY_TOKENS = 8  # the real model has 32
 
 
 def draw(attributes, rng):
@@ -97,10 +98,11 @@ def build_processor():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
                                         unk_token="<unk>")
     image_processor = BlipImageProcessorPil(size={"height": MODEL_PIXELS, "width": MODEL_PIXELS})
-    return Blip2Processor(image_processor, tokenizer, num_query_tokens=8)
+    return Blip2Processor(image_processor, tokenizer, num_query_tokens=NUM_QUERY_TOKENS)
 
 
 def tiny_config(vocab_size, image_token_id):
+    """BLIP-2's architecture at toy size: ViT 2x64 on 48-pixel images (16 patches), Q-Former 2x64, T5 2+2 x 64."""
     from transformers import Blip2Config, T5Config
     text = T5Config(vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
                     num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
@@ -111,7 +113,7 @@ def tiny_config(vocab_size, image_token_id):
                            initializer_range=0.02),  # the default (1e-10) starts the ViT with no signal at all
         qformer_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                             encoder_hidden_size=64, cross_attention_frequency=1),
-        text_config=text, num_query_tokens=8, image_token_id=image_token_id)
+        text_config=text, num_query_tokens=NUM_QUERY_TOKENS, image_token_id=image_token_id)
 
 
 def pretrain_base(processor, rng, steps=600, batch_images=32, log=print):
@@ -123,10 +125,10 @@ def pretrain_base(processor, rng, steps=600, batch_images=32, log=print):
     tokenizer = processor.tokenizer
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     model = Blip2ForConditionalGeneration(tiny_config(len(tokenizer), image_token_id))
-    # transformers starts the 32 queries at zero; the Q-Former's first LayerNorm of an all-zero input has a huge
+    # transformers starts the queries at zero; the Q-Former's first LayerNorm of an all-zero input has a huge
     # gradient (1 / sqrt(eps)). BLIP-2's own pretraining draws them from N(0, 0.02), as here.
     torch.nn.init.normal_(model.query_tokens, std=0.02)
-    prompt_ids = encoder_prompt_ids(tokenizer, "a photo of", 8, image_token_id)
+    prompt_ids = encoder_prompt_ids(tokenizer, "a photo of", NUM_QUERY_TOKENS, image_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     model.train()
