@@ -18,6 +18,7 @@ import time
 import torch
 
 from lora import inject_lora
+from model import autocast_context
 from model import generate_captions, grouped_caption_loss, per_pair_caption_loss, vision_embeds
 
 CAPTIONS_PER_IMAGE, CAPTION_TOKENS, PROMPT_TOKENS = 5, 16, 4  # Flickr8k: 5 captions, ~15 words; "a photo of" + EOS
@@ -136,7 +137,7 @@ def main(argv=None):
     torch.manual_seed(0)
     model = build(args.model, device, dtype)
     batch, prompt = make_batch(model, batch_images, device)
-    autocast = torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    autocast = autocast_context(device, dtype)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     with torch.no_grad(), autocast:
         cached = vision_embeds(model, batch["pixel_values"]).to("cpu")

@@ -190,7 +190,7 @@ def main(argv=None):
 def run(args):
     from caption import resolve_model
     from data import encoder_prompt_ids, read_flickr8k
-    from model import autocast_dtype
+    from model import autocast_context, autocast_dtype
     import demo
     adapter, model_name = resolve_model(args.adapter, args.model)
     is_demo = os.path.normpath(model_name) == demo.DEMO_MODEL
@@ -220,9 +220,8 @@ def run(args):
         model, processor = load_for_captioning(model_name, adapter, args.device)
         prompt_ids = encoder_prompt_ids(processor.tokenizer, args.prompt, model.config.num_query_tokens,
                                         model.config.image_token_id)
-        autocast = torch.autocast(args.device.split(":")[0], dtype=autocast_dtype(args.device),
-                                  enabled=autocast_dtype(args.device) != torch.float32)
-        predictions = caption_items(model, processor, items, prompt_ids, args.device, autocast,
+        predictions = caption_items(model, processor, items, prompt_ids, args.device,
+                                    autocast_context(args.device, autocast_dtype(args.device)),
                                     batch_size=args.batch_size, progress=True, num_beams=args.num_beams,
                                     max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens)
         references = {n: references[n] for n in predictions}  # unreadable images were warned about and skipped

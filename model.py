@@ -70,6 +70,11 @@ def autocast_dtype(device):
     return torch.float32
 
 
+def autocast_context(device, dtype):
+    """One code path for every precision: matmuls in `dtype` on that device, or plain float32 (a no-op context)."""
+    return torch.autocast(str(device).split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+
+
 # ------------------------------------------------------------------------------------------- the forward, in parts
 
 def vision_embeds(model, pixel_values):

@@ -29,7 +29,6 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -210,13 +209,14 @@ def main():
     log = print if master else (lambda *a, **k: None)
     device_type = "cuda" if run_device.startswith("cuda") else "cpu"
     from model import ModelError, autocast_dtype
+    from model import autocast_context
     compute_dtype = {"auto": autocast_dtype(run_device), "bfloat16": torch.bfloat16, "float16": torch.float16,
                      "float32": torch.float32}.get(dtype)
     if compute_dtype is None:
         fail(f"dtype={dtype!r}: use auto, bfloat16, float16 or float32")
     if compute_dtype == torch.float16:
         log("warning: float16 with T5 often overflows (NaN/inf loss); bfloat16 or float32 are safer")
-    autocast = (torch.autocast(device_type, dtype=compute_dtype) if compute_dtype != torch.float32 else nullcontext())
+    autocast = autocast_context(run_device, compute_dtype)  # bf16/fp16 autocast, or nothing for float32
     torch.manual_seed(seed)
 
     results_path = os.path.join(out_dir, "results.json")
