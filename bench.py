@@ -72,7 +72,7 @@ def make_batch(model, batch_images, device):
     return {k: v.to(device) for k, v in batch.items()}, prompt
 
 
-def step_fn(model, batch, mode, cached_embeds, optimizer, autocast):
+def step_fn(model, batch, mode, cached_embeds, optimizer, autocast, grouped_loss=grouped_caption_loss):
     """One optimizer step in the given mode; returns the loss."""
     def run():
         with autocast:
@@ -85,7 +85,7 @@ def step_fn(model, batch, mode, cached_embeds, optimizer, autocast):
                 else:
                     with torch.no_grad():
                         image_embeds = vision_embeds(model, batch["pixel_values"])
-                loss_sum, tokens = grouped_caption_loss(model, batch, image_embeds)
+                loss_sum, tokens = grouped_loss(model, batch, image_embeds)
         (loss_sum / tokens).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -126,6 +126,8 @@ def main(argv=None):
     parser.add_argument("--batch-images", type=int, default=None,
                         help="images per step (default: 16 on CUDA, 4 on CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per mode (median reported)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the grouped loss (as train.py's "
+                        "torch_compile); its compile time is left out of the timings")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     device = args.device
@@ -148,9 +150,11 @@ def main(argv=None):
               "dtype": str(dtype).replace("torch.", ""), "batch_images": batch_images, "captions_per_step": captions,
               "flops_counted_by": "torch.utils.flop_counter (forward + backward)"}
     flops = {}
+    grouped_loss = torch.compile(grouped_caption_loss) if args.compile else grouped_caption_loss
+    report["compiled"] = args.compile
     for mode in ("per_pair", "grouped", "grouped_cached"):
-        fn = step_fn(model, batch, mode, cached, optimizer, autocast)
-        flops[mode] = count_flops(fn) / captions
+        flops[mode] = count_flops(step_fn(model, batch, mode, cached, optimizer, autocast)) / captions  # eager
+        fn = step_fn(model, batch, mode, cached, optimizer, autocast, grouped_loss)
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -252,9 +252,11 @@ class CaptionCollator:
     batch["skipped"]        number of unreadable images dropped from this batch
     """
 
-    def __init__(self, items, tokenizer, prompt_ids, max_caption_tokens=40, load_images=True):
+    def __init__(self, items, tokenizer, prompt_ids, max_caption_tokens=40, load_images=True, fixed_length=False):
         self.items, self.tokenizer, self.prompt_ids = items, tokenizer, prompt_ids
         self.max_caption_tokens, self.load_images = max_caption_tokens, load_images
+        # fixed_length: pad every caption to max_caption_tokens, so that a compiled step sees one shape only
+        self.padding = "max_length" if fixed_length else "longest"
 
     def __call__(self, samples):
         good = [(i, px) for i, px in samples if px is not None or not self.load_images]
@@ -272,7 +274,7 @@ class CaptionCollator:
         prompt = torch.tensor(self.prompt_ids, dtype=torch.long)
         batch["input_ids"] = prompt.expand(len(good), -1).clone()
         batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-        tokens = self.tokenizer(captions, padding="longest", truncation=True, max_length=self.max_caption_tokens,
+        tokens = self.tokenizer(captions, padding=self.padding, truncation=True, max_length=self.max_caption_tokens,
                                 return_tensors="pt")
         batch["labels"] = tokens.input_ids.masked_fill(tokens.attention_mask == 0, -100)
         batch["caption_image"] = torch.tensor(caption_image, dtype=torch.long)

@@ -12,6 +12,7 @@ What the loop does, top to bottom:
   memory-mapped from disk (model.VisionCache); `vision_cache=False` turns that off.
 - Loss = summed caption-token cross-entropy / caption tokens in the whole optimizer step (all micro-batches, all
   ranks), so long and short captions weigh the same however the batch is split.
+- `torch_compile=True` compiles that loss (captions then padded to a fixed length, so it compiles once).
 - Linear warmup then cosine decay; gradient clipping; bf16 autocast on GPUs that support it, fp16 + GradScaler only
   when asked (T5 overflows in fp16), float32 on CPU. A non-finite loss stops the run, keeping the last checkpoint.
 - Every `eval_interval` steps and at each epoch end: CIDEr on the val split; the best adapter goes to out_dir/adapter.
@@ -60,6 +61,7 @@ max_caption_tokens = 40
 dtype = "auto"                         # auto (bf16 on GPUs that have it, else float32) | bfloat16 | float16 | float32
 device = "auto"                        # auto | cpu | cuda
 vision_cache = True                    # compute the frozen ViT's outputs once (valid while no LoRA is in the ViT)
+torch_compile = False                  # torch.compile the grouped loss: far fewer kernel launches, minutes to compile
 num_workers = 4                        # image-decoding processes (only when images are read: cache build, no cache)
 # evaluation, checkpoints, logs
 eval_interval = 500                    # steps between val CIDEr evaluations (and at each epoch end); 0 = none
@@ -285,7 +287,8 @@ def main():
         log("vision cache: off (a LoRA target is inside the ViT, so its outputs change while training)")
 
     collate = CaptionCollator(train_items, processor.tokenizer, prompt_ids, max_caption_tokens,
-                              load_images=cache is None)
+                              load_images=cache is None, fixed_length=torch_compile)
+    caption_loss = torch.compile(grouped_caption_loss) if torch_compile else grouped_caption_loss
     dataset = ImageCaptionDataset(train_items, processor.image_processor, load_images=cache is None)
     group = grad_accum * world_size  # micro-batches per optimizer step, all ranks together
     steps_per_epoch = len(epoch_micro_batches(len(train_items), 0, group)) // group
@@ -387,7 +390,7 @@ def main():
                     else:
                         with torch.no_grad():
                             image_embeds = vision_embeds(blip2, b["pixel_values"])
-                    batch_loss, _ = grouped_caption_loss(blip2, b, image_embeds)
+                    batch_loss, _ = caption_loss(blip2, b, image_embeds)
                 scaler.scale(batch_loss / tokens).backward()
                 loss_sum += batch_loss.detach()
                 captions_since += b["labels"].shape[0]
