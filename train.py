@@ -359,7 +359,7 @@ def main():
     # ---- the loop
     train_mode(blip2)
     loader_rng = torch.Generator()  # the loader draws its worker seeds here, not from the global RNG (dropout's)
-    t_last, captions_since = time.time(), 0
+    t_last, step_last, captions_since, skipped_since = time.time(), step, 0, 0
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
         micro = epoch_micro_batches(len(train_items), epoch, group)[offset * group:]
@@ -374,7 +374,7 @@ def main():
             for g in optimizer.param_groups:
                 g["lr"] = lr
             step_batches = [next(batches) for _ in range(grad_accum)]
-            skipped = sum(b["skipped"] for b in step_batches)
+            skipped_since += sum(b["skipped"] for b in step_batches)
             step_batches = [b for b in step_batches if "labels" in b]
             # every token of the step, on every rank, counts once: the gradient is of the mean over all of them
             tokens = torch.tensor(float(sum((b["labels"] != -100).sum() for b in step_batches)), device=run_device)
@@ -400,10 +400,10 @@ def main():
                 flat = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
                                   for p in params])
                 dist.all_reduce(flat)
-                offset_ = 0
+                start = 0
                 for p in params:
-                    p.grad = flat[offset_:offset_ + p.numel()].view_as(p).clone()
-                    offset_ += p.numel()
+                    p.grad = flat[start:start + p.numel()].view_as(p)
+                    start += p.numel()
                 dist.all_reduce(loss_sum)
             loss = (loss_sum / tokens).item()
             if not math.isfinite(loss):
@@ -427,18 +427,19 @@ def main():
                     torch.cuda.synchronize()
                 elapsed = time.time() - t_last
                 entry = {"step": step, "epoch": epoch, "loss": round(loss, 5), "lr": float(f"{lr:.3g}"),
-                         "ms_per_step": round(1000 * elapsed / log_interval, 1),
+                         "ms_per_step": round(1000 * elapsed / (step - step_last), 1),
                          "captions_per_s": round(captions_since * world_size / elapsed, 1)}
                 if device_type == "cuda":
                     entry["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                if skipped:
-                    entry["skipped_images"] = skipped
+                if skipped_since:
+                    entry["skipped_images"] = skipped_since
                 log("  ".join(f"{k} {v}" for k, v in entry.items()))
                 record(entry)
-                t_last, captions_since = time.time(), 0
+                t_last, step_last, captions_since, skipped_since = time.time(), step, 0, 0
             end_of_epoch = step % steps_per_epoch == 0
             if evaluating and (step % eval_interval == 0 or end_of_epoch or step == total_steps):
                 evaluate_val()
+                t_last = time.time()  # the log's speed is of training steps alone
             if step % checkpoint_interval == 0 and step < total_steps:
                 checkpoint()
                 t_last = time.time()
