@@ -148,3 +148,11 @@ def test_spice_that_cannot_run_is_one_line_and_the_rest_is_reported(demo_world, 
     if "SPICE" not in metrics:  # offline, or a Java newer than SPICE supports
         spice_lines = [line for line in result.stderr.splitlines() if "SPICE" in line]
         assert len(spice_lines) == 1 and "could not run" in spice_lines[0]
+
+
+@pytest.mark.parametrize("script", ["caption.py", "evaluate.py"])
+def test_a_directory_that_is_not_an_adapter_is_one_line(tmp_path, script):
+    result = run_script(script, "--adapter", str(tmp_path), *(["x.jpg"] if script == "caption.py" else []))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "not an adapter directory" in errors[0]
