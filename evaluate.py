@@ -46,11 +46,16 @@ def _java_chatter_silenced():
         os.close(saved)
 
 
-def score_captions(predictions, references, metrics=METRICS, spice=False, log=print):
-    """predictions {image: caption}, references {image: [captions]} -> {metric: score}. The function train.py uses."""
+def require_java():
+    """The COCO toolkit's tokenizer and METEOR run on Java: say so in one line, before any work is done."""
     if shutil.which("java") is None:
         raise ScoringError("java is not installed; the COCO toolkit's tokenizer and METEOR need it "
                            "(Debian/Ubuntu: apt-get install -y default-jre-headless)")
+
+
+def score_captions(predictions, references, metrics=METRICS, spice=False, log=print):
+    """predictions {image: caption}, references {image: [captions]} -> {metric: score}. The function train.py uses."""
+    require_java()
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor

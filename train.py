@@ -237,7 +237,7 @@ def main():
     # ---- data and model
     import demo
     from data import CaptionCollator, DataError, ImageCaptionDataset, encoder_prompt_ids, read_flickr8k
-    from evaluate import ScoringError, caption_items, print_table, score_captions
+    from evaluate import ScoringError, caption_items, print_table, require_java, score_captions
     from lora import inject_lora, load_adapter, lora_layers, lora_summary, save_adapter
     from model import VisionCache, grouped_caption_loss, load_blip2, vision_embeds
     try:
@@ -251,7 +251,9 @@ def main():
         weights_dtype = compute_dtype if device_type == "cuda" else torch.float32
         blip2, processor = load_blip2(model, run_device, dtype=weights_dtype)
         wrapped = inject_lora(blip2, lora_targets, lora_r, lora_alpha, lora_dropout)
-    except (DataError, ModelError, ValueError) as e:
+        if eval_interval or final_eval:
+            require_java()  # now, not after hours of training
+    except (DataError, ModelError, ScoringError, ValueError) as e:
         fail(e)
     log(f"{data.layout}: " + ", ".join(f"{s} {len(v)} images" for s, v in data.splits.items())
         + (f"; {len(data.skipped)} entries skipped (python data.py {data_dir})" if data.skipped else ""))
@@ -464,10 +466,7 @@ def main():
                 predictions = caption_items(blip2, processor, test_items, prompt_ids, run_device, autocast, cache,
                                             num_beams=num_beams, max_new_tokens=max_new_tokens,
                                             min_new_tokens=min_new_tokens)
-                try:
-                    results[name] = score_captions(predictions, {n: references[n] for n in predictions})
-                except ScoringError as e:
-                    fail(e)
+                results[name] = score_captions(predictions, {n: references[n] for n in predictions})
         with open(results_path + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
         os.replace(results_path + ".tmp", results_path)

@@ -1,6 +1,7 @@
 """train.py as a user runs it: the demo end to end, exact resume after a crash, DDP, the NaN guard, settings errors."""
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -171,3 +172,14 @@ def test_torch_compile_trains_like_eager(demo_world, tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
     a, b = adapter(tmp_path / "eager"), adapter(tmp_path / "compiled")
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_missing_java_is_said_before_training(demo_world, tmp_path):
+    bin_dir = tmp_path / "bin"  # a PATH with python but no java
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    result = run_script("train.py", "config/demo.py", f"--out_dir={tmp_path / 'out'}",
+                        env={"PATH": str(bin_dir)})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "java is not installed" in result.stderr
+    assert not os.path.isdir(tmp_path / "out" / "checkpoint")  # it stopped before the first step
