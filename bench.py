@@ -7,9 +7,10 @@ How fast is a fine-tuning step, three ways? Random weights, no download, one run
 (a) per_pair       one full BLIP-2 forward + backward per (image, caption) pair: the usual loop
 (b) grouped        ViT, Q-Former and T5 encoder once per image, the decoder once per caption (train.py's step)
 (c) grouped_cached (b) with the frozen ViT's outputs read from a cache instead of computed (train.py's default)
-Each is an optimizer step on LoRA (default targets) over the same images x 5 captions of 16 tokens. Also: beam-5
-caption generation, images/s; FLOPs per caption counted by torch.utils.flop_counter (matmuls and attention), the
-speedups those FLOPs predict beside the measured ones, and on CUDA the model FLOPs utilisation against the bf16 peak.
+Each is one optimizer step as train.py takes it (its LoRA settings, frozen base in eval mode, gradient clipping,
+AdamW) over the same images x 5 captions of 16 tokens. Also: beam-5 caption generation, images/s; FLOPs per caption
+counted by torch.utils.flop_counter (matmuls and attention), the speedups those FLOPs predict beside the measured
+ones, and on CUDA the model FLOPs utilisation against the bf16 peak.
 """
 import argparse
 import json
@@ -17,9 +18,10 @@ import time
 
 import torch
 
+import train  # its settings block: the LoRA defaults a training run uses
 from lora import inject_lora
-from model import autocast_context
-from model import generate_captions, grouped_caption_loss, per_pair_caption_loss, vision_embeds
+from model import autocast_context, generate_captions, grouped_caption_loss, per_pair_caption_loss, train_mode
+from model import vision_embeds
 
 CAPTIONS_PER_IMAGE, CAPTION_TOKENS, PROMPT_TOKENS = 5, 16, 4  # Flickr8k: 5 captions, ~15 words; "a photo of" + EOS
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendors' datasheets
@@ -53,8 +55,9 @@ def build(size, device, dtype):
     model.to(dtype)
     model.qformer.float()  # as from_pretrained does (_keep_in_fp32_modules): the Q-Former stays float32
     model.query_tokens.data = model.query_tokens.data.float()
-    inject_lora(model)
-    return model.train()
+    inject_lora(model, train.lora_targets, train.lora_r, train.lora_alpha, train.lora_dropout)
+    train_mode(model)  # as train.py: adapters train (dropout on), the frozen base runs in eval mode
+    return model
 
 
 def make_batch(model, batch_images, device):
@@ -87,6 +90,7 @@ def step_fn(model, batch, mode, cached_embeds, optimizer, autocast, grouped_loss
                         image_embeds = vision_embeds(model, batch["pixel_values"])
                 loss_sum, tokens = grouped_loss(model, batch, image_embeds)
         (loss_sum / tokens).backward()
+        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss_sum / tokens
@@ -140,7 +144,7 @@ def main(argv=None):
     model = build(args.model, device, dtype)
     batch, prompt = make_batch(model, batch_images, device)
     autocast = autocast_context(device, dtype)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=cuda)  # as train.py
     with torch.no_grad(), autocast:
         cached = vision_embeds(model, batch["pixel_values"]).to("cpu")
     if cuda:

@@ -75,6 +75,15 @@ def autocast_context(device, dtype):
     return torch.autocast(str(device).split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
 
 
+def train_mode(model):
+    """Only the adapters train: their dropout is on; the frozen base runs in eval mode, since its own dropout would
+    only add noise to features it cannot adapt (and would make runs depend on how batches are split)."""
+    from lora import lora_layers
+    model.eval()
+    for _, layer in lora_layers(model):
+        layer.train()
+
+
 # ------------------------------------------------------------------------------------------- the forward, in parts
 
 def vision_embeds(model, pixel_values):
@@ -126,7 +135,8 @@ def grouped_caption_loss(model, batch, image_embeds):
     per_caption = batch["caption_image"]                                                # (N,) image of each caption
     logits = text(encoder_outputs=(encoded[per_caption],),                              # (N, L, Dt) -> (N, T, vocab)
                   attention_mask=batch["attention_mask"][per_caption],
-                  decoder_input_ids=decoder_inputs(model, batch["labels"])).logits
+                  decoder_input_ids=decoder_inputs(model, batch["labels"]),
+                  use_cache=False).logits  # the base is in eval mode, where T5 would keep a generation cache
     return caption_loss_sum(logits, batch["labels"])
 
 
@@ -135,7 +145,7 @@ def per_pair_caption_loss(model, batch):
     per_caption = batch["caption_image"]
     logits = model(pixel_values=batch["pixel_values"][per_caption], input_ids=batch["input_ids"][per_caption],
                    attention_mask=batch["attention_mask"][per_caption],
-                   decoder_input_ids=decoder_inputs(model, batch["labels"])).logits
+                   decoder_input_ids=decoder_inputs(model, batch["labels"]), use_cache=False).logits
     return caption_loss_sum(logits, batch["labels"])
 
 

@@ -177,15 +177,6 @@ def find_checkpoint(path):
     return None
 
 
-def train_mode(model):
-    """Only the adapters train: their dropout is on; the frozen base runs in eval mode, since its own dropout would
-    only add noise to features it cannot adapt (and would make runs depend on how batches are split)."""
-    from lora import lora_layers
-    model.eval()
-    for _, layer in lora_layers(model):
-        layer.train()
-
-
 def main():
     defaults = {k: v for k, v in globals().items()
                 if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
@@ -210,8 +201,7 @@ def main():
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     device_type = "cuda" if run_device.startswith("cuda") else "cpu"
-    from model import ModelError, autocast_dtype
-    from model import autocast_context
+    from model import ModelError, autocast_context, autocast_dtype
     compute_dtype = {"auto": autocast_dtype(run_device), "bfloat16": torch.bfloat16, "float16": torch.float16,
                      "float32": torch.float32}.get(dtype)
     if compute_dtype is None:
@@ -239,7 +229,7 @@ def main():
     from data import CaptionCollator, DataError, ImageCaptionDataset, encoder_prompt_ids, read_flickr8k
     from evaluate import ScoringError, caption_items, print_table, require_java, score_captions
     from lora import inject_lora, load_adapter, lora_layers, lora_summary, save_adapter
-    from model import VisionCache, grouped_caption_loss, load_blip2, vision_embeds
+    from model import VisionCache, grouped_caption_loss, load_blip2, train_mode, vision_embeds
     try:
         if master:
             demo.ensure_demo_world(data_dir, log=log)

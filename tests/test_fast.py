@@ -1,7 +1,7 @@
 """The fast path changes nothing but speed: grouped steps and the vision cache give the per-pair loss and gradients."""
 import torch
 
-from lora import inject_lora, lora_layers
+from lora import LoRALinear, inject_lora, lora_layers
 from model import VisionCache, grouped_caption_loss, per_pair_caption_loss, vision_embeds
 
 
@@ -82,3 +82,15 @@ def test_cached_vision_gives_the_identical_loss_and_a_changed_key_rebuilds(tiny_
         other = VisionCache(str(tmp_path), model, args["model_name"], args["image_size"], args["names"],
                             args["dtype"])
         assert not other.complete and other.dir != reopened.dir  # a new key means a new cache, built again
+
+
+def test_bench_times_the_step_train_py_takes():
+    """bench.py's figures are about train.py's step: its LoRA settings, and no dropout but the adapters' own."""
+    import bench
+    import train
+    model = bench.build("tiny", "cpu", torch.float32)
+    layers = lora_layers(model)
+    settings = (train.lora_r, train.lora_alpha, train.lora_dropout)
+    assert layers and all((l.r, l.alpha, getattr(l.dropout, "p", 0.0)) == settings for _, l in layers)
+    inside_adapters = {id(m) for _, l in layers for m in l.modules()}
+    assert [name for name, m in model.named_modules() if m.training and id(m) not in inside_adapters] == []
