@@ -90,7 +90,7 @@ def step_fn(model, batch, mode, cached_embeds, optimizer, autocast, grouped_loss
                         image_embeds = vision_embeds(model, batch["pixel_values"])
                 loss_sum, tokens = grouped_loss(model, batch, image_embeds)
         (loss_sum / tokens).backward()
-        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], train.grad_clip)
+        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], train.grad_clip)  # as train.py
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss_sum / tokens
@@ -144,7 +144,8 @@ def main(argv=None):
     model = build(args.model, device, dtype)
     batch, prompt = make_batch(model, batch_images, device)
     autocast = autocast_context(device, dtype)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=cuda)  # as train.py
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=cuda)  # fused on CUDA, as train.py
     with torch.no_grad(), autocast:
         cached = vision_embeds(model, batch["pixel_values"]).to("cpu")
     if cuda:
