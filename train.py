@@ -428,13 +428,13 @@ def main():
                 log("  ".join(f"{k} {v}" for k, v in entry.items()))
                 record(entry)
                 t_last, step_last, captions_since, skipped_since = time.time(), step, 0, 0
+            paused_at = time.time()
             end_of_epoch = step % steps_per_epoch == 0
             if evaluating and (step % eval_interval == 0 or end_of_epoch or step == total_steps):
                 evaluate_val()
-                t_last = time.time()  # the log's speed is of training steps alone
             if step % checkpoint_interval == 0 and step < total_steps:
                 checkpoint()
-                t_last = time.time()
+            t_last += time.time() - paused_at  # the log's speed is of training steps alone
 
     # ---- the end: the adapter, then the test scores
     if master and not evaluating:
