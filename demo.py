@@ -159,19 +159,25 @@ def ensure_demo_world(path, log=print):
 
 
 def build_demo_world(root=DEMO_ROOT, log=print):
-    """Build whatever of data/demo/ is missing. Written under a temporary name, then renamed: never half a world."""
-    t0 = time.time()
-    torch.set_num_threads(min(4, os.cpu_count() or 1))
-    for part, build in (("flickr8k", _build_flickr8k), ("blip2-tiny", _build_model)):
-        final = os.path.join(root, part)
-        if os.path.isdir(final):
-            continue
-        log(f"building the demo world: {final} ...")
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.dirname(tmp) or ".", exist_ok=True)
-        build(tmp, log)
-        os.replace(tmp, final)
+    """Build whatever of data/demo/ is missing. Written under a temporary name, then renamed: never half a world.
+    The caller's random state and thread count are left as they were, so a training run that starts by building
+    the world trains exactly like one that finds it built."""
+    t0, threads = time.time(), torch.get_num_threads()
+    torch.set_num_threads(min(4, os.cpu_count() or 1))  # a fixed thread count: float sums can depend on it
+    try:
+        with torch.random.fork_rng():
+            for part, build in (("flickr8k", _build_flickr8k), ("blip2-tiny", _build_model)):
+                final = os.path.join(root, part)
+                if os.path.isdir(final):
+                    continue
+                log(f"building the demo world: {final} ...")
+                tmp = final + ".tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(os.path.dirname(tmp) or ".", exist_ok=True)
+                build(tmp, log)
+                os.replace(tmp, final)
+    finally:
+        torch.set_num_threads(threads)
     log(f"demo world ready in {root}/ ({time.time() - t0:.0f} s)")
 
 

@@ -155,6 +155,18 @@ def test_demo_base_loads_with_plain_transformers(demo_world):
     assert [report["splits"][s]["images"] for s in ("train", "val", "test")] == [200, 50, 50]
 
 
+def test_building_the_demo_world_leaves_the_callers_random_state_alone(tmp_path, monkeypatch):
+    """train.py seeds, then may build the demo world: the run must train the same whether or not it built it."""
+    import functools
+    import demo
+    monkeypatch.setattr(demo, "pretrain_base", functools.partial(demo.pretrain_base, steps=2))  # same code path
+    torch.manual_seed(7)
+    expected = torch.rand(4)
+    torch.manual_seed(7)
+    demo.build_demo_world(root=str(tmp_path), log=lambda *a: None)
+    assert os.path.isdir(tmp_path / "blip2-tiny") and torch.equal(torch.rand(4), expected)
+
+
 def test_encoder_input_is_what_blip2processor_makes(demo_world, demo_processor):
     from transformers import Blip2ForConditionalGeneration
     config = Blip2ForConditionalGeneration.from_pretrained(demo_world[1]).config
