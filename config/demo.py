@@ -1,4 +1,4 @@
-"""The offline demo: python train.py config/demo.py (builds data/demo/ on first use; about 3 minutes on 2 CPU cores)."""
+"""The offline demo: python train.py config/demo.py (builds data/demo/ on first use; about a minute on 2 CPU cores)."""
 model = "data/demo/blip2-tiny"
 data_dir = "data/demo/flickr8k"
 out_dir = "out/demo"
