@@ -75,6 +75,10 @@ def score_captions(predictions, references, metrics=METRICS, spice=False, log=pr
         try:
             scores["METEOR"] = meteor.compute_score(gts, res)[0]
         finally:
+            # Meteor.__del__ waits for the lock compute_score takes; if compute_score was cut short (Ctrl-C, Java
+            # died) it still holds it, and the process would hang when the object is collected.
+            if meteor.lock.locked():
+                meteor.lock.release()
             meteor.meteor_p.kill()
             meteor.meteor_p.wait()
     if "ROUGE_L" in metrics:

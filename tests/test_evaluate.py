@@ -30,6 +30,20 @@ def test_scores_equal_direct_pycocoevalcap_calls():
     assert score_captions(PREDICTIONS, REFERENCES) == pytest.approx(expected, abs=1e-12)
 
 
+def test_scoring_cut_short_inside_meteor_does_not_hang_the_process():
+    """A Ctrl-C (or a Java crash) inside METEOR must not leave the process stuck on exit."""
+    program = (
+        "import pycocoevalcap.meteor.meteor as m, evaluate\n"
+        "def cut_short(*args): raise KeyboardInterrupt\n"
+        "m.Meteor._stat = cut_short\n"
+        "try:\n"
+        f"    evaluate.score_captions({PREDICTIONS!r}, {REFERENCES!r})\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted')\n")
+    result = run_script("-c", program, timeout=60)  # hangs for ever (TimeoutExpired) if the lock is left held
+    assert result.returncode == 0 and result.stdout.strip() == "interrupted", result.stderr[-2000:]
+
+
 def test_a_perfect_caption_scores_higher_than_a_wrong_one():
     good = score_captions({k: v[0] for k, v in REFERENCES.items()}, REFERENCES, metrics=("CIDEr", "Bleu_4"))
     bad = score_captions({k: "a red car" for k in REFERENCES}, REFERENCES, metrics=("CIDEr", "Bleu_4"))
