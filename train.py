@@ -469,4 +469,10 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: checkpoints are written atomically, so only the steps since the last are lost
+        kept = find_checkpoint(os.path.join(out_dir, "checkpoint"))
+        print("\ninterrupted: " + (f"run the same command again to resume from {kept}" if kept else
+                                   "no checkpoint was written yet"), file=sys.stderr)
+        sys.exit(130)

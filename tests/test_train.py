@@ -91,6 +91,25 @@ def test_resume_after_a_kill_during_a_save_gives_the_identical_adapter(uninterru
     assert all(torch.equal(expected[k], got[k]) for k in expected)  # bit-identical on CPU
 
 
+def test_ctrl_c_says_how_to_resume_and_the_resumed_run_ends_as_an_uninterrupted_one(uninterrupted, tmp_path):
+    import signal
+    import subprocess
+    args = SHORT + [f"--out_dir={tmp_path}", "--log_interval=1"]
+    run = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in run.stdout:
+        if line.startswith("step 4 "):  # checkpoints at steps 2 and 4 are written
+            run.send_signal(signal.SIGINT)
+            break
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130 and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted: run the same command again to resume from")
+    resumed = run_script("train.py", *args)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-2000:]
+    expected, got = adapter(uninterrupted), adapter(tmp_path)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
 def test_two_processes_match_one_with_the_same_global_batch(demo_world, tmp_path):
     common = ["config/demo.py", "--max_steps=3", "--batch_images=4", "--eval_interval=0", "--final_eval=False",
               "--lora_dropout=0.0"]
