@@ -17,7 +17,8 @@ What the loop does, top to bottom:
   when asked (T5 overflows in fp16), float32 on CPU. A non-finite loss stops the run, keeping the last checkpoint.
 - Every `eval_interval` steps and at each epoch end: CIDEr on the val split; the best adapter goes to out_dir/adapter.
 - Every `checkpoint_interval` steps: out_dir/checkpoint (adapter, optimizer, RNG, step, settings), written atomically.
-  Running the same command again resumes from it; a finished run is not trained again.
+  Running the same command again resumes from it (a change to a setting in FIXED_ON_RESUME is refused); a
+  finished run is not trained again.
 - At the end: zero-shot base and best adapter scored on the test split -> out_dir/results.json.
 
 Settings: the block below. Override with a config file (Python assignments of literals, e.g. config/demo.py) and/or
@@ -148,7 +149,21 @@ def epoch_micro_batches(num_images, epoch, group):
 
 # ------------------------------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path, state, blip2, optimizer, scaler):
+# Settings a resumed run must keep: they define the adapter's shape and meaning, the inputs, and the data order.
+# Others (learning rate after a NaN, evaluation, logging) may change; the log says which did.
+FIXED_ON_RESUME = {"model", "data_dir", "prompt", "lora_r", "lora_alpha", "lora_targets", "batch_images", "grad_accum",
+                   "max_caption_tokens", "seed"}
+
+
+def rng_state():
+    """The random state dropout draws from: CPU and every GPU."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return rng
+
+
+def save_checkpoint(path, state, blip2, optimizer, scaler, rng):
     """Everything needed to continue exactly, into path.tmp then renamed: a kill mid-save leaves the old one."""
     from lora import save_adapter
     tmp, old = path + ".tmp", path + ".old"
@@ -156,9 +171,6 @@ def save_checkpoint(path, state, blip2, optimizer, scaler):
     os.makedirs(tmp)
     save_adapter(blip2, tmp, state["settings"]["model"])  # the adapter, as out_dir/adapter holds it
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))  # tensors only: loads with weights_only
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     save_file(rng, os.path.join(tmp, "rng.safetensors"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump({**state, "scaler": scaler.state_dict()}, f, indent=1)
@@ -214,8 +226,8 @@ def main():
     results_path = os.path.join(out_dir, "results.json")
     checkpoint_dir = os.path.join(out_dir, "checkpoint")
     resume_from = find_checkpoint(checkpoint_dir)
-    if resume_from and json.load(open(os.path.join(resume_from, "state.json"))).get("finished") \
-            and (os.path.isfile(results_path) or not final_eval):
+    state = json.load(open(os.path.join(resume_from, "state.json"))) if resume_from else {}
+    if state.get("finished") and (os.path.isfile(results_path) or not final_eval):
         log(f"{out_dir}: this run has finished (delete {checkpoint_dir} to train again)")
         if os.path.isfile(results_path) and master:
             from evaluate import print_table
@@ -223,6 +235,12 @@ def main():
             print("test split:")
             print_table({"zero-shot": results["zero_shot"], "fine-tuned": results["fine_tuned"]})
         return
+    changed = {k: was for k, was in state.get("settings", {}).items() if k in settings and settings[k] != was}
+    for key in FIXED_ON_RESUME & changed.keys():
+        fail(f"{resume_from} was written with {key}={changed[key]!r}, this run has {key}={settings[key]!r}: resume "
+             f"with the same value, or train afresh in another out_dir (or delete {checkpoint_dir})")
+    if changed:
+        log("resuming with changed settings: " + ", ".join(f"{k} {w!r} -> {settings[k]!r}" for k, w in changed.items()))
 
     # ---- data and model
     import demo
@@ -296,7 +314,6 @@ def main():
 
     step, best_cider, history = 0, -1.0, []
     if resume_from:
-        state = json.load(open(os.path.join(resume_from, "state.json")))
         try:
             load_adapter(blip2, resume_from)  # checks every tensor against the model
         except ValueError as e:
@@ -319,13 +336,13 @@ def main():
             log_file.write(json.dumps(entry) + "\n")
             log_file.flush()
 
-    def checkpoint(finished=False):
+    def checkpoint(rng, finished=False):
         if master:
             epoch_now, step_in_epoch = divmod(step, steps_per_epoch)  # the data position (batches are seeded)
             save_checkpoint(checkpoint_dir, {"step": step, "epoch": epoch_now, "step_in_epoch": step_in_epoch,
                                              "best_cider": best_cider, "history": history,
                                              "finished": finished, "settings": settings},
-                            blip2, optimizer, scaler)
+                            blip2, optimizer, scaler, rng)
 
     def evaluate_val():
         """CIDEr on the val images; rank 0 only, the others wait. Keeps the best adapter in out_dir/adapter."""
@@ -352,6 +369,7 @@ def main():
     train_mode(blip2)
     loader_rng = torch.Generator()  # the loader draws its worker seeds here, not from the global RNG (dropout's)
     t_last, step_last, captions_since, skipped_since = time.time(), step, 0, 0
+    resumed_at = step
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
         micro = epoch_micro_batches(len(train_items), epoch, group)[offset * group:]
@@ -362,6 +380,10 @@ def main():
         for _ in range(steps_per_epoch - offset):
             if step >= total_steps:
                 break
+            # The checkpoint of step s (the weights after s updates) is written in the step that uses those weights,
+            # once their loss is known to be finite and before they change: it never holds weights that gave a NaN.
+            saving = step % checkpoint_interval == 0 and step != resumed_at
+            rng_before_step = rng_state() if saving else None  # what a resumed run must start this step from
             lr = lr_at(step, total_steps)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -406,6 +428,10 @@ def main():
                      + (f"The last good checkpoint ({kept}, step "
                         f"{json.load(open(os.path.join(kept, 'state.json')))['step']}) is kept; fix the setting and "
                         f"run again to resume from it." if kept else "No checkpoint was written yet."))
+            if saving:
+                saving_since = time.time()
+                checkpoint(rng_before_step)
+                t_last += time.time() - saving_since  # the log's speed is of training steps alone
             if grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -428,18 +454,16 @@ def main():
                 log("  ".join(f"{k} {v}" for k, v in entry.items()))
                 record(entry)
                 t_last, step_last, captions_since, skipped_since = time.time(), step, 0, 0
-            paused_at = time.time()
             end_of_epoch = step % steps_per_epoch == 0
             if evaluating and (step % eval_interval == 0 or end_of_epoch or step == total_steps):
+                evaluating_since = time.time()
                 evaluate_val()
-            if step % checkpoint_interval == 0 and step < total_steps:
-                checkpoint()
-            t_last += time.time() - paused_at  # the log's speed is of training steps alone
+                t_last += time.time() - evaluating_since
 
     # ---- the end: the adapter, then the test scores
     if master and not evaluating:
         save_adapter(blip2, os.path.join(out_dir, "adapter"), model)  # no evaluation: the final adapter is the one
-    checkpoint(finished=True)
+    checkpoint(rng_state(), finished=True)
     if final_eval and master and not test_items:
         log("no test images: no final evaluation")
     elif final_eval and master:

@@ -91,7 +91,7 @@ def test_resume_after_a_kill_during_a_save_gives_the_identical_adapter(uninterru
     assert all(torch.equal(expected[k], got[k]) for k in expected)  # bit-identical on CPU
 
 
-def test_ctrl_c_says_how_to_resume_and_the_resumed_run_ends_as_an_uninterrupted_one(uninterrupted, tmp_path):
+def test_ctrl_c_says_how_to_resume_and_the_same_settings_end_as_an_uninterrupted_run(uninterrupted, tmp_path):
     import signal
     import subprocess
     args = SHORT + [f"--out_dir={tmp_path}", "--log_interval=1"]
@@ -104,6 +104,9 @@ def test_ctrl_c_says_how_to_resume_and_the_resumed_run_ends_as_an_uninterrupted_
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 130 and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1].startswith("interrupted: run the same command again to resume from")
+    changed = run_script("train.py", *args, "--batch_images=4")  # the data order would no longer be the run's
+    assert changed.returncode == 1 and "Traceback" not in changed.stderr
+    assert "batch_images=8, this run has batch_images=4" in changed.stderr.strip().splitlines()[-1]
     resumed = run_script("train.py", *args)
     assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-2000:]
     expected, got = adapter(uninterrupted), adapter(tmp_path)
@@ -125,14 +128,43 @@ def test_two_processes_match_one_with_the_same_global_batch(demo_world, tmp_path
     assert sum(line.startswith("step 3 ") for line in ddp.stdout.splitlines()) == 1  # only rank 0 logs
 
 
-def test_a_non_finite_loss_stops_and_keeps_the_last_checkpoint(demo_world, tmp_path):
-    result = run_script("train.py", "config/demo.py", "--learning_rate=1e30", "--warmup_steps=0", "--max_steps=6",
-                        "--checkpoint_interval=1", "--eval_interval=0", "--final_eval=False", f"--out_dir={tmp_path}")
-    assert result.returncode == 1
-    assert "the loss became" in result.stderr and "checkpoint" in result.stderr
-    assert "Traceback" not in result.stderr
+NAN_AT_STEP_3 = """
+import sys
+sys.path.insert(0, {root!r})
+import model, train
+real_loss, calls = model.grouped_caption_loss, []
+
+def nan_at_step_3(*args, **kwargs):
+    loss, tokens = real_loss(*args, **kwargs)
+    calls.append(1)
+    return (loss * float("nan") if len(calls) == 4 else loss), tokens
+
+model.grouped_caption_loss = nan_at_step_3
+sys.argv = ["train.py"] + {args!r}
+train.main()
+"""
+
+
+def test_a_non_finite_loss_stops_and_keeps_a_checkpoint_whose_loss_was_finite(demo_world, tmp_path):
+    args = ["config/demo.py", "--max_steps=6", "--checkpoint_interval=1", "--eval_interval=0", "--final_eval=False",
+            f"--out_dir={tmp_path}"]
+    result = run_script("-c", NAN_AT_STEP_3.format(root=ROOT, args=args))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "the loss became nan at step 3" in result.stderr and "step 2) is kept" in result.stderr
     state = json.load(open(tmp_path / "checkpoint" / "state.json"))
-    assert state["step"] >= 1 and not state["finished"]
+    assert state["step"] == 2 and not state["finished"]  # not step 3: those weights are the ones that gave the NaN
+    fixed = run_script("train.py", *args, "--learning_rate=0.005")
+    assert fixed.returncode == 0, fixed.stderr[-2000:]  # as the message says: fix the setting, run again, resume
+    assert "resuming with changed settings: learning_rate 0.01 -> 0.005" in fixed.stdout
+    assert "at step 2" in fixed.stdout
+
+
+def test_a_diverging_learning_rate_is_stopped_with_one_line(demo_world, tmp_path):
+    result = run_script("train.py", "config/demo.py", "--learning_rate=1e30", "--warmup_steps=0", "--max_steps=6",
+                        "--eval_interval=0", "--final_eval=False", f"--out_dir={tmp_path}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: the loss became")
+    assert "Lower learning_rate (now 1e+30)" in result.stderr
 
 
 @pytest.mark.parametrize("args, message", [
