@@ -20,6 +20,24 @@ DEFAULT_ADAPTER, DEFAULT_MODEL = "out/adapter", "Salesforce/blip2-flan-t5-xl"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+def add_generation_arguments(parser, batch_size):
+    """The options caption.py and evaluate.py share: the prompt, beam search, batch size and device."""
+    def at_least(low):
+        def parse(text):
+            value = int(text)  # not a number: argparse says so
+            if value < low:
+                raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+            return value
+        parse.__name__ = "int"  # how argparse names the type in its messages
+        return parse
+    parser.add_argument("--prompt", default="a photo of")
+    parser.add_argument("--num-beams", type=at_least(1), default=5)
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=30)
+    parser.add_argument("--min-new-tokens", type=at_least(0), default=8)
+    parser.add_argument("--batch-size", type=at_least(1), default=batch_size)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
 def resolve_model(adapter, model, log=lambda m: print(m, file=sys.stderr)):
     """(adapter dir or None, base model) from the flags: out/adapter when present; the adapter names its base."""
     from lora import read_adapter_config
@@ -77,12 +95,7 @@ def main(argv=None):
     parser.add_argument("images", nargs="*", help="image files or directories of images")
     parser.add_argument("--adapter", help=f"adapter directory, or 'none' (default: {DEFAULT_ADAPTER} if present)")
     parser.add_argument("--model", help="base model hub id or directory (default: the adapter's base model)")
-    parser.add_argument("--prompt", default="a photo of")
-    parser.add_argument("--num-beams", type=int, default=5)
-    parser.add_argument("--max-new-tokens", type=int, default=30)
-    parser.add_argument("--min-new-tokens", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_generation_arguments(parser, batch_size=16)
     parser.add_argument("--export-merged", metavar="DIR", help="merge the adapter into the base and save it to DIR")
     args = parser.parse_args(argv)
     if not args.images and not args.export_merged:

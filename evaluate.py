@@ -169,18 +169,14 @@ def write_html(path, metrics, rows, title):
 
 
 def main(argv=None):
+    from caption import add_generation_arguments
     parser = argparse.ArgumentParser(description="COCO-toolkit scores for a BLIP-2 adapter on Flickr8k.")
     parser.add_argument("--adapter", help="adapter directory, or 'none' for the zero-shot base (default: out/adapter)")
     parser.add_argument("--model", help="base model hub id or directory (default: the adapter's base model)")
     parser.add_argument("--data", help="Flickr8k directory (default: data/flickr8k, or the demo's for a demo model)")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--predictions", help="score this JSON {image: caption} instead of generating")
-    parser.add_argument("--prompt", default="a photo of")
-    parser.add_argument("--num-beams", type=int, default=5)
-    parser.add_argument("--max-new-tokens", type=int, default=30)
-    parser.add_argument("--min-new-tokens", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_generation_arguments(parser, batch_size=32)
     parser.add_argument("--spice", action="store_true", help="also try SPICE (needs Java 8 and a download)")
     parser.add_argument("--out", help="write metrics, settings and every caption as JSON")
     parser.add_argument("--html", help="write a self-contained HTML page with thumbnails and captions")

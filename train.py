@@ -81,8 +81,18 @@ class SettingsError(Exception):
     pass
 
 
+# The range of each numeric setting (lowest, highest or None): a value outside it is a one-line error, not a crash.
+LIMITS = {"lora_r": (1, None), "lora_dropout": (0.0, 0.99), "batch_images": (1, None), "grad_accum": (1, None),
+          "epochs": (1, None), "max_steps": (0, None), "min_lr_ratio": (0.0, 1.0), "warmup_steps": (0, None),
+          "weight_decay": (0.0, None), "grad_clip": (0.0, None), "max_caption_tokens": (2, None),
+          "num_workers": (0, None), "eval_interval": (0, None), "eval_images": (0, None), "num_beams": (1, None),
+          "max_new_tokens": (1, None), "min_new_tokens": (0, None), "checkpoint_interval": (1, None),
+          "log_interval": (1, None)}
+
+
 def apply_settings(argv, settings):
-    """Config files and --key=value over the defaults above; a typo or a wrong type is a one-line error."""
+    """Config files and --key=value over the defaults above; a typo, a wrong type or a value out of range is a
+    one-line error."""
     def assign(key, value, where):
         if key not in settings:
             raise SettingsError(f"{where}: unknown setting {key!r} (settings are listed at the top of train.py)")
@@ -123,6 +133,10 @@ def apply_settings(argv, settings):
                 except ValueError:
                     raise SettingsError(f"{arg}:{node.lineno}: the value must be a literal") from None
                 assign(node.targets[0].id, value, f"{arg}:{node.lineno}")
+    for key, (low, high) in LIMITS.items():
+        if settings[key] < low or (high is not None and settings[key] > high):
+            raise SettingsError(f"{key}={settings[key]!r}: must be "
+                                + (f"between {low} and {high}" if high is not None else f"at least {low}"))
     return settings
 
 

@@ -170,3 +170,10 @@ def test_a_directory_that_is_not_an_adapter_is_one_line(tmp_path, script):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "not an adapter directory" in errors[0]
+
+
+@pytest.mark.parametrize("script", ["caption.py", "evaluate.py"])
+def test_a_generation_option_out_of_range_is_refused_before_any_work(script):
+    result = run_script(script, "--num-beams", "0", "photo.jpg" if script == "caption.py" else "--split=test")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "argument --num-beams: must be at least 1, got 0" in result.stderr

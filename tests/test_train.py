@@ -173,6 +173,9 @@ def test_a_diverging_learning_rate_is_stopped_with_one_line(demo_world, tmp_path
     (["--final_eval=1"], "final_eval must be bool"),
     (["--learning_rate"], "write settings as --key=value"),
     (["config/missing.py"], "cannot read config file"),
+    (["--batch_images=0"], "batch_images=0: must be at least 1"),
+    (["--checkpoint_interval=0"], "checkpoint_interval=0: must be at least 1"),
+    (["--lora_dropout=1.5"], "lora_dropout=1.5: must be between 0.0 and 0.99"),
 ])
 def test_a_settings_mistake_is_one_line(args, message):
     result = run_script("train.py", *args)
