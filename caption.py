@@ -7,8 +7,8 @@ Caption images with BLIP-2 and a LoRA adapter; or export base + adapter as one p
     python caption.py --adapter out/adapter --export-merged out/merged    # then: from_pretrained("out/merged")
 
 Prints `path<TAB>caption` per image. The model input is exactly Blip2Processor(images=..., text=prompt), as in any
-transformers code. A missing, non-image or corrupt file gets one line on stderr; the rest are still captioned, and the
-exit code is then 1.
+transformers code. A missing, non-image or corrupt file, or a directory with no images, gets one line on stderr;
+the rest are still captioned, and the exit code is then 1.
 """
 import argparse
 import os
@@ -68,8 +68,11 @@ def image_paths(arguments):
     paths, errors = [], []
     for arg in arguments:
         if os.path.isdir(arg):
-            paths += sorted(os.path.join(arg, n) for n in os.listdir(arg)
-                            if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith("._"))
+            found = sorted(os.path.join(arg, n) for n in os.listdir(arg)
+                           if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith("._"))
+            if not found:
+                errors.append(f"{arg}: no image files in this directory ({', '.join(IMAGE_SUFFIXES)})")
+            paths += found
         elif os.path.isfile(arg):
             paths.append(arg)
         else:

@@ -197,6 +197,11 @@ def run(args):
     from data import encoder_prompt_ids, read_flickr8k
     from model import autocast_context, autocast_dtype
     import demo
+    for path in filter(None, (args.out, args.html)):  # now, not after the captioning
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        except OSError as e:
+            raise ScoringError(f"{path}: cannot create its directory ({e.strerror})") from None
     adapter, model_name = resolve_model(args.adapter, args.model)
     is_demo = os.path.normpath(model_name) == demo.DEMO_MODEL
     data_dir = args.data or (demo.DEMO_DATA if is_demo else "data/flickr8k")

@@ -87,7 +87,8 @@ def bad_inputs(tmp_path, demo_world):
     corrupt = tmp_path / "corrupt.jpg"
     first = sorted(os.listdir(os.path.join(demo_world[0], "Flicker8k_Dataset")))[0]
     corrupt.write_bytes(open(os.path.join(demo_world[0], "Flicker8k_Dataset", first), "rb").read()[:150])
-    return [str(tmp_path / "missing.jpg"), str(text), str(corrupt)]
+    (tmp_path / "no_images").mkdir()
+    return [str(tmp_path / "missing.jpg"), str(text), str(corrupt), str(tmp_path / "no_images")]
 
 
 def test_caption_without_adapter_reports_bad_inputs_and_captions_the_rest(demo_world, bad_inputs):
@@ -177,3 +178,11 @@ def test_a_generation_option_out_of_range_is_refused_before_any_work(script):
     result = run_script(script, "--num-beams", "0", "photo.jpg" if script == "caption.py" else "--split=test")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "argument --num-beams: must be at least 1, got 0" in result.stderr
+
+
+def test_an_unwritable_out_path_is_said_before_any_captioning(demo_run, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = run_script("evaluate.py", "--adapter", os.path.join(demo_run[0], "adapter"),
+                        "--out", str(tmp_path / "a_file" / "scores.json"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "captioning" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'a_file' / 'scores.json'}")
