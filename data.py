@@ -174,10 +174,11 @@ def read_flickr8k(root):
             skipped.append({"item": name, "reason": "no captions"})
     usable = {n for n in captions if n in images and captions[n]}
 
+    official = None if layout == "karpathy" else _official_split(root)
     if layout == "karpathy":
         split_source = KARPATHY_FILE
-    elif _official_split(root):
-        split, split_source = _official_split(root), "official split files"
+    elif official:
+        split, split_source = official, "official split files"
     elif karpathy:
         split, split_source = _karpathy_split(karpathy)[0], KARPATHY_FILE
     else:

@@ -250,7 +250,7 @@ def main():
             print_table({"zero-shot": results["zero_shot"], "fine-tuned": results["fine_tuned"]})
         return
     changed = {k: was for k, was in state.get("settings", {}).items() if k in settings and settings[k] != was}
-    for key in FIXED_ON_RESUME & changed.keys():
+    for key in sorted(FIXED_ON_RESUME & changed.keys()):  # sorted: the same key is reported every time
         fail(f"{resume_from} was written with {key}={changed[key]!r}, this run has {key}={settings[key]!r}: resume "
              f"with the same value, or train afresh in another out_dir (or delete {checkpoint_dir})")
     if changed:
