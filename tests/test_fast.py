@@ -1,7 +1,8 @@
 """The fast path changes nothing but speed: grouped steps and the vision cache give the per-pair loss and gradients."""
+import pytest
 import torch
 
-from lora import LoRALinear, inject_lora, lora_layers
+from lora import inject_lora, lora_layers
 from model import VisionCache, grouped_caption_loss, per_pair_caption_loss, vision_embeds
 
 
@@ -94,3 +95,17 @@ def test_bench_times_the_step_train_py_takes():
     assert layers and all((l.r, l.alpha, getattr(l.dropout, "p", 0.0)) == settings for _, l in layers)
     inside_adapters = {id(m) for _, l in layers for m in l.modules()}
     assert [name for name, m in model.named_modules() if m.training and id(m) not in inside_adapters] == []
+
+
+def test_bench_json_has_the_keys_its_readers_use():
+    import json
+    from conftest import run_script
+    result = run_script("bench.py", "--model", "tiny", "--repeats", "1", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    for mode in ("per_pair", "grouped", "grouped_cached"):
+        assert {"captions_per_s", "peak_mem_mb", "first_step_s"} <= set(report[mode])
+    for mode in ("grouped", "grouped_cached"):
+        measured = report[mode]["captions_per_s"] / report["per_pair"]["captions_per_s"]
+        assert report[f"speedup_{mode}"] == pytest.approx(measured, abs=0.01)
+        assert report[f"predicted_speedup_{mode}"] > 1  # one vision + encoder pass per image does less work
