@@ -6,22 +6,30 @@ Caption images with BLIP-2 and a LoRA adapter; or export base + adapter as one p
     python caption.py --adapter none --model Salesforce/blip2-flan-t5-xl photo.jpg
     python caption.py --adapter out/adapter --export-merged out/merged    # then: from_pretrained("out/merged")
 
-Prints `path<TAB>caption` per image. The model input is exactly Blip2Processor(images=..., text=prompt), as in any
-transformers code. A missing, non-image or corrupt file, or a directory with no images, gets one line on stderr;
-the rest are still captioned, and the exit code is then 1.
+Prints `path<TAB>caption` per image. The prompt and generation settings default to those the adapter was trained
+with (its caption_settings.json, written by train.py). The model input is exactly Blip2Processor(images=...,
+text=prompt), as in any transformers code. A missing, non-image or corrupt file, or a directory with no images,
+gets one line on stderr; the rest are still captioned, and the exit code is then 1.
 """
 import argparse
+import json
 import os
 import sys
 
 import torch
 
+from data import IMAGE_SUFFIXES
+
 DEFAULT_ADAPTER, DEFAULT_MODEL = "out/adapter", "Salesforce/blip2-flan-t5-xl"
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+GENERATION_DEFAULTS = {"prompt": "a photo of", "num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
+GENERATION_MINIMUMS = {"num_beams": 1, "max_new_tokens": 1, "min_new_tokens": 0}
+# Written by train.py beside each adapter: the prompt it was trained with and its generation settings. peft ignores it.
+CAPTION_SETTINGS_FILE = "caption_settings.json"
 
 
 def add_generation_arguments(parser, batch_size):
-    """The options caption.py and evaluate.py share: the prompt, beam search, batch size and device."""
+    """The options caption.py and evaluate.py share: the prompt, beam search, batch size and device. The prompt and
+    generation options left out come from the adapter's caption_settings.json, else GENERATION_DEFAULTS."""
     def at_least(low):
         def parse(text):
             value = int(text)  # not a number: argparse says so
@@ -30,12 +38,48 @@ def add_generation_arguments(parser, batch_size):
             return value
         parse.__name__ = "int"  # how argparse names the type in its messages
         return parse
-    parser.add_argument("--prompt", default="a photo of")
-    parser.add_argument("--num-beams", type=at_least(1), default=5)
-    parser.add_argument("--max-new-tokens", type=at_least(1), default=30)
-    parser.add_argument("--min-new-tokens", type=at_least(0), default=8)
-    parser.add_argument("--batch-size", type=at_least(1), default=batch_size)
+    given = "default: the adapter's training setting, else %s"
+    parser.add_argument("--prompt", help=given % repr(GENERATION_DEFAULTS["prompt"]))
+    for key, low in GENERATION_MINIMUMS.items():
+        parser.add_argument("--" + key.replace("_", "-"), "--" + key, type=at_least(low),  # train.py's spelling too
+                            help=given % GENERATION_DEFAULTS[key])
+    parser.add_argument("--batch-size", "--batch_size", type=at_least(1), default=batch_size)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def save_caption_settings(adapter_dir, settings):
+    """Write the prompt and generation settings beside an adapter (atomically, as the adapter files are)."""
+    path = os.path.join(adapter_dir, CAPTION_SETTINGS_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump({k: settings[k] for k in GENERATION_DEFAULTS}, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def read_caption_settings(adapter_dir):
+    """The settings an adapter was trained with ({} for an adapter from elsewhere); a damaged file is a ValueError."""
+    path = os.path.join(adapter_dir, CAPTION_SETTINGS_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        settings = json.loads(open(path, "rb").read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); delete it to use the default generation settings") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path}: expected a JSON object of generation settings; fix or delete the file")
+    for key, value in settings.items():
+        valid = isinstance(value, str) if key == "prompt" else (
+            type(value) is int and value >= GENERATION_MINIMUMS.get(key, 0))
+        if key in GENERATION_DEFAULTS and not valid:
+            raise ValueError(f"{path}: {key} has an invalid value {value!r}; fix or delete the file")
+    return {k: settings[k] for k in GENERATION_DEFAULTS if k in settings}
+
+
+def resolve_generation(args, adapter):
+    """Fill the prompt and generation options the user left out: the adapter's settings, else the defaults."""
+    saved = read_caption_settings(adapter) if adapter else {}
+    for key, default in GENERATION_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, saved.get(key, default))
 
 
 def resolve_model(adapter, model, log=lambda m: print(m, file=sys.stderr)):
@@ -107,6 +151,7 @@ def main(argv=None):
     from model import ModelError
     try:
         adapter, model_name = resolve_model(args.adapter, args.model)
+        resolve_generation(args, adapter)
         model, processor = load_for_captioning(model_name, adapter, args.device)
     except (ModelError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

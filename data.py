@@ -1,21 +1,26 @@
 """
-Flickr8k for BLIP-2: read any of the three layouts people download, and turn images + captions into model batches.
+Image-caption collections for BLIP-2: read the layouts people have, and turn images + captions into model batches.
 
-Check a download before training (prints the layout found, images and captions per split, what was skipped and why):
+Check a collection before training (prints the layout found, images and captions per split, what was skipped and why):
     python data.py data/flickr8k
-    python data.py data/flickr8k --json
+    python data.py my_photos/ --json
+    python data.py my_photos/ --caption-column=description
 
-Layouts (README, "Fine-tuning on Flickr8k"); the first one found wins:
+Layouts (README, "Your own captions"); the first one found wins:
     flickr8k-text  Flickr8k.token.txt + Flickr_8k.{train,dev,test}Images.txt + Flicker8k_Dataset/   (original release)
-    karpathy       dataset_flickr8k.json + Flicker8k_Dataset/                                      (Karpathy split)
-    kaggle         captions.txt (CSV: image,caption) + Images/                                      (Kaggle)
-Nothing is dropped silently: every skipped caption line, image id or split entry is listed with its reason.
+    karpathy       dataset_{flickr8k,flickr30k,coco}.json + the image folder (COCO: train2014/, val2014/)
+    kaggle         captions.txt (CSV: image,caption) + Images/                                      (Kaggle Flickr8k)
+    imagefolder    metadata.jsonl or metadata.csv (file_name + a caption column), at the top or in train/,
+                   validation/, test/ folders: the Hugging Face `imagefolder` convention
+An image may have any number of captions. Nothing is dropped silently: every skipped row, image or split entry is
+listed with its reason, and a malformed file is one error line naming the file and the line or key.
 
 A training batch (CaptionCollator) holds B images, each with ALL its captions, so the image side of the model can run
 once per image (train.py's grouped step). The encoder input is what Blip2Processor(images=..., text=prompt) gives:
 num_query_tokens image tokens, then the prompt. BLIP-2 writes its 32 image vectors into exactly those positions;
 without them it would train and caption blind, with no error (the "image-token trap").
 """
+import argparse
 import csv
 import hashlib
 import json
@@ -28,12 +33,20 @@ import torch
 from PIL import Image
 
 SPLITS = ("train", "val", "test")
-IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images", "images")  # "Flicker" (sic) is the official name
-TEXT_DIRS = ("", "Flickr8k_text")  # the text zip may be unpacked in place or into its own folder
-TOKEN_FILE, KARPATHY_FILE, KAGGLE_FILE = "Flickr8k.token.txt", "dataset_flickr8k.json", "captions.txt"
+# Where the images of a caption file may be; "" is the collection's folder itself (COCO: DIR/train2014/...).
+IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k-images", "flickr30k_images", "Images", "images", "")
+TEXT_DIRS = ("", "Flickr8k_text")  # the Flickr8k text zip may be unpacked in place or into its own folder
+TOKEN_FILE, KAGGLE_FILE = "Flickr8k.token.txt", "captions.txt"
+KARPATHY_FILES = ("dataset_flickr8k.json", "dataset_flickr30k.json", "dataset_coco.json")
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",  # official dev == val
                "test": "Flickr_8k.testImages.txt"}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+# Hugging Face's split folder names (and the values of a `split` column) -> ours
+SPLIT_NAMES = {"train": "train", "training": "train", "validation": "val", "valid": "val", "val": "val",
+               "dev": "val", "test": "test", "testing": "test", "eval": "test"}
+CAPTION_COLUMNS = ("text", "caption", "captions")  # tried in this order unless caption_column names one
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+MIN_IMAGES_TO_HOLD_OUT = 10  # a hash split of fewer images keeps them all for training
 
 
 class DataError(Exception):
@@ -42,13 +55,13 @@ class DataError(Exception):
 
 @dataclass
 class ImageCaptions:
-    name: str            # file name, the key used everywhere (reports, predictions files, the vision cache)
+    name: str            # path relative to the collection (a file name for Flickr): the key used everywhere
     path: str
     captions: list       # every reference caption, as written in the source files
 
 
 @dataclass
-class Flickr8k:
+class CaptionCollection:
     layout: str
     split_source: str
     splits: dict                                     # "train" | "val" | "test" -> list[ImageCaptions]
@@ -61,11 +74,13 @@ class Flickr8k:
                 "skipped": self.skipped}
 
 
-def _find(root, names, dirs=TEXT_DIRS, want_dir=False):
+# --------------------------------------------------------------------------------------------------- reading files
+
+def _find(root, names, dirs=TEXT_DIRS):
     for d in dirs:
         for name in names:
             path = os.path.join(root, d, name)
-            if (os.path.isdir(path) if want_dir else os.path.isfile(path)):
+            if os.path.isfile(path):
                 return path
     return None
 
@@ -76,13 +91,45 @@ def _read_lines(path):
         return f.read().decode("utf-8-sig", errors="replace").splitlines()
 
 
-def _image_index(root):
-    folder = _find(root, IMAGE_DIRS, dirs=("",), want_dir=True)
-    if folder is None:
-        raise DataError(f"{root}: no image folder (looked for {', '.join(d + '/' for d in IMAGE_DIRS)})")
-    # Only the folder's own files: macOS zips add "._name.jpg" resource forks (and a __MACOSX/ tree beside it).
-    return {n: os.path.join(folder, n) for n in os.listdir(folder)
-            if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith("._")}
+def _read_text(path):
+    """A JSON or metadata file's text; not UTF-8 is an error (a wrong byte would silently change a file name)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+
+
+def _csv_rows(path):
+    """(line number, row) of a real CSV: quoted fields may hold commas, newlines and doubled quotes."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        rows = csv.reader(f)
+        try:
+            for row in rows:
+                yield rows.line_num, row
+        except csv.Error as e:  # a field over the csv module's limit (131,072 characters), a NUL byte, ...
+            raise DataError(f"{path}: line {rows.line_num}: not readable as CSV ({e})") from None
+
+
+def _find_images(folder, names):
+    """{name: path} for the names (paths relative to folder, '/'-separated) that are image files in it."""
+    listings, found = {}, {}
+    for name in names:
+        sub, _, base = name.rpartition("/")
+        if sub not in listings:
+            directory = os.path.join(folder, sub)
+            listings[sub] = set(os.listdir(directory)) if os.path.isdir(directory) else set()
+        # "._name.jpg" are macOS resource forks, not images (zips made on a Mac are full of them)
+        if base in listings[sub] and base.lower().endswith(IMAGE_SUFFIXES) and not base.startswith("._"):
+            found[name] = os.path.join(folder, name)
+    return found
+
+
+def _image_folder(root, names):
+    """The folder among IMAGE_DIRS (or root itself) that holds most of the named images (judged on a sample)."""
+    candidates = [os.path.join(root, d) for d in IMAGE_DIRS if os.path.isdir(os.path.join(root, d))]
+    sample = names[:200]
+    return max(candidates, key=lambda folder: len(_find_images(folder, sample)))  # the first, on a tie
 
 
 def _parse_token_file(path, skipped):
@@ -104,26 +151,26 @@ def _parse_token_file(path, skipped):
 
 
 def _parse_kaggle(path, skipped):
-    captions = {}
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        rows = csv.reader(f)  # a real CSV: captions with commas are quoted, inner quotes doubled
-        header = next(rows, None)
-        if header is None or [h.strip().lower() for h in header[:2]] != ["image", "caption"]:
-            raise DataError(f"{path}: expected a CSV with header 'image,caption', found {header}")
-        for number, row in enumerate(rows, 2):
-            if len(row) != 2 or not row[0].strip() or not row[1].strip():
-                if row:
-                    skipped.append({"item": f"{os.path.basename(path)} line {number}",
-                                    "reason": "not 'image,caption'"})
-                continue
-            captions.setdefault(row[0].strip(), []).append(row[1].strip())
+    captions, rows = {}, _csv_rows(path)
+    _, header = next(rows, (1, None))
+    if header is None or [h.strip().lower() for h in header[:2]] != ["image", "caption"]:
+        raise DataError(f"{path}: expected a CSV with header 'image,caption', found {header}")
+    for number, row in rows:
+        if len(row) != 2 or not row[0].strip() or not row[1].strip():
+            if row:
+                skipped.append({"item": f"{os.path.basename(path)} line {number}", "reason": "not 'image,caption'"})
+            continue
+        captions.setdefault(row[0].strip(), []).append(row[1].strip())
     return captions
 
 
-def _hash_split(names):
-    """A deterministic split when the download has none: sort by md5 of the name, cut 6000/1000/rest of 8091."""
+def _hash_split(names, train_fraction, val_fraction):
+    """A deterministic split when the collection has none: order by md5 of the name, cut by the fractions."""
     ordered = sorted(names, key=lambda n: hashlib.md5(n.encode()).hexdigest())
-    n_train, n_val = round(len(ordered) * 6000 / 8091), round(len(ordered) * 1000 / 8091)
+    if len(ordered) < MIN_IMAGES_TO_HOLD_OUT:
+        return {"train": ordered, "val": [], "test": []}
+    n_train, n_val = round(len(ordered) * train_fraction), max(1, round(len(ordered) * val_fraction))
+    n_train = min(n_train, len(ordered) - n_val - 1)  # at least one test image
     return {"train": ordered[:n_train], "val": ordered[n_train:n_train + n_val], "test": ordered[n_train + n_val:]}
 
 
@@ -134,55 +181,177 @@ def _official_split(root):
     return {s: [line.strip() for line in _read_lines(p) if line.strip()] for s, p in paths.items()}
 
 
-def _karpathy_split(path):
+def _karpathy(path):
+    """Karpathy's dataset_*.json -> ({split: [names]}, {name: [captions]}). COCO names are 'val2014/COCO_...jpg'."""
     try:
-        images = json.load(open(path, encoding="utf-8"))["images"]
+        images = json.loads(_read_text(path))["images"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DataError(f"{path}: not Karpathy's split file ({e.__class__.__name__}: {e})") from None
-    split = {s: [] for s in SPLITS}
-    for image in images:
-        label = {"restval": "train"}.get(image.get("split"), image.get("split"))  # restval counts as train
+        raise DataError(f"{path}: not one of Karpathy's dataset_*.json files ({e.__class__.__name__}: {e})") from None
+    if not isinstance(images, list):
+        raise DataError(f"{path}: 'images' must be a list of objects")
+    split, captions = {s: [] for s in SPLITS}, {}
+    for i, image in enumerate(images):
+        if not isinstance(image, dict) or not isinstance(image.get("filename"), str):
+            raise DataError(f"{path}: images[{i}] is not an object with a 'filename'")
+        name = "/".join(filter(None, (image.get("filepath"), image["filename"])))  # filepath: COCO's train2014/...
+        sentences = image.get("sentences", [])
+        if not isinstance(sentences, list) or not all(isinstance(s, dict) and isinstance(s.get("raw"), str)
+                                                      for s in sentences):
+            raise DataError(f"{path}: images[{i}] ({name}): every entry of 'sentences' needs a 'raw' caption")
+        label = {"restval": "train"}.get(image.get("split"), image.get("split"))  # restval is training data
         if label in split:
-            split[label].append(image["filename"])
-    captions = {image["filename"]: [s["raw"].strip() for s in image.get("sentences", [])] for image in images}
+            split[label].append(name)
+        captions[name] = [s["raw"].strip() for s in sentences if s["raw"].strip()]
     return split, captions
 
 
-def read_flickr8k(root):
-    """Detect the layout in `root` and return a Flickr8k with every split's images and captions."""
-    if not os.path.isdir(root):
-        raise DataError(f"{root}: no such directory. Put Flickr8k there (README: 'Fine-tuning on Flickr8k') "
-                        "or try the offline demo: python train.py config/demo.py")
-    skipped = []
-    token, karpathy, kaggle = _find(root, [TOKEN_FILE]), _find(root, [KARPATHY_FILE]), _find(root, [KAGGLE_FILE])
-    if token:
-        layout, captions = "flickr8k-text", _parse_token_file(token, skipped)
-    elif karpathy:
-        layout, (split, captions) = "karpathy", _karpathy_split(karpathy)
-    elif kaggle:
-        layout, captions = "kaggle", _parse_kaggle(kaggle, skipped)
-    else:
-        raise DataError(f"{root}: no Flickr8k captions found (looked for {TOKEN_FILE}, {KARPATHY_FILE}, "
-                        f"{KAGGLE_FILE}, also under Flickr8k_text/)")
-    images = _image_index(root)
+def _metadata_records(path):
+    """Each row of metadata.jsonl (one JSON object a line) or metadata.csv as (line number, {column: value})."""
+    if path.endswith(".jsonl"):
+        records = []
+        for number, line in enumerate(_read_text(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: line {number}: expected a JSON object with file_name and a caption")
+            records.append((number, record))
+        return records
+    rows = _csv_rows(path)
+    _, header = next(rows, (1, None))
+    if not header:
+        raise DataError(f"{path}: empty; expected a CSV header with file_name and a caption column")
+    header = [h.strip() for h in header]
+    return [(number, dict(zip(header, row))) for number, row in rows if any(cell.strip() for cell in row)]
 
-    # Ids with captions but no image file (the release has one: '2258277193_586949ec62.jpg.1'). Never guess a name.
-    for name in captions:
+
+def _relative_name(file_name):
+    """'./a\\b.jpg' -> 'a/b.jpg'; None for a path that leaves the collection's folder."""
+    name = os.path.normpath(file_name.strip()).replace(os.sep, "/").replace("\\", "/")
+    return None if os.path.isabs(name) or name == ".." or name.startswith("../") else name
+
+
+def _read_metadata(path, caption_column, prefix, skipped):
+    """One metadata file -> ({prefix + file_name: [captions]}, {name: split column value}). Several rows with one
+    file_name are several captions of that image; a caption cell may also be a list of captions (JSONL)."""
+    records = _metadata_records(path)
+    columns = {key for _, record in records for key in record}
+    if records and "file_name" not in columns:
+        raise DataError(f"{path}: no 'file_name' column (found: {', '.join(sorted(columns))})")
+    column = caption_column or next((c for c in CAPTION_COLUMNS if c in columns), None)
+    if records and column not in columns:
+        raise DataError(f"{path}: no caption column " + (f"{caption_column!r}" if caption_column else
+                        f"(looked for {', '.join(CAPTION_COLUMNS)}; name yours with caption_column=NAME in "
+                        "train.py, --caption-column NAME in data.py and evaluate.py)")
+                        + f"; found: {', '.join(sorted(columns))}")
+    captions, row_split = {}, {}
+    for number, record in records:
+        item = f"{prefix}{os.path.basename(path)} line {number}"
+        file_name, value = record.get("file_name"), record.get(column)
+        name = _relative_name(file_name) if isinstance(file_name, str) and file_name.strip() else None
+        texts = [value] if isinstance(value, str) else value
+        if name is None:
+            reason = "file_name is missing or leaves the collection's folder"
+        elif not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            reason = f"{column} is not a caption or a list of captions"
+        elif not any(t.strip() for t in texts):
+            reason = "no caption"
+        else:
+            captions.setdefault(prefix + name, []).extend(t.strip() for t in texts if t.strip())
+            if "split" in record:
+                row_split[prefix + name] = record["split"]
+            continue
+        skipped.append({"item": item, "reason": reason})
+    return captions, row_split
+
+
+def _imagefolder(root, caption_column, skipped):
+    """Hugging Face imagefolder metadata -> (captions, split or None, split_source). Splits come from split folders
+    each with its own metadata, else a `split` column, else a first path component named like a split."""
+    folders = sorted(d for d in os.listdir(root)
+                     if d.lower() in SPLIT_NAMES and _find(os.path.join(root, d), METADATA_FILES, ("",)))
+    if folders:
+        captions, split = {}, {s: [] for s in SPLITS}
+        for d in folders:
+            part, _ = _read_metadata(_find(os.path.join(root, d), METADATA_FILES, ("",)), caption_column, d + "/",
+                                     skipped)
+            captions.update(part)
+            split[SPLIT_NAMES[d.lower()]] += list(part)
+        return captions, split, "split folders (" + ", ".join(d + "/" for d in folders) + ")"
+    captions, row_split = _read_metadata(_find(root, METADATA_FILES, ("",)), caption_column, "", skipped)
+    labels, source = row_split, "the metadata's split column"
+    if not labels and captions and all(n.split("/")[0].lower() in SPLIT_NAMES for n in captions if "/" in n) \
+            and all("/" in n for n in captions):
+        labels, source = {n: n.split("/")[0] for n in captions}, "the folder in each file_name"
+    if not labels:
+        return captions, None, None
+    split = {s: [] for s in SPLITS}
+    for name, label in labels.items():
+        ours = SPLIT_NAMES.get(str(label).strip().lower())
+        if ours:
+            split[ours].append(name)
+        else:
+            skipped.append({"item": name, "reason": f"split {label!r} is not train, validation or test"})
+    return captions, split, source
+
+
+def _has_imagefolder(root):
+    return bool(_find(root, METADATA_FILES, ("",)) or any(
+        d.lower() in SPLIT_NAMES and _find(os.path.join(root, d), METADATA_FILES, ("",)) for d in os.listdir(root)))
+
+
+def read_captions(root, caption_column=None):
+    """Detect the layout in `root` and return a CaptionCollection with every split's images and captions."""
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: no such directory. Put your images and captions there (README: 'Your own "
+                        "captions') or try the offline demo: python train.py config/demo.py")
+    skipped, split, split_source = [], None, None
+    token, karpathy, kaggle = _find(root, [TOKEN_FILE]), _find(root, KARPATHY_FILES), _find(root, [KAGGLE_FILE])
+    if token:
+        layout, source, captions = "flickr8k-text", token, _parse_token_file(token, skipped)
+    elif karpathy:
+        layout, source, (split, captions) = "karpathy", karpathy, _karpathy(karpathy)
+        split_source = os.path.basename(karpathy)
+    elif kaggle:
+        layout, source, captions = "kaggle", kaggle, _parse_kaggle(kaggle, skipped)
+    elif _has_imagefolder(root):
+        layout, source = "imagefolder", "the metadata"
+        captions, split, split_source = _imagefolder(root, caption_column, skipped)
+    else:
+        raise DataError(f"{root}: no captions found (looked for {TOKEN_FILE}, {', '.join(KARPATHY_FILES)}, "
+                        f"{KAGGLE_FILE}, metadata.jsonl or metadata.csv; README: 'Your own captions')")
+    names = list(captions)
+    images = _find_images(root if layout == "imagefolder" else _image_folder(root, names), names)
+    if names and not images:
+        raise DataError(f"{root}: none of the {len(names)} images named in {source} was found "
+                        f"(looked in {', '.join(d + '/' for d in IMAGE_DIRS if d)} and the folder itself)")
+
+    # Names with captions but no image file (Flickr8k has one: '2258277193_586949ec62.jpg.1'). Never guess a name.
+    for name in names:
         if name not in images:
             skipped.append({"item": name, "reason": f"no image file ({len(captions[name])} captions)"})
         elif not captions[name]:
             skipped.append({"item": name, "reason": "no captions"})
-    usable = {n for n in captions if n in images and captions[n]}
+    usable = {n for n in names if n in images and captions[n]}
 
-    official = None if layout == "karpathy" else _official_split(root)
-    if layout == "karpathy":
-        split_source = KARPATHY_FILE
-    elif official:
-        split, split_source = official, "official split files"
-    elif karpathy:
-        split, split_source = _karpathy_split(karpathy)[0], KARPATHY_FILE
-    else:
-        split, split_source = _hash_split(usable), "deterministic md5 split (6000/1000/rest of 8091, scaled)"
+    if split is None:
+        official = _official_split(root)
+        flickr8k_json = _find(root, KARPATHY_FILES[:1])
+        if official:
+            split, split_source = official, "official split files"
+        elif flickr8k_json:
+            split, split_source = _karpathy(flickr8k_json)[0], KARPATHY_FILES[0]
+        else:  # no split in the collection: a deterministic one, and the report says so
+            kaggle_cut = layout == "kaggle"
+            split = _hash_split(usable, *((6000 / 8091, 1000 / 8091) if kaggle_cut else (0.8, 0.1)))
+            split_source = ("deterministic md5 split (6000/1000/rest of 8091, scaled)" if kaggle_cut else
+                            "deterministic md5 split of the file names (80/10/10)")
+            if len(usable) < MIN_IMAGES_TO_HOLD_OUT:
+                split_source = (f"all {len(usable)} images in train: fewer than {MIN_IMAGES_TO_HOLD_OUT} are too few "
+                                "to hold out val and test images (add a split column or split folders to evaluate)")
 
     splits, placed = {}, set()
     for s in SPLITS:
@@ -191,11 +360,12 @@ def read_flickr8k(root):
             if name in usable and name not in placed:
                 placed.add(name)
                 splits[s].append(ImageCaptions(name, images[name], captions[name]))
-            elif name not in captions:  # (an id with captions but no image was reported above)
+            elif name not in captions:  # (a name with captions but no image was reported above)
                 skipped.append({"item": name, "reason": f"listed in the {s} split but has no captions"})
-    for name in sorted(usable - placed):
-        skipped.append({"item": name, "reason": "in no split"})  # 91 real images of the release
-    return Flickr8k(layout, split_source, splits, skipped)
+    reported = {entry["item"] for entry in skipped}
+    for name in sorted(usable - placed - reported):
+        skipped.append({"item": name, "reason": "in no split"})  # 91 real images of the Flickr8k release
+    return CaptionCollection(layout, split_source, splits, skipped)
 
 
 # --------------------------------------------------------------------------------------------------- model batches
@@ -214,6 +384,15 @@ def load_rgb(path):
 def clean_caption(caption):
     """Training target: one space between words, no trailing ' .', lower case ('A dog runs .' -> 'a dog runs')."""
     return " ".join(caption.split()).rstrip(" .").lower()
+
+
+def long_captions(items, tokenizer, max_tokens):
+    """(how many captions are over max_tokens tokens, EOS included; the longest length). CaptionCollator cuts such
+    captions to max_tokens, so train.py reports them once at the start rather than cutting silently."""
+    captions = [clean_caption(c) for item in items for c in item.captions]
+    lengths = [len(ids) for start in range(0, len(captions), 4096)
+               for ids in tokenizer(captions[start:start + 4096]).input_ids]
+    return sum(n > max_tokens for n in lengths), max(lengths, default=0)
 
 
 def encoder_prompt_ids(tokenizer, prompt, num_query_tokens, image_token_id):
@@ -297,17 +476,20 @@ def print_report(data):
         print(f"  {len(items):5d} x {reason}: {shown}")
 
 
-def main(argv):
-    args = [a for a in argv if a != "--json"]
-    if len(args) != 1:
-        print("usage: python data.py DIR [--json]", file=sys.stderr)
-        return 2
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Check an image-caption collection: the layout found, images and "
+                                     "captions per split, and every skipped entry with its reason.")
+    parser.add_argument("dir", help="the collection's folder")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    parser.add_argument("--caption-column", "--caption_column", help="imagefolder metadata: the caption column "
+                        f"(default: the first of {', '.join(CAPTION_COLUMNS)})")
+    args = parser.parse_args(argv)
     try:
-        data = read_flickr8k(args[0])
+        data = read_captions(args.dir, args.caption_column)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if "--json" in argv:
+    if args.json:
         print(json.dumps(data.report()))
     else:
         print_report(data)
@@ -315,4 +497,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

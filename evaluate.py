@@ -1,11 +1,14 @@
 """
-Score captions the way captioning papers do: the COCO caption toolkit (pycocoevalcap) on Flickr8k's test split.
+Score captions the way captioning papers do: the COCO caption toolkit (pycocoevalcap) on a collection's test split.
 
     python evaluate.py                                   # the adapter in out/adapter, on the test split
     python evaluate.py --adapter out/demo/adapter        # the demo's adapter (its config names the base model)
     python evaluate.py --adapter none --model Salesforce/blip2-flan-t5-xl --data data/flickr8k   # zero-shot base
     python evaluate.py --predictions preds.json          # score captions made elsewhere: {"<image>": "<caption>"}
     python evaluate.py --out scores.json --html report.html
+    python evaluate.py --adapter out/my_photos/adapter --data my_photos  # any layout data.py reads
+
+The prompt and generation settings default to those the adapter was trained with (its caption_settings.json).
 
 Every image is captioned with beam search (5 beams, 8 to 30 new tokens by default) and scored against all its
 references: PTB tokenizer on both sides (lower-cases, strips punctuation), then BLEU-1..4, METEOR 1.5, ROUGE-L and
@@ -56,6 +59,8 @@ def require_java():
 def score_captions(predictions, references, metrics=METRICS, spice=False, log=print):
     """predictions {image: caption}, references {image: [captions]} -> {metric: score}. The function train.py uses."""
     require_java()
+    if not predictions:
+        raise ScoringError("no captions to score: none of the split's images could be captioned")
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
@@ -170,10 +175,12 @@ def write_html(path, metrics, rows, title):
 
 def main(argv=None):
     from caption import add_generation_arguments
-    parser = argparse.ArgumentParser(description="COCO-toolkit scores for a BLIP-2 adapter on Flickr8k.")
+    parser = argparse.ArgumentParser(description="COCO-toolkit scores for a BLIP-2 adapter on a caption collection.")
     parser.add_argument("--adapter", help="adapter directory, or 'none' for the zero-shot base (default: out/adapter)")
     parser.add_argument("--model", help="base model hub id or directory (default: the adapter's base model)")
-    parser.add_argument("--data", help="Flickr8k directory (default: data/flickr8k, or the demo's for a demo model)")
+    parser.add_argument("--data", "--data_dir", help="caption collection directory, any layout data.py reads "
+                        "(default: data/flickr8k, or the demo's for a demo model)")
+    parser.add_argument("--caption-column", "--caption_column", help="imagefolder metadata: the caption column")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
     parser.add_argument("--predictions", help="score this JSON {image: caption} instead of generating")
     add_generation_arguments(parser, batch_size=32)
@@ -193,8 +200,8 @@ def main(argv=None):
 
 
 def run(args):
-    from caption import resolve_model
-    from data import encoder_prompt_ids, read_flickr8k
+    from caption import resolve_generation, resolve_model
+    from data import encoder_prompt_ids, read_captions
     from model import autocast_context, autocast_dtype
     import demo
     for path in filter(None, (args.out, args.html)):  # now, not after the captioning
@@ -203,10 +210,15 @@ def run(args):
         except OSError as e:
             raise ScoringError(f"{path}: cannot create its directory ({e.strerror})") from None
     adapter, model_name = resolve_model(args.adapter, args.model)
+    resolve_generation(args, adapter)
     is_demo = os.path.normpath(model_name) == demo.DEMO_MODEL
     data_dir = args.data or (demo.DEMO_DATA if is_demo else "data/flickr8k")
     demo.ensure_demo_world(data_dir)
-    items = read_flickr8k(data_dir).splits[args.split]
+    collection = read_captions(data_dir, args.caption_column)
+    items = collection.splits[args.split]
+    if not items:
+        raise ScoringError(f"{data_dir}: the {args.split} split has no images (split: {collection.split_source}); "
+                           "python data.py DIR shows the splits")
     references = {i.name: i.captions for i in items}
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "html")}
     settings.update(adapter=adapter, model=model_name, data=data_dir)
@@ -248,7 +260,7 @@ def run(args):
                        "captions": [{k: r[k] for k in ("image", "caption", "references")} for r in rows]}, f, indent=1)
         os.replace(tmp, args.out)
     if args.html:
-        write_html(args.html, metrics, rows, f"BLIP-2 captions, Flickr8k {args.split} split ({label})")
+        write_html(args.html, metrics, rows, f"BLIP-2 captions, {data_dir} {args.split} split ({label})")
     return 0
 
 

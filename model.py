@@ -183,6 +183,7 @@ class VisionCache:
         self.dir = os.path.join(root, digest)
         self.row = {name: i for i, name in enumerate(names)}
         self.dtype, self.shape = dtype, tuple(self.key["shape"])
+        self.nbytes = self.shape[0] * self.shape[1] * self.shape[2] * torch.finfo(dtype).bits // 8
         meta = os.path.join(self.dir, "meta.json")
         self.complete = os.path.isfile(meta)
         self.table = self._map() if self.complete else None
@@ -197,9 +198,8 @@ class VisionCache:
     def build(self, model, loader, device, autocast, log=print):
         """Fill the cache from a loader over all the images (batches from data.CaptionCollator)."""
         os.makedirs(self.dir, exist_ok=True)
-        numel = self.shape[0] * self.shape[1] * self.shape[2]
         with open(os.path.join(self.dir, "vision.bin"), "wb") as f:
-            f.truncate(numel * torch.finfo(self.dtype).bits // 8)
+            f.truncate(self.nbytes)
         self.table = self._map()
         items = loader.dataset.items
         self.missing = set(self.row)

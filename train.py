@@ -1,8 +1,9 @@
 """
-Fine-tune BLIP-2 (Salesforce/blip2-flan-t5-xl) on Flickr8k captions with hand-written LoRA (lora.py).
+Fine-tune BLIP-2 (Salesforce/blip2-flan-t5-xl) on image captions with hand-written LoRA (lora.py).
 
     python train.py config/demo.py                              # offline demo: about a minute on 2 CPU cores
     python train.py --model=models/blip2-flan-t5-xl --data_dir=data/flickr8k
+    python train.py --data_dir=my_photos --prompt="a product photo of"     # your own captions (README)
     torchrun --standalone --nproc_per_node=4 train.py --data_dir=data/flickr8k       # several GPUs (or processes)
 
 What the loop does, top to bottom:
@@ -15,7 +16,8 @@ What the loop does, top to bottom:
 - `torch_compile=True` compiles that loss (captions then padded to a fixed length, so it compiles once).
 - Linear warmup then cosine decay; gradient clipping; bf16 autocast on GPUs that support it, fp16 + GradScaler only
   when asked (T5 overflows in fp16), float32 on CPU. A non-finite loss stops the run, keeping the last checkpoint.
-- Every `eval_interval` steps and at each epoch end: CIDEr on the val split; the best adapter goes to out_dir/adapter.
+- Every `eval_interval` steps and at each epoch end: CIDEr on the val split; the best adapter goes to out_dir/adapter,
+  with the prompt and generation settings it was trained with (caption.py and evaluate.py use them).
 - Every `checkpoint_interval` steps: out_dir/checkpoint (adapter, optimizer, RNG, step, settings), written atomically.
   Running the same command again resumes from it (a change to a setting in FIXED_ON_RESUME is refused); a
   finished run is not trained again.
@@ -36,11 +38,13 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from lora import DEFAULT_TARGETS
+from caption import save_caption_settings
+from lora import DEFAULT_TARGETS, save_adapter
 
 # ----------------------------------------------------------------------------------------------------- settings
 model = "Salesforce/blip2-flan-t5-xl"  # hub id or local directory
-data_dir = "data/flickr8k"             # any of the three Flickr8k layouts (python data.py DIR checks it)
+data_dir = "data/flickr8k"             # Flickr8k, Karpathy JSON or imagefolder metadata (python data.py DIR checks it)
+caption_column = ""                    # imagefolder metadata: the caption column ("" = text, caption or captions)
 out_dir = "out"
 prompt = "a photo of"                  # T5 encoder prompt after the image tokens (the LAVIS caption recipe's)
 # LoRA
@@ -58,7 +62,7 @@ min_lr_ratio = 0.1                     # cosine decays to learning_rate * min_lr
 warmup_steps = 50
 weight_decay = 0.0
 grad_clip = 1.0                        # max global gradient norm; 0 = off
-max_caption_tokens = 40
+max_caption_tokens = 40                # training cuts longer captions (reported at the start); memory grows with it
 dtype = "auto"                         # auto (bf16 on GPUs that have it, else float32) | bfloat16 | float16 | float32
 device = "auto"                        # auto | cpu | cuda
 vision_cache = True                    # compute the frozen ViT's outputs once (valid while no LoRA is in the ViT)
@@ -165,8 +169,8 @@ def epoch_micro_batches(num_images, epoch, group):
 
 # Settings a resumed run must keep: they define the adapter's shape and meaning, the inputs, and the data order.
 # Others (learning rate after a NaN, evaluation, logging) may change; the log says which did.
-FIXED_ON_RESUME = {"model", "data_dir", "prompt", "lora_r", "lora_alpha", "lora_targets", "batch_images", "grad_accum",
-                   "max_caption_tokens", "seed"}
+FIXED_ON_RESUME = {"model", "data_dir", "caption_column", "prompt", "lora_r", "lora_alpha", "lora_targets",
+                   "batch_images", "grad_accum", "max_caption_tokens", "seed"}
 
 
 def rng_state():
@@ -177,13 +181,18 @@ def rng_state():
     return rng
 
 
+def save_trained_adapter(blip2, path, settings):
+    """The adapter (peft's layout) and, beside it, the prompt and generation settings caption.py/evaluate.py use."""
+    save_adapter(blip2, path, settings["model"])
+    save_caption_settings(path, settings)
+
+
 def save_checkpoint(path, state, blip2, optimizer, scaler, rng):
     """Everything needed to continue exactly, into path.tmp then renamed: a kill mid-save leaves the old one."""
-    from lora import save_adapter
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_adapter(blip2, tmp, state["settings"]["model"])  # the adapter, as out_dir/adapter holds it
+    save_trained_adapter(blip2, tmp, state["settings"])  # the adapter, as out_dir/adapter holds it
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))  # tensors only: loads with weights_only
     save_file(rng, os.path.join(tmp, "rng.safetensors"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
@@ -193,6 +202,16 @@ def save_checkpoint(path, state, blip2, optimizer, scaler, rng):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def require_disk_space(cache, num_images):
+    """The vision cache must fit on its disk (COCO in bf16 is about 90 GB): say so now, not when the disk is full."""
+    os.makedirs(os.path.dirname(cache.dir), exist_ok=True)
+    free = shutil.disk_usage(os.path.dirname(cache.dir)).free
+    if cache.nbytes > free:
+        fail(f"vision cache: {num_images} images need {cache.nbytes / 1e9:.1f} GB in {os.path.dirname(cache.dir)}, "
+             f"but only {free / 1e9:.1f} GB is free there. Set vision_cache=False (the ViT then runs in every step) "
+             "or use an out_dir on a disk with room")
 
 
 def find_checkpoint(path):
@@ -258,9 +277,10 @@ def main():
 
     # ---- data and model
     import demo
-    from data import CaptionCollator, DataError, ImageCaptionDataset, encoder_prompt_ids, read_flickr8k
+    from data import (CaptionCollator, DataError, ImageCaptionDataset, encoder_prompt_ids, long_captions,
+                      read_captions)
     from evaluate import ScoringError, caption_items, print_table, require_java, score_captions
-    from lora import inject_lora, load_adapter, lora_layers, lora_summary, save_adapter
+    from lora import inject_lora, load_adapter, lora_layers, lora_summary
     from model import VisionCache, grouped_caption_loss, load_blip2, train_mode, vision_embeds
     try:
         if master:
@@ -268,7 +288,7 @@ def main():
             demo.ensure_demo_world(model, log=log)
         if ddp:
             dist.barrier()
-        data = read_flickr8k(data_dir)
+        data = read_captions(data_dir, caption_column or None)
         # frozen base in the compute dtype (halves memory on GPUs); LoRA tensors stay float32 (lora.py)
         weights_dtype = compute_dtype if device_type == "cuda" else torch.float32
         blip2, processor = load_blip2(model, run_device, dtype=weights_dtype)
@@ -280,6 +300,11 @@ def main():
     log(f"{data.layout}: " + ", ".join(f"{s} {len(v)} images" for s, v in data.splits.items())
         + (f"; {len(data.skipped)} entries skipped (python data.py {data_dir})" if data.skipped else ""))
     log(lora_summary(blip2))
+    too_long, longest = long_captions(data.splits["train"], processor.tokenizer, max_caption_tokens)
+    if too_long:
+        log(f"{too_long} train captions are longer than max_caption_tokens={max_caption_tokens} (the longest: "
+            f"{longest} tokens); training reads their first {max_caption_tokens} tokens. Raise max_caption_tokens "
+            "to keep them whole: memory and time per caption grow with it")
     prompt_ids = encoder_prompt_ids(processor.tokenizer, prompt, blip2.config.num_query_tokens,
                                     blip2.config.image_token_id)
     train_items, val_items, test_items = data.splits["train"], data.splits["val"], data.splits["test"]
@@ -296,10 +321,14 @@ def main():
         cache_key = (blip2, model, image_size, [i.name for i in all_items], compute_dtype)
         cache = VisionCache(os.path.join(out_dir, "vision_cache"), *cache_key)
         if not cache.complete and master:
-            log(f"vision cache: computing ViT outputs of {len(all_items)} images once ...")
+            log(f"vision cache: computing ViT outputs of {len(all_items)} images once "
+                f"({cache.nbytes / 1e9:.1f} GB in {cache.dir}) ...")
+            require_disk_space(cache, len(all_items))
+            # its own generator: drawing worker seeds from the global RNG would change the dropout of the run
             loader = torch.utils.data.DataLoader(ImageCaptionDataset(all_items, processor.image_processor),
                                                  batch_size=32, num_workers=min(num_workers, os.cpu_count() or 1),
-                                                 collate_fn=CaptionCollator(all_items, processor.tokenizer, prompt_ids))
+                                                 collate_fn=CaptionCollator(all_items, processor.tokenizer, prompt_ids),
+                                                 generator=torch.Generator())
             cache.build(blip2, loader, run_device, autocast, log=log)
         if ddp:
             dist.barrier()
@@ -372,7 +401,7 @@ def main():
             improved = cider > best_cider
             if improved:
                 best_cider = cider
-                save_adapter(blip2, os.path.join(out_dir, "adapter"), model)
+                save_trained_adapter(blip2, os.path.join(out_dir, "adapter"), settings)
             log(f"step {step}: val CIDEr {cider:.3f}" + (" (best so far: adapter saved)" if improved else
                                                            f" (best {best_cider:.3f})"))
             train_mode(blip2)
@@ -476,7 +505,7 @@ def main():
 
     # ---- the end: the adapter, then the test scores
     if master and not evaluating:
-        save_adapter(blip2, os.path.join(out_dir, "adapter"), model)  # no evaluation: the final adapter is the one
+        save_trained_adapter(blip2, os.path.join(out_dir, "adapter"), settings)  # no evaluation: the final one
     checkpoint(rng_state(), finished=True)
     if final_eval and master and not test_items:
         log("no test images: no final evaluation")

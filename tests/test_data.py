@@ -8,7 +8,7 @@ from PIL import Image
 
 from conftest import run_script
 from data import (CaptionCollator, DataError, ImageCaptionDataset, clean_caption, encoder_prompt_ids, load_rgb,
-                  read_flickr8k)
+                  read_captions)
 
 IDS = [f"{1000 + i}_abc{i}.jpg" for i in range(12)]
 
@@ -40,7 +40,7 @@ def reasons(data):
 
 def test_original_release_layout(tmp_path):
     write_original(tmp_path)
-    data = read_flickr8k(str(tmp_path))
+    data = read_captions(str(tmp_path))
     assert data.layout == "flickr8k-text" and data.split_source == "official split files"
     assert [len(data.splits[s]) for s in ("train", "val", "test")] == [8, 2, 1]  # dev == val
     first = data.splits["train"][0]
@@ -57,7 +57,7 @@ def test_token_file_variants_crlf_space_instead_of_tab_no_final_newline(tmp_path
     lines = [f"{IDS[i]}#{k}{' ' if i % 2 else chr(9)}A dog number {i} runs ." for i in range(12) for k in range(5)]
     lines.append("garbage line without a caption number")
     write_original(tmp_path, token_text="\n".join(lines), newline=newline)  # and no final newline
-    data = read_flickr8k(str(tmp_path))
+    data = read_captions(str(tmp_path))
     counts = data.report()["splits"]
     assert counts["train"] == {"images": 8, "captions": 40}
     assert all(c.endswith(" .") and "\r" not in c for i in data.splits["train"] for c in i.captions)
@@ -70,7 +70,7 @@ def test_karpathy_layout_with_restval(tmp_path):
               for name, split in zip(IDS[:4], ["train", "restval", "val", "test"])]
     images.append({"filename": "missing.jpg", "split": "test", "sentences": [{"raw": "x"}]})
     (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": images, "dataset": "flickr8k"}))
-    data = read_flickr8k(str(tmp_path))
+    data = read_captions(str(tmp_path))
     assert data.layout == "karpathy"
     assert [len(data.splits[s]) for s in ("train", "val", "test")] == [2, 1, 1]  # restval counts as train
     assert reasons(data)["missing.jpg"].startswith("no image file")
@@ -80,12 +80,12 @@ def test_kaggle_csv_quotes_and_deterministic_split(tmp_path):
     write_images(tmp_path / "Images", IDS)
     rows = ["image,caption"] + [f'{n},"A boy, with a black "" ADHD "" t-shirt {k}"' for n in IDS for k in range(5)]
     (tmp_path / "captions.txt").write_text("\n".join(rows) + "\n")
-    data = read_flickr8k(str(tmp_path))
+    data = read_captions(str(tmp_path))
     assert data.layout == "kaggle" and data.split_source.startswith("deterministic")
     caption = data.splits["train"][0].captions[0]
     assert caption.startswith('A boy, with a black " ADHD " t-shirt')  # csv module: commas and doubled quotes
     assert sum(len(v) for v in data.splits.values()) == 12
-    again = read_flickr8k(str(tmp_path))
+    again = read_captions(str(tmp_path))
     assert [i.name for i in again.splits["test"]] == [i.name for i in data.splits["test"]]
 
 
@@ -94,7 +94,7 @@ def test_kaggle_uses_official_split_files_when_present(tmp_path):
     (tmp_path / "captions.txt").write_text("image,caption\n" + "".join(f"{n},a dog\n" for n in IDS))
     for split, names in (("train", IDS[:6]), ("dev", IDS[6:9]), ("test", IDS[9:])):
         (tmp_path / f"Flickr_8k.{split}Images.txt").write_text("\n".join(names))
-    data = read_flickr8k(str(tmp_path))
+    data = read_captions(str(tmp_path))
     assert data.split_source == "official split files"
     assert [len(data.splits[s]) for s in ("train", "val", "test")] == [6, 3, 3]
 
@@ -121,7 +121,7 @@ def test_report_on_a_directory_with_no_layout_is_one_line(tmp_path):
 
 def test_missing_directory_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="no such directory"):
-        read_flickr8k(str(tmp_path / "nope"))
+        read_captions(str(tmp_path / "nope"))
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "I;16"])
@@ -150,7 +150,7 @@ def test_demo_base_loads_with_plain_transformers(demo_world):
     processor = Blip2Processor.from_pretrained(demo_world[1])
     assert processor.num_query_tokens == model.config.num_query_tokens
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
-    report = read_flickr8k(demo_world[0]).report()
+    report = read_captions(demo_world[0]).report()
     assert report["layout"] == "flickr8k-text" and report["skipped"] == []
     assert [report["splits"][s]["images"] for s in ("train", "val", "test")] == [200, 50, 50]
 
@@ -178,7 +178,7 @@ def test_encoder_input_is_what_blip2processor_makes(demo_world, demo_processor):
 
 def test_batches_hold_image_tokens_labels_pad_with_minus_100_and_skip_corrupt_images(demo_world, demo_processor,
                                                                                    tmp_path):
-    items = read_flickr8k(demo_world[0]).splits["train"][:3]
+    items = read_captions(demo_world[0]).splits["train"][:3]
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(open(items[1].path, "rb").read()[:200])  # a truncated JPEG
     items[1] = type(items[1])(items[1].name, str(corrupt), items[1].captions)
@@ -200,7 +200,7 @@ def test_changing_the_image_changes_the_loss(demo_world):
     """The proof that the model sees the image (the image-token trap would make both losses equal)."""
     from model import grouped_caption_loss, load_blip2, per_pair_caption_loss, vision_embeds
     model, processor = load_blip2(demo_world[1])
-    items = read_flickr8k(demo_world[0]).splits["train"]
+    items = read_captions(demo_world[0]).splits["train"]
     prompt_ids = encoder_prompt_ids(processor.tokenizer, "a photo of", model.config.num_query_tokens,
                                     model.config.image_token_id)
     dataset = ImageCaptionDataset(items, processor.image_processor)

@@ -51,8 +51,8 @@ def test_a_perfect_caption_scores_higher_than_a_wrong_one():
 
 
 def test_predictions_file_missing_an_image_or_naming_a_stranger_is_an_error(demo_world, tmp_path):
-    from data import read_flickr8k
-    names = [i.name for i in read_flickr8k(demo_world[0]).splits["test"]]
+    from data import read_captions
+    names = [i.name for i in read_captions(demo_world[0]).splits["test"]]
     partial = tmp_path / "partial.json"
     partial.write_text(json.dumps({n: "a red circle" for n in names[:-1]}))
     result = run_script("evaluate.py", "--adapter", "none", "--model", demo_world[1], "--predictions", str(partial))
@@ -120,12 +120,12 @@ def test_caption_a_directory_with_the_trained_adapter(demo_run, demo_world):
 
 def test_split_generation_equals_the_standard_inference_path(demo_run, demo_world):
     """generate_captions (used with the vision cache) == model.generate(**Blip2Processor(images, text=prompt))."""
-    from data import encoder_prompt_ids, load_rgb, read_flickr8k
+    from data import encoder_prompt_ids, load_rgb, read_captions
     from lora import load_adapter
     from model import generate_captions, load_blip2, vision_embeds
     model, processor = load_blip2(demo_world[1])
     load_adapter(model, os.path.join(demo_run[0], "adapter"))
-    images = [load_rgb(i.path) for i in read_flickr8k(demo_world[0]).splits["test"][:6]]
+    images = [load_rgb(i.path) for i in read_captions(demo_world[0]).splits["test"][:6]]
     inputs = processor(images=images, text=["a photo of"] * 6, return_tensors="pt")
     with torch.no_grad():
         standard = processor.tokenizer.batch_decode(model.generate(**inputs, num_beams=3, max_new_tokens=20),
@@ -152,9 +152,9 @@ def test_exported_merged_model_captions_like_base_plus_adapter(demo_run, demo_wo
 
 
 def test_spice_that_cannot_run_is_one_line_and_the_rest_is_reported(demo_world, tmp_path):
-    from data import read_flickr8k
+    from data import read_captions
     predictions = tmp_path / "predictions.json"
-    predictions.write_text(json.dumps({i.name: i.captions[0] for i in read_flickr8k(demo_world[0]).splits["test"]}))
+    predictions.write_text(json.dumps({i.name: i.captions[0] for i in read_captions(demo_world[0]).splits["test"]}))
     result = run_script("evaluate.py", "--adapter", "none", "--model", demo_world[1], "--predictions",
                         str(predictions), "--spice", "--out", str(tmp_path / "scores.json"))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -177,7 +177,7 @@ def test_a_directory_that_is_not_an_adapter_is_one_line(tmp_path, script):
 def test_a_generation_option_out_of_range_is_refused_before_any_work(script):
     result = run_script(script, "--num-beams", "0", "photo.jpg" if script == "caption.py" else "--split=test")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "argument --num-beams: must be at least 1, got 0" in result.stderr
+    assert "argument --num-beams/--num_beams: must be at least 1, got 0" in result.stderr
 
 
 def test_an_unwritable_out_path_is_said_before_any_captioning(demo_run, tmp_path):

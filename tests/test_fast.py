@@ -25,11 +25,12 @@ def lora_grads(model):
     return torch.cat([torch.cat([l.lora_A.grad.flatten(), l.lora_B.grad.flatten()]) for _, l in lora_layers(model)])
 
 
-def test_grouped_loss_and_gradients_equal_per_pair(tiny_blip2, random_lora_b):
+@pytest.mark.parametrize("captions_per_image", [(5, 4, 5), (1, 12, 2)])  # Flickr-like, and a collection of one's own
+def test_grouped_loss_and_gradients_equal_per_pair(tiny_blip2, random_lora_b, captions_per_image):
     model = tiny_blip2()
     inject_lora(model)
     random_lora_b(model)  # B != 0, so gradients reach A too
-    batch = batch_for(model)
+    batch = batch_for(model, captions_per_image=captions_per_image)
 
     loss, tokens = per_pair_caption_loss(model, batch)
     (loss / tokens).backward()
@@ -43,7 +44,7 @@ def test_grouped_loss_and_gradients_equal_per_pair(tiny_blip2, random_lora_b):
     assert tokens == grouped_tokens == (batch["labels"] != -100).sum()
     assert torch.allclose(loss, grouped, rtol=1e-5)
     assert per_pair_grads.abs().max() > 0
-    assert torch.allclose(per_pair_grads, grouped_grads, rtol=1e-4, atol=1e-7)
+    assert torch.allclose(per_pair_grads, grouped_grads, rtol=1e-4, atol=1e-6)  # float32 noise: ~1e-6 here
 
 
 class FakeLoader:

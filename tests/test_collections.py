@@ -1,0 +1,260 @@
+"""Your own captions: every collection layout data.py reads beside Flickr8k, each bad-input case, and COCO's scale."""
+import csv
+import json
+import os
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_script
+from data import DataError, read_captions
+
+
+def write_images(folder, names):
+    for i, name in enumerate(names):
+        path = os.path.join(folder, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.new("RGB", (8, 8), (10 * i % 255, 40, 90)).save(path)
+
+
+def report(root, *extra):
+    result = run_script("data.py", str(root), "--json", *extra)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def counts(report):
+    return {s: (c["images"], c["captions"]) for s, c in report["splits"].items()}
+
+
+def write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_imagefolder_split_folders_with_caption_lists_repeated_rows_and_subfolders(tmp_path):
+    """Hugging Face's layout: train/, validation/, test/ each with metadata.jsonl; any number of captions each."""
+    for folder, n in (("train", 6), ("validation", 2), ("test", 3)):
+        names = [f"shots/{i}.png" for i in range(n)]
+        write_images(tmp_path / folder, names)
+        rows = [{"file_name": name, "text": [f"caption {k}" for k in range(1 + i)]} for i, name in enumerate(names)]
+        rows.append({"file_name": names[0], "text": "one more caption of the first image"})  # a repeated file_name
+        rows.append({"file_name": "shots/gone.png", "text": "an image that is not there"})
+        rows.append({"text": "a row without file_name"})
+        write_jsonl(tmp_path / folder / "metadata.jsonl", rows)
+    got = report(tmp_path)
+    assert got["layout"] == "imagefolder" and got["split_source"].startswith("split folders")
+    # image i has 1 + i captions, the first one more: n images, n (n + 1) / 2 + 1 captions
+    assert counts(got) == {"train": (6, 22), "val": (2, 4), "test": (3, 7)}
+    reasons = {s["item"]: s["reason"] for s in got["skipped"]}
+    assert reasons["train/shots/gone.png"].startswith("no image file")
+    assert reasons["validation/metadata.jsonl line 5"].startswith("file_name is missing")
+
+
+def test_flat_metadata_csv_one_caption_each_without_a_split_is_split_by_hash(tmp_path):
+    names = [f"photo_{i:03d}.jpg" for i in range(40)]
+    write_images(tmp_path, names)
+    with open(tmp_path / "metadata.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file_name", "caption", "photographer"])
+        writer.writerows([n, f"A red shoe, number {i}, on a \"white\" table", "anne"] for i, n in enumerate(names))
+    got = report(tmp_path)
+    assert got["layout"] == "imagefolder" and got["split_source"].startswith("deterministic md5 split")
+    assert counts(got) == {"train": (32, 32), "val": (4, 4), "test": (4, 4)} and got["skipped"] == []
+    first = read_captions(str(tmp_path)).splits
+    again = read_captions(str(tmp_path)).splits
+    assert [i.name for i in first["test"]] == [i.name for i in again["test"]]  # the same split every time
+    assert any(c.captions == ['A red shoe, number 0, on a "white" table'] for s in first.values() for c in s)
+
+
+def test_a_split_column_and_a_named_caption_column(tmp_path):
+    names = [f"{i}.jpg" for i in range(6)]
+    write_images(tmp_path / "img", names)
+    splits = ["train", "train", "train", "validation", "test", "holdout"]
+    write_jsonl(tmp_path / "metadata.jsonl", [{"file_name": f"img/{n}", "description": f"item {n}", "split": s}
+                                              for n, s in zip(names, splits)])
+    assert counts(report(tmp_path, "--caption-column", "description")) == {
+        "train": (3, 3), "val": (1, 1), "test": (1, 1)}
+    skipped = report(tmp_path, "--caption-column", "description")["skipped"]
+    assert skipped == [{"item": "img/5.jpg", "reason": "split 'holdout' is not train, validation or test"}]
+    result = run_script("data.py", str(tmp_path))  # no text/caption/captions column and none named
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "metadata.jsonl: no caption column" in result.stderr and "caption_column" in result.stderr
+
+
+def test_a_collection_too_small_to_hold_out_images_says_so(tmp_path):
+    write_images(tmp_path, ["a.jpg", "b.jpg", "c.jpg"])
+    write_jsonl(tmp_path / "metadata.jsonl", [{"file_name": n, "text": "x"} for n in ("a.jpg", "b.jpg", "c.jpg")])
+    got = report(tmp_path)
+    assert counts(got) == {"train": (3, 3), "val": (0, 0), "test": (0, 0)}
+    assert "too few to hold out val and test images" in got["split_source"]
+    result = run_script("evaluate.py", "--adapter", "none", "--model", "data/demo/blip2-tiny", "--data", str(tmp_path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "the test split has no images" in result.stderr.strip().splitlines()[-1]
+
+
+def write_karpathy(root, dataset, images):
+    (root / f"dataset_{dataset}.json").write_text(json.dumps({"dataset": dataset, "images": images}))
+
+
+def test_karpathy_coco_joins_filepath_and_trains_on_restval(tmp_path):
+    entries = []
+    for i, (folder, split) in enumerate([("train2014", "train")] * 3 + [("val2014", "restval")] * 2 +
+                                        [("val2014", "val"), ("val2014", "test"), ("val2014", "test")]):
+        name = f"COCO_{folder}_{i:012d}.jpg"
+        write_images(tmp_path / folder, [name])
+        entries.append({"filepath": folder, "filename": name, "split": split, "cocoid": i,
+                        "sentences": [{"raw": f"A caption {k} ."} for k in range(5 + (i == 0) + 2 * (i == 1))]})
+    write_karpathy(tmp_path, "coco", entries)
+    got = report(tmp_path)
+    assert got["layout"] == "karpathy" and got["split_source"] == "dataset_coco.json"
+    assert counts(got) == {"train": (5, 28), "val": (1, 5), "test": (2, 10)}  # restval is train; 6 and 7 captions
+    names = [i.name for i in read_captions(str(tmp_path)).splits["train"]]
+    assert names[0] == "train2014/COCO_train2014_000000000000.jpg" and names[-1].startswith("val2014/")
+
+
+def test_karpathy_flickr30k_in_its_image_folder(tmp_path):
+    names = [f"{1000 + i}.jpg" for i in range(5)]
+    write_images(tmp_path / "flickr30k-images", names)
+    write_karpathy(tmp_path, "flickr30k", [{"filename": n, "split": s, "sentences": [{"raw": "a dog"}] * 5}
+                                           for n, s in zip(names, ["train", "train", "train", "val", "test"])])
+    got = report(tmp_path)
+    assert got["layout"] == "karpathy" and counts(got) == {"train": (3, 15), "val": (1, 5), "test": (1, 5)}
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"images": [{"split": "train", "sentences": []}]}, "images[0] is not an object with a 'filename'"),
+    ({"images": ["1.jpg", "2.jpg"]}, "images[0] is not an object with a 'filename'"),
+    ({"images": [{"filename": "1.jpg", "sentences": [{"tokens": ["a"]}]}]}, "needs a 'raw' caption"),
+    ({"images": {"1.jpg": "a dog"}}, "'images' must be a list"),
+    (b'{"images": [{"filename": "caf\xe9.jpg"}]}', "not UTF-8 text"),
+])
+def test_a_malformed_karpathy_file_is_one_line_naming_it(tmp_path, content, message):
+    path = tmp_path / "dataset_flickr30k.json"
+    path.write_bytes(content if isinstance(content, bytes) else json.dumps(content).encode())
+    with pytest.raises(DataError, match=re.escape(message)) as error:
+        read_captions(str(tmp_path))
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("metadata.jsonl", '{"file_name": "a.jpg", "text": "x"}\n{"file_name": "b.jpg", \n', "line 2: not valid JSON"),
+    ("metadata.jsonl", '["a.jpg", "x"]\n', "line 1: expected a JSON object"),
+    ("metadata.csv", "image,text\na.jpg,x\n", "no 'file_name' column"),
+    ("captions.txt", "image,caption\na.jpg," + "x" * 200_000 + "\n", "line 2: not readable as CSV"),
+])
+def test_a_malformed_metadata_or_captions_file_is_one_line_naming_file_and_line(tmp_path, name, content, message):
+    write_images(tmp_path, ["a.jpg"])
+    (tmp_path / name).write_text(content)
+    result = run_script("data.py", str(tmp_path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(tmp_path / name) in lines[0] and message in lines[0]
+
+
+def test_coco_scale_index_reads_with_exact_counts(tmp_path):
+    """dataset_coco.json at full size (123,287 images, 616k captions): read in one pass, nothing quadratic."""
+    layout = [("train2014", "train", 82_783), ("val2014", "restval", 30_504), ("val2014", "val", 5_000),
+              ("val2014", "test", 5_000)]
+    entries, i = [], 0
+    for folder, split, n in layout:
+        os.makedirs(tmp_path / folder, exist_ok=True)
+        for _ in range(n):
+            name = f"COCO_{folder}_{i:012d}.jpg"
+            open(tmp_path / folder / name, "wb").close()  # reading the index needs the files to exist, not pixels
+            entries.append({"filepath": folder, "filename": name, "split": split,
+                            "sentences": [{"raw": "A man riding a wave on top of a surfboard ."}] * 5})
+            i += 1
+    write_karpathy(tmp_path, "coco", entries)
+    data = read_captions(str(tmp_path))
+    assert {s: len(v) for s, v in data.splits.items()} == {"train": 113_287, "val": 5_000, "test": 5_000}
+    assert sum(len(i.captions) for i in data.splits["train"]) == 566_435 and data.skipped == []
+    import train
+    batches = train.epoch_micro_batches(113_287, epoch=0, group=1)
+    assert len(batches) == 113_287 // train.batch_images
+    assert sorted(i for b in batches for i in b) == sorted(set(i for b in batches for i in b))  # no image twice
+
+
+@pytest.fixture(scope="module")
+def own_collection(demo_world, tmp_path_factory):
+    """Demo images as someone's own collection: split folders, 1 to 12 captions an image, one caption of 51 tokens."""
+    import shutil
+    root = tmp_path_factory.mktemp("own_collection")
+    source = read_captions(demo_world[0]).splits
+    for folder, items in (("train", source["train"][:24]), ("validation", source["val"][:4]),
+                          ("test", source["test"][:4])):
+        os.makedirs(root / folder / "photos")
+        rows = []
+        for i, item in enumerate(items):
+            shutil.copy(item.path, root / folder / "photos" / item.name)
+            rows += [{"file_name": f"photos/{item.name}", "text": item.captions[k % 5]} for k in range(1 + i % 12)]
+        write_jsonl(root / folder / "metadata.jsonl", rows)
+    write_jsonl(root / "train" / "metadata.jsonl",
+                [json.loads(line) for line in open(root / "train" / "metadata.jsonl")]
+                + [{"file_name": f"photos/{source['train'][0].name}", "text": " ".join(["circle"] * 50)}])
+    return root
+
+
+def test_train_on_your_own_collection_then_evaluate_with_the_prompt_it_was_trained_with(own_collection, tmp_path):
+    out = tmp_path / "out"
+    result = run_script("train.py", "--model=data/demo/blip2-tiny", f"--data_dir={own_collection}", "--max_steps=4",
+                        "--eval_interval=0", "--final_eval=False", "--batch_images=4", "--num_workers=0",
+                        "--prompt=a picture of", "--num_beams=2", f"--out_dir={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "imagefolder: train 24 images, val 4 images, test 4 images" in result.stdout
+    assert "1 train captions are longer than max_caption_tokens=40 (the longest: 51 tokens)" in result.stdout
+    assert os.path.isfile(out / "adapter" / "adapter_model.safetensors")
+    saved = json.load(open(out / "adapter" / "caption_settings.json"))
+    assert saved == {"prompt": "a picture of", "num_beams": 2, "max_new_tokens": 30, "min_new_tokens": 8}
+
+    scores = tmp_path / "scores.json"
+    evaluated = run_script("evaluate.py", "--adapter", str(out / "adapter"), "--data", str(own_collection),
+                           "--max-new-tokens", "12", "--out", str(scores))
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    report = json.load(open(scores))
+    settings = report["settings"]
+    assert (settings["prompt"], settings["num_beams"], settings["max_new_tokens"]) == ("a picture of", 2, 12)
+    # every reference an image has is scored, however many: test images 0..3 have 1..4 captions
+    assert sorted(len(c["references"]) for c in report["captions"]) == [1, 2, 3, 4]
+
+
+def test_peft_loads_an_adapter_with_its_caption_settings_beside_it(tiny_blip2, random_lora_b, tmp_path):
+    peft = pytest.importorskip("peft")
+    from caption import save_caption_settings
+    from lora import inject_lora, save_adapter
+    model = tiny_blip2()
+    inject_lora(model)
+    random_lora_b(model)
+    save_adapter(model, str(tmp_path), "tiny")
+    save_caption_settings(str(tmp_path), {"prompt": "a picture of", "num_beams": 2, "max_new_tokens": 9,
+                                          "min_new_tokens": 1})
+    loaded = peft.PeftModel.from_pretrained(tiny_blip2(), str(tmp_path)).eval()
+    x = {"pixel_values": torch.randn(1, 3, 48, 48), "input_ids": torch.tensor([[47] * 8 + [5, 1]]),
+         "decoder_input_ids": torch.tensor([[0, 7]])}
+    with torch.no_grad():
+        assert torch.allclose(model(**x).logits, loaded(**x).logits, atol=1e-5)
+
+
+DISK_FULL = """
+import collections, shutil, sys
+sys.path.insert(0, {root!r})
+shutil.disk_usage = lambda path: collections.namedtuple("usage", "total used free")(10**9, 10**9 - 1000, 1000)
+import train
+sys.argv = ["train.py"] + {args!r}
+train.main()
+"""
+
+
+def test_a_vision_cache_that_does_not_fit_on_the_disk_is_refused_before_building(demo_world, tmp_path):
+    from conftest import ROOT
+    args = ["config/demo.py", "--max_steps=2", "--eval_interval=0", "--final_eval=False", f"--out_dir={tmp_path}"]
+    result = run_script("-c", DISK_FULL.format(root=ROOT, args=args))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: vision cache: 300 images need 0.0") and "vision_cache=False" in line
+    assert "vision cache: computing ViT outputs of 300 images once (0.0 GB in" in result.stdout  # size said first
+    assert not os.path.exists(tmp_path / "checkpoint")
