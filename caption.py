@@ -124,17 +124,46 @@ def image_paths(arguments):
     return paths, errors
 
 
-def export_merged(model, processor, out_dir):
-    """Fold the adapter into the weights and save a plain checkpoint that needs neither this project nor peft."""
+EXPORT_MARKER = "merged_from.json"  # written into every export: how a folder is known to be an earlier export
+
+
+def check_export_folder(out_dir, adapter, model_name):
+    """An export writes a whole folder, so refuse any folder that could hold something of the user's: one that exists
+    and is neither empty nor an earlier export, or one that holds the adapter or the base model."""
+    target = os.path.realpath(out_dir)
+    for what, path in (("the adapter", adapter), ("the base model", model_name)):
+        if path and os.path.exists(path):
+            held = os.path.realpath(path)
+            if held == target or held.startswith(target.rstrip(os.sep) + os.sep):
+                raise ValueError(f"--export-merged {out_dir}: that folder holds {what} ({path}); name a new folder")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--export-merged {out_dir}: a file of that name exists; name a new folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, EXPORT_MARKER)):
+        raise ValueError(f"--export-merged {out_dir}: the folder is not empty and is not an earlier export; "
+                         "name a new folder (nothing was written)")
+
+
+def export_merged(model, processor, out_dir, adapter, model_name):
+    """Fold the adapter into the weights and save a plain checkpoint that needs neither this project nor peft.
+    Written into a new folder beside out_dir, then renamed; an earlier export there is replaced, nothing else."""
+    import shutil
+    import tempfile
     from lora import merge_lora
     merge_lora(model)
-    tmp = out_dir.rstrip("/") + ".tmp"
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    if os.path.isdir(out_dir):
-        import shutil
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
+        json.dump({"adapter": adapter, "base_model": model_name}, f, indent=2)
+    if os.path.isdir(out_dir):  # empty, or an earlier export (check_export_folder): move it aside, then drop it
+        old = tempfile.mkdtemp(prefix=".export-old-", dir=parent)
+        os.replace(out_dir, os.path.join(old, "export"))
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out_dir)
 
 
 def main(argv=None):
@@ -147,20 +176,23 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.images and not args.export_merged:
         parser.error("give image files or directories (or --export-merged DIR)")
-    from data import load_rgb
+    from data import encoder_prompt_ids, load_rgb
     from model import ModelError
     try:
         adapter, model_name = resolve_model(args.adapter, args.model)
         resolve_generation(args, adapter)
+        if args.export_merged:
+            if adapter is None:
+                raise ValueError("--export-merged needs an adapter (--adapter DIR)")
+            check_export_folder(args.export_merged, adapter, model_name)  # before any work
         model, processor = load_for_captioning(model_name, adapter, args.device)
+        encoder_prompt_ids(processor.tokenizer, args.prompt, model.config.num_query_tokens,
+                           model.config.image_token_id)  # refuses a prompt holding the image token
     except (ModelError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.export_merged:
-        if adapter is None:
-            print("error: --export-merged needs an adapter (--adapter DIR)", file=sys.stderr)
-            return 1
-        export_merged(model, processor, args.export_merged)
+        export_merged(model, processor, args.export_merged, adapter, model_name)
         print(f"merged {adapter} into {model_name}: {args.export_merged} loads with "
               f"Blip2ForConditionalGeneration.from_pretrained alone", file=sys.stderr)
         return 0

@@ -370,9 +370,25 @@ def read_captions(root, caption_column=None):
 
 # --------------------------------------------------------------------------------------------------- model batches
 
+# Pillow refuses images over 179M pixels as possible "decompression bombs" with an error of its own type. Here the
+# limit is ours, on purpose: up to 24,000 x 24,000 pixels (a 576M-pixel panorama takes 1.7 GB to decode) an image is
+# read and resized to the model's 224 like any other; above it, it is skipped with a ValueError, like a broken file.
+MAX_IMAGE_PIXELS = 24_000 * 24_000
+
+
 def load_rgb(path):
     """Open any image Pillow reads (L, P, CMYK, RGBA, ...) as RGB; raises OSError/ValueError if it is not one."""
-    with Image.open(path) as image:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            image = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = pillow_limit
+    with image:
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"{image.width} x {image.height} pixels is over the {MAX_IMAGE_PIXELS:,} this project "
+                             "reads (data.MAX_IMAGE_PIXELS)")
         image.load()
         if image.mode in ("RGBA", "LA", "P"):  # composite transparency onto white rather than black
             image = image.convert("RGBA")
@@ -397,7 +413,12 @@ def long_captions(items, tokenizer, max_tokens):
 
 def encoder_prompt_ids(tokenizer, prompt, num_query_tokens, image_token_id):
     """num_query_tokens image tokens, then the tokenized prompt: the ids Blip2Processor(images, text=prompt) makes."""
-    return [image_token_id] * num_query_tokens + tokenizer(prompt).input_ids
+    prompt_ids = tokenizer(prompt).input_ids
+    if image_token_id in prompt_ids:  # the model would write image features over it, or refuse the count
+        raise ValueError(f"prompt {prompt!r} contains the image token "
+                         f"{tokenizer.convert_ids_to_tokens(image_token_id)!r}: the image tokens are put before the "
+                         "prompt for you, so leave it out")
+    return [image_token_id] * num_query_tokens + prompt_ids
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):

@@ -205,6 +205,8 @@ def run(args):
     from model import autocast_context, autocast_dtype
     import demo
     for path in filter(None, (args.out, args.html)):  # now, not after the captioning
+        if os.path.isdir(path):
+            raise ScoringError(f"{path}: is a directory; give a file name, e.g. {os.path.join(path, 'scores.json')}")
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         except OSError as e:
@@ -224,8 +226,8 @@ def run(args):
     settings.update(adapter=adapter, model=model_name, data=data_dir)
     if args.predictions:
         try:
-            predictions = json.load(open(args.predictions, encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
+            predictions = json.loads(open(args.predictions, "rb").read().decode("utf-8"))
+        except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
             raise ScoringError(f"{args.predictions}: cannot read predictions ({e})") from None
         if not isinstance(predictions, dict) or not all(isinstance(v, str) for v in predictions.values()):
             raise ScoringError(f"{args.predictions}: expected a JSON object {{\"<image file name>\": \"<caption>\"}}")

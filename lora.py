@@ -178,12 +178,24 @@ def read_adapter_config(adapter_dir):
         raise ValueError(f"{adapter_dir}: not an adapter directory (needs adapter_config.json and "
                          "adapter_model.safetensors, as written by train.py)")
     try:
-        config = json.load(open(path))
-    except json.JSONDecodeError as e:
+        config = json.loads(open(path, "rb").read().decode("utf-8"))
+    except ValueError as e:  # not JSON, or not UTF-8
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object")
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in config:
             raise ValueError(f"{path}: missing key {key!r}")
+    targets, dropout = config["target_modules"], config.get("lora_dropout", 0.0)
+    checks = {"r": type(config["r"]) is int and config["r"] > 0,
+              "lora_alpha": type(config["lora_alpha"]) in (int, float) and config["lora_alpha"] > 0,
+              "target_modules": isinstance(targets, str) or (isinstance(targets, list) and len(targets) > 0 and
+                                                            all(isinstance(t, str) for t in targets)),
+              "lora_dropout": type(dropout) in (int, float) and 0 <= dropout < 1}
+    for key, valid in checks.items():
+        if not valid:
+            raise ValueError(f"{path}: {key} has an invalid value {config.get(key)!r} (r: a positive integer, "
+                             "lora_alpha: a positive number, target_modules: a list of module names)")
     return config
 
 

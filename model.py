@@ -47,12 +47,20 @@ def load_blip2(name_or_path, device="cpu", dtype=torch.float32):
                 f"model {name_or_path!r} is not a local directory and cannot be downloaded here. On a machine with "
                 f"internet: `hf download Salesforce/blip2-flan-t5-xl --local-dir models/blip2-flan-t5-xl`, then "
                 f"pass --model=models/blip2-flan-t5-xl (about 16 GB). Offline demo: python train.py config/demo.py")
+    if os.path.isdir(name_or_path):
+        files = os.listdir(name_or_path)
+        pickles = sorted(f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt")))
+        if pickles and not any(f.endswith(".safetensors") for f in files):
+            raise ModelError(f"{name_or_path}: its weights are {pickles[0]}, a pickle, which can run code when "
+                             "loaded; this project loads safetensors weights only. Convert it once where you trust "
+                             "the file: from_pretrained(dir).save_pretrained(new_dir) writes model.safetensors")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # keep load reports and progress bars out of the user's output
     hf_logging.disable_progress_bar()
     try:
         processor = Blip2Processor.from_pretrained(name_or_path, local_files_only=offline)
-        model = Blip2ForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, local_files_only=offline)
+        model = Blip2ForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, local_files_only=offline,
+                                                              use_safetensors=True)  # never a pickle
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load BLIP-2 from {name_or_path!r}: {str(e).splitlines()[0]}") from None
     finally:
@@ -165,29 +173,55 @@ def generate_captions(model, tokenizer, prompt_ids, image_embeds, num_beams=5, m
 
 # ------------------------------------------------------------------------------------------- frozen-vision cache
 
+def _fingerprint(items):
+    """A hash of each image's name, path, size and modification time: a cheap sign that the images changed."""
+    lines = []
+    for item in items:
+        try:
+            stat = os.stat(item.path)
+            lines.append(f"{item.name}\t{os.path.abspath(item.path)}\t{stat.st_size}\t{stat.st_mtime_ns}")
+        except OSError:
+            lines.append(f"{item.name}\t{item.path}\tmissing")
+    return hashlib.sha1("\n".join(lines).encode()).hexdigest()
+
+
 class VisionCache:
     """ViT outputs of every image, computed once and memory-mapped from disk: (num_images, V, Dv) in `dtype`.
 
     Valid only while nothing inside the ViT trains (no LoRA target there, no augmentation). The directory name is a
-    hash of (model, image size, dtype, ViT shape, image list): change any of them and a new cache is built.
-    A cache is used only once complete (its meta.json is written last), so an interrupted build starts over.
+    hash of (model, image size, dtype, ViT shape, the images: name, path, size and modification time of each file):
+    change any of them and a new cache is built. A cache is used only once complete (its meta.json is written last,
+    so an interrupted build starts over) and only if its files are whole: a damaged one is built again.
     """
 
-    def __init__(self, root, model, model_name, image_size, names, dtype):
+    def __init__(self, root, model, model_name, image_size, items, dtype):
         vision = model.config.vision_config
         tokens = (vision.image_size // vision.patch_size) ** 2 + 1
         self.key = {"model": model_name, "image_size": image_size, "dtype": str(dtype),
-                    "shape": [len(names), tokens, vision.hidden_size],
-                    "images": hashlib.sha1("\n".join(names).encode()).hexdigest()}
+                    "shape": [len(items), tokens, vision.hidden_size], "images": _fingerprint(items)}
         digest = hashlib.sha1(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = os.path.join(root, digest)
-        self.row = {name: i for i, name in enumerate(names)}
+        self.row = {item.name: i for i, item in enumerate(items)}
         self.dtype, self.shape = dtype, tuple(self.key["shape"])
         self.nbytes = self.shape[0] * self.shape[1] * self.shape[2] * torch.finfo(dtype).bits // 8
-        meta = os.path.join(self.dir, "meta.json")
-        self.complete = os.path.isfile(meta)
-        self.table = self._map() if self.complete else None
-        self.missing = set(json.load(open(meta))["missing"]) if self.complete else set()  # unreadable images
+        self.complete, self.table, self.missing = False, None, set()  # missing: the unreadable images
+        self.problem = self._open() if os.path.isfile(os.path.join(self.dir, "meta.json")) else None
+
+    def _open(self):
+        """Use a finished cache, or say why it cannot be used (a damaged file would otherwise read as zeros)."""
+        try:
+            meta = json.loads(open(os.path.join(self.dir, "meta.json"), "rb").read().decode("utf-8"))
+            missing = set(meta["missing"])
+        except (ValueError, KeyError, TypeError):  # ValueError: bad JSON or bytes that are not UTF-8
+            return "its meta.json is unreadable"
+        if {k: meta.get(k) for k in self.key} != self.key:
+            return "its meta.json describes another cache"
+        path = os.path.join(self.dir, "vision.bin")
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        if size != self.nbytes:
+            return f"vision.bin has {size:,} bytes, not {self.nbytes:,}"
+        self.complete, self.table, self.missing = True, self._map(), missing
+        return None
 
     def _map(self):
         numel = self.shape[0] * self.shape[1] * self.shape[2]
@@ -198,6 +232,8 @@ class VisionCache:
     def build(self, model, loader, device, autocast, log=print):
         """Fill the cache from a loader over all the images (batches from data.CaptionCollator)."""
         os.makedirs(self.dir, exist_ok=True)
+        if os.path.isfile(os.path.join(self.dir, "meta.json")):  # a damaged cache: unfinished until written again
+            os.remove(os.path.join(self.dir, "meta.json"))
         with open(os.path.join(self.dir, "vision.bin"), "wb") as f:
             f.truncate(self.nbytes)
         self.table = self._map()

@@ -30,12 +30,14 @@ import ast
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from caption import save_caption_settings
@@ -86,7 +88,8 @@ class SettingsError(Exception):
 
 
 # The range of each numeric setting (lowest, highest or None): a value outside it is a one-line error, not a crash.
-LIMITS = {"lora_r": (1, None), "lora_dropout": (0.0, 0.99), "batch_images": (1, None), "grad_accum": (1, None),
+LIMITS = {"learning_rate": (0.0, None), "seed": (0, 2**32 - 1), "lora_r": (1, None), "lora_dropout": (0.0, 0.99),
+          "batch_images": (1, None), "grad_accum": (1, None),
           "epochs": (1, None), "max_steps": (0, None), "min_lr_ratio": (0.0, 1.0), "warmup_steps": (0, None),
           "weight_decay": (0.0, None), "grad_clip": (0.0, None), "max_caption_tokens": (2, None),
           "num_workers": (0, None), "eval_interval": (0, None), "eval_images": (0, None), "num_beams": (1, None),
@@ -121,9 +124,11 @@ def apply_settings(argv, settings):
             assign(key, value, arg)
         else:
             try:
-                tree = ast.parse(open(arg).read(), arg)
+                tree = ast.parse(open(arg, "rb").read().decode("utf-8"), arg)
             except OSError as e:
                 raise SettingsError(f"{arg}: cannot read config file ({e.strerror})") from None
+            except UnicodeDecodeError as e:
+                raise SettingsError(f"{arg}: not UTF-8 text (byte {e.start}); save the config file as UTF-8") from None
             except SyntaxError as e:
                 raise SettingsError(f"{arg}:{e.lineno}: not valid Python ({e.msg})") from None
             for node in tree.body:
@@ -141,7 +146,28 @@ def apply_settings(argv, settings):
         if settings[key] < low or (high is not None and settings[key] > high):
             raise SettingsError(f"{key}={settings[key]!r}: must be "
                                 + (f"between {low} and {high}" if high is not None else f"at least {low}"))
+    check_settings(settings)
     return settings
+
+
+def check_settings(s):
+    """What a type and a range cannot say: one-line errors for settings that would fail later, or do harm."""
+    targets = s["lora_targets"]
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise SettingsError(f"lora_targets={targets!r}: must be a non-empty list of module-path suffixes, "
+                            "e.g. ['SelfAttention.q', 'SelfAttention.v'] (the defaults are in lora.py)")
+    if not s["out_dir"].strip():
+        raise SettingsError("out_dir is empty: name the folder for the checkpoint, adapter and vision cache")
+    if os.path.exists(s["out_dir"]) and not os.path.isdir(s["out_dir"]):
+        raise SettingsError(f"out_dir={s['out_dir']!r} is a file, not a folder: name another out_dir")
+    device_name = s["device"]
+    if device_name not in ("auto", "cpu", "cuda") and not (device_name.startswith("cuda:") and
+                                                           device_name[5:].isdigit()):
+        raise SettingsError(f"device={device_name!r}: use auto, cpu, cuda or cuda:N")
+    if device_name.startswith("cuda") and not torch.cuda.is_available():
+        raise SettingsError(f"device={device_name!r}: torch sees no CUDA GPU here; use device=cpu (or auto)")
+    if s["dtype"] not in ("auto", "bfloat16", "float16", "float32"):
+        raise SettingsError(f"dtype={s['dtype']!r}: use auto, bfloat16, float16 or float32")
 
 
 def fail(message):
@@ -214,6 +240,69 @@ def require_disk_space(cache, num_images):
              "or use an out_dir on a disk with room")
 
 
+class CheckpointError(Exception):
+    pass
+
+
+STATE_KEYS = {"step": int, "best_cider": float, "history": list, "finished": bool, "settings": dict, "scaler": dict}
+
+
+def read_state(path):
+    """A checkpoint's state.json, checked: a damaged file is a one-line CheckpointError, not a traceback."""
+    file = os.path.join(path, "state.json")
+    try:
+        state = json.loads(open(file, "rb").read().decode("utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise CheckpointError(f"{file}: unreadable ({type(e).__name__})") from None
+    for key, kind in STATE_KEYS.items():
+        if not isinstance(state, dict) or not isinstance(state.get(key), (int, float) if kind is float else kind):
+            raise CheckpointError(f"{file}: no valid {key!r} entry")
+    return state
+
+
+def restore(path, state, optimizer, scaler, device):
+    """Load the optimizer, loss scaler and random state of a checkpoint, each file checked (CheckpointError)."""
+    file = os.path.join(path, "optimizer.pt")
+    try:
+        # weights_only: tensors and plain containers only; a file holding code is refused, never run
+        optimizer.load_state_dict(torch.load(file, weights_only=True, map_location=device))
+    except pickle.UnpicklingError:  # (torch's own message would suggest weights_only=False: never do that here)
+        raise CheckpointError(f"{file}: holds more than tensors (code, or another program's data): not loaded")
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    file = os.path.join(path, "rng.safetensors")
+    try:
+        scaler.load_state_dict(state["scaler"])
+        rng = load_file(file)
+        torch.set_rng_state(rng["cpu"])
+        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            if f"cuda{i}" in rng:
+                torch.cuda.set_rng_state(rng[f"cuda{i}"], i)
+    except (OSError, RuntimeError, KeyError, SafetensorError) as e:
+        raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+_held_locks = []  # open lock files: a lock lasts while its file stays open
+
+
+def lock_out_dir(path):
+    """An OS lock on out_dir/.lock for the life of the process: a second run into the same folder stops with one
+    line instead of overwriting the first run's checkpoint. The OS releases it on any exit, kill -9 included."""
+    import fcntl
+    os.makedirs(path, exist_ok=True)
+    handle = open(os.path.join(path, ".lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        fail(f"{path} is in use by another train.py (process {handle.read().strip() or '?'}): wait for it to end, "
+             "or give this run another out_dir")
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")  # for the second run's message
+    handle.flush()
+    _held_locks.append(handle)
+
+
 def find_checkpoint(path):
     """The checkpoint to resume from, if any: a crash between the two renames leaves only path.old."""
     for candidate in (path, path + ".old"):
@@ -222,11 +311,15 @@ def find_checkpoint(path):
     return None
 
 
+def default_settings():
+    """The settings block above as a dict (a fresh copy: lists included)."""
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in globals().items()
+            if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
+
+
 def main():
-    defaults = {k: v for k, v in globals().items()
-                if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
     try:
-        settings = apply_settings(sys.argv[1:], defaults)
+        settings = apply_settings(sys.argv[1:], default_settings())
     except SettingsError as e:
         fail(e)
     globals().update(settings)
@@ -248,18 +341,25 @@ def main():
     device_type = "cuda" if run_device.startswith("cuda") else "cpu"
     from model import ModelError, autocast_context, autocast_dtype
     compute_dtype = {"auto": autocast_dtype(run_device), "bfloat16": torch.bfloat16, "float16": torch.float16,
-                     "float32": torch.float32}.get(dtype)
-    if compute_dtype is None:
-        fail(f"dtype={dtype!r}: use auto, bfloat16, float16 or float32")
+                     "float32": torch.float32}[dtype]
     if compute_dtype == torch.float16:
         log("warning: float16 with T5 often overflows (NaN/inf loss); bfloat16 or float32 are safer")
     autocast = autocast_context(run_device, compute_dtype)  # bf16/fp16 autocast, or nothing for float32
     torch.manual_seed(seed)
 
+    if master:
+        lock_out_dir(out_dir)  # held until the process ends, however it ends
     results_path = os.path.join(out_dir, "results.json")
     checkpoint_dir = os.path.join(out_dir, "checkpoint")
     resume_from = find_checkpoint(checkpoint_dir)
-    state = json.load(open(os.path.join(resume_from, "state.json"))) if resume_from else {}
+    try:
+        state = read_state(resume_from) if resume_from else {}
+    except CheckpointError as e:
+        fail(f"{e}; delete {checkpoint_dir} to train this run afresh")
+    changed = {k: was for k, was in state.get("settings", {}).items() if k in settings and settings[k] != was}
+    for key in sorted(FIXED_ON_RESUME & changed.keys()):  # sorted: the same key is reported every time
+        fail(f"{resume_from} was written with {key}={changed[key]!r}, this run has {key}={settings[key]!r}: resume "
+             f"with the same value, or train afresh in another out_dir (or delete {checkpoint_dir})")
     if state.get("finished") and (os.path.isfile(results_path) or not final_eval):
         log(f"{out_dir}: this run has finished (delete {checkpoint_dir} to train again)")
         if os.path.isfile(results_path) and master:
@@ -268,10 +368,6 @@ def main():
             print("test split:")
             print_table({"zero-shot": results["zero_shot"], "fine-tuned": results["fine_tuned"]})
         return
-    changed = {k: was for k, was in state.get("settings", {}).items() if k in settings and settings[k] != was}
-    for key in sorted(FIXED_ON_RESUME & changed.keys()):  # sorted: the same key is reported every time
-        fail(f"{resume_from} was written with {key}={changed[key]!r}, this run has {key}={settings[key]!r}: resume "
-             f"with the same value, or train afresh in another out_dir (or delete {checkpoint_dir})")
     if changed:
         log("resuming with changed settings: " + ", ".join(f"{k} {w!r} -> {settings[k]!r}" for k, w in changed.items()))
 
@@ -293,6 +389,8 @@ def main():
         weights_dtype = compute_dtype if device_type == "cuda" else torch.float32
         blip2, processor = load_blip2(model, run_device, dtype=weights_dtype)
         wrapped = inject_lora(blip2, lora_targets, lora_r, lora_alpha, lora_dropout)
+        prompt_ids = encoder_prompt_ids(processor.tokenizer, prompt, blip2.config.num_query_tokens,
+                                        blip2.config.image_token_id)
         if eval_interval or final_eval:
             require_java()  # now, not after hours of training
     except (DataError, ModelError, ScoringError, ValueError) as e:
@@ -305,8 +403,6 @@ def main():
         log(f"{too_long} train captions are longer than max_caption_tokens={max_caption_tokens} (the longest: "
             f"{longest} tokens); training reads their first {max_caption_tokens} tokens. Raise max_caption_tokens "
             "to keep them whole: memory and time per caption grow with it")
-    prompt_ids = encoder_prompt_ids(processor.tokenizer, prompt, blip2.config.num_query_tokens,
-                                    blip2.config.image_token_id)
     train_items, val_items, test_items = data.splits["train"], data.splits["val"], data.splits["test"]
     val_items = val_items[:eval_images] if eval_images else val_items
     evaluating = eval_interval > 0 and len(val_items) > 0
@@ -318,8 +414,10 @@ def main():
     if vision_cache and not any(p.startswith("vision_model.") for p in wrapped):
         all_items = train_items + data.splits["val"] + test_items
         image_size = "x".join(str(processor.image_processor.size[k]) for k in ("height", "width"))
-        cache_key = (blip2, model, image_size, [i.name for i in all_items], compute_dtype)
+        cache_key = (blip2, model, image_size, all_items, compute_dtype)
         cache = VisionCache(os.path.join(out_dir, "vision_cache"), *cache_key)
+        if cache.problem and master:
+            log(f"vision cache: {cache.dir} cannot be used ({cache.problem}); building it again")
         if not cache.complete and master:
             log(f"vision cache: computing ViT outputs of {len(all_items)} images once "
                 f"({cache.nbytes / 1e9:.1f} GB in {cache.dir}) ...")
@@ -359,16 +457,9 @@ def main():
     if resume_from:
         try:
             load_adapter(blip2, resume_from)  # checks every tensor against the model
-        except ValueError as e:
+            restore(resume_from, state, optimizer, scaler, run_device)
+        except (ValueError, CheckpointError) as e:
             fail(f"{e}; to start this run afresh, delete {checkpoint_dir}")
-        optimizer.load_state_dict(torch.load(os.path.join(resume_from, "optimizer.pt"), weights_only=True,
-                                             map_location=run_device))
-        scaler.load_state_dict(state["scaler"])
-        rng = load_file(os.path.join(resume_from, "rng.safetensors"))
-        torch.set_rng_state(rng["cpu"])
-        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
-            if f"cuda{i}" in rng:
-                torch.cuda.set_rng_state(rng[f"cuda{i}"], i)
         step, best_cider, history = state["step"], state["best_cider"], state["history"]
         log(f"resuming from {resume_from} at step {step}")
     os.makedirs(out_dir, exist_ok=True)

@@ -1,4 +1,6 @@
 """The fast path changes nothing but speed: grouped steps and the vision cache give the per-pair loss and gradients."""
+import os
+
 import pytest
 import torch
 
@@ -65,13 +67,13 @@ def test_cached_vision_gives_the_identical_loss_and_a_changed_key_rebuilds(tiny_
     batch = batch_for(model)
     items = [ImageCaptions(f"img{i}.jpg", "", ["x"]) for i in range(3)]
     names = [i.name for i in items]
-    cache = VisionCache(str(tmp_path), model, "tiny", "48x48", names, torch.float32)
+    cache = VisionCache(str(tmp_path), model, "tiny", "48x48", items, torch.float32)
     assert not cache.complete
     loader = FakeLoader(items, [{"pixel_values": batch["pixel_values"][:2], "image_index": torch.tensor([0, 1])},
                                 {"pixel_values": batch["pixel_values"][2:], "image_index": torch.tensor([2])}])
     cache.build(model, loader, "cpu", nullcontext(), log=lambda *a: None)
 
-    reopened = VisionCache(str(tmp_path), model, "tiny", "48x48", names, torch.float32)  # memory-mapped from disk
+    reopened = VisionCache(str(tmp_path), model, "tiny", "48x48", items, torch.float32)  # memory-mapped from disk
     assert reopened.complete and reopened.missing == set()
     with torch.no_grad():
         direct, _ = grouped_caption_loss(model, batch, vision_embeds(model, batch["pixel_values"]))
@@ -79,9 +81,9 @@ def test_cached_vision_gives_the_identical_loss_and_a_changed_key_rebuilds(tiny_
     assert torch.equal(direct, cached)
 
     for changed in [dict(model_name="other"), dict(image_size="64x64"), dict(dtype=torch.bfloat16),
-                    dict(names=names[::-1])]:
-        args = dict(model_name="tiny", image_size="48x48", names=names, dtype=torch.float32) | changed
-        other = VisionCache(str(tmp_path), model, args["model_name"], args["image_size"], args["names"],
+                    dict(items=items[::-1])]:
+        args = dict(model_name="tiny", image_size="48x48", items=items, dtype=torch.float32) | changed
+        other = VisionCache(str(tmp_path), model, args["model_name"], args["image_size"], args["items"],
                             args["dtype"])
         assert not other.complete and other.dir != reopened.dir  # a new key means a new cache, built again
 
@@ -110,3 +112,34 @@ def test_bench_json_has_the_keys_its_readers_use():
         measured = report[mode]["captions_per_s"] / report["per_pair"]["captions_per_s"]
         assert report[f"speedup_{mode}"] == pytest.approx(measured, abs=0.01)
         assert report[f"predicted_speedup_{mode}"] > 1  # one vision + encoder pass per image does less work
+
+
+def test_a_damaged_cache_is_never_read_and_changed_images_get_a_new_one(tiny_blip2, tmp_path):
+    from contextlib import nullcontext
+    from data import ImageCaptions
+    model = tiny_blip2()
+    batch = batch_for(model)
+    items = []
+    for i in range(3):
+        (tmp_path / f"img{i}.jpg").write_bytes(b"pixels %d" % i)  # the cache key reads size and time, not pixels
+        items.append(ImageCaptions(f"img{i}.jpg", str(tmp_path / f"img{i}.jpg"), ["x"]))
+
+    def open_cache():
+        return VisionCache(str(tmp_path / "cache"), model, "tiny", "48x48", items, torch.float32)
+    loader = FakeLoader(items, [{"pixel_values": batch["pixel_values"], "image_index": torch.tensor([0, 1, 2])}])
+    open_cache().build(model, loader, "cpu", nullcontext(), log=lambda *a: None)
+    built = open_cache()
+    assert built.complete and built.problem is None
+    bin_file, meta = os.path.join(built.dir, "vision.bin"), os.path.join(built.dir, "meta.json")
+
+    os.truncate(bin_file, built.nbytes // 2)  # torch.from_file would silently extend this with zeros
+    damaged = open_cache()
+    assert not damaged.complete
+    assert damaged.problem == f"vision.bin has {built.nbytes // 2:,} bytes, not {built.nbytes:,}"
+    os.truncate(bin_file, built.nbytes)
+    with open(meta, "w") as f:
+        f.write("{garbage")
+    assert not open_cache().complete and open_cache().problem == "its meta.json is unreadable"
+
+    os.utime(items[1].path, ns=(1, 1))  # the same name, another file: a new cache, not the old outputs
+    assert open_cache().dir != built.dir

@@ -1,6 +1,7 @@
 """train.py as a user runs it: the demo end to end, exact resume after a crash, DDP, the NaN guard, settings errors."""
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -176,11 +177,26 @@ def test_a_diverging_learning_rate_is_stopped_with_one_line(demo_world, tmp_path
     (["--batch_images=0"], "batch_images=0: must be at least 1"),
     (["--checkpoint_interval=0"], "checkpoint_interval=0: must be at least 1"),
     (["--lora_dropout=1.5"], "lora_dropout=1.5: must be between 0.0 and 0.99"),
+    (["--learning_rate=-1"], "learning_rate=-1.0: must be at least 0.0"),
+    (["--lora_targets=[]"], "lora_targets=[]: must be a non-empty list"),
+    (["--lora_targets=[1,2]"], "lora_targets=[1, 2]: must be a non-empty list"),
+    (["--device=foo"], "device='foo': use auto, cpu, cuda or cuda:N"),
+    pytest.param(["--device=cuda"], "device='cuda': torch sees no CUDA GPU here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
+    (["--seed=99999999999999999999"], "seed=99999999999999999999: must be between 0 and 4294967295"),
+    (["--out_dir="], "out_dir is empty"),
+    (["--out_dir=README.md"], "out_dir='README.md' is a file, not a folder"),
 ])
-def test_a_settings_mistake_is_one_line(args, message):
-    result = run_script("train.py", *args)
-    assert result.returncode == 1
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+def test_a_settings_mistake_is_refused_before_any_work(args, message):
+    import train
+    with pytest.raises(train.SettingsError, match=re.escape(message)):
+        train.apply_settings(args, train.default_settings())
+
+
+def test_a_settings_mistake_is_one_line_on_stderr():
+    result = run_script("train.py", "--lerning_rate=1e-3")
+    assert result.returncode == 1 and result.stderr == (
+        "error: --lerning_rate=1e-3: unknown setting 'lerning_rate' (settings are listed at the top of train.py)\n")
 
 
 def test_a_config_file_may_only_assign_literals(tmp_path):
@@ -237,3 +253,95 @@ def test_missing_java_is_said_before_training(demo_world, tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "java is not installed" in result.stderr
     assert not os.path.isdir(tmp_path / "out" / "checkpoint")  # it stopped before the first step
+
+
+@pytest.mark.parametrize("cache", ["found whole", "found truncated"])
+def test_a_run_that_finds_the_vision_cache_trains_like_the_run_that_built_it(uninterrupted, tmp_path, cache):
+    """With dropout on: building the cache must not move the random state, and a damaged cache is built again,
+    never read as zeros."""
+    import shutil
+    shutil.copytree(os.path.join(uninterrupted, "vision_cache"), tmp_path / "vision_cache")
+    if cache == "found truncated":
+        (bin_file,) = (tmp_path / "vision_cache").glob("*/vision.bin")
+        os.truncate(bin_file, os.path.getsize(bin_file) // 3)
+    result = run_script("train.py", *SHORT, f"--out_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rebuilt = "cannot be used (vision.bin has" in result.stdout
+    assert rebuilt == (cache == "found truncated")
+    expected, got = adapter(uninterrupted), adapter(tmp_path)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.fixture
+def checkpoint_copy(uninterrupted, tmp_path):
+    import shutil
+    return shutil.copytree(os.path.join(uninterrupted, "checkpoint"), tmp_path / "checkpoint")
+
+
+def optimizer_for(checkpoint):
+    """An AdamW over as many tensors as the checkpoint's adapter has: what restore() loads into."""
+    count = len(load_file(os.path.join(checkpoint, "adapter_model.safetensors")))
+    return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1)) for _ in range(count)])
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: (c / "state.json").write_text("{garbage"), "state.json: unreadable (JSONDecodeError)"),
+    (lambda c: (c / "state.json").write_text(json.dumps({k: v for k, v in json.load(open(c / "state.json")).items()
+                                                         if k != "scaler"})), "no valid 'scaler' entry"),
+    (lambda c: os.truncate(c / "optimizer.pt", 100), "optimizer.pt: unreadable"),
+    (lambda c: torch.save({"state": Payload(), "param_groups": []}, c / "optimizer.pt"),
+     "optimizer.pt: holds more than tensors"),
+    (lambda c: os.remove(c / "rng.safetensors"), "rng.safetensors: unreadable (FileNotFoundError"),
+])
+def test_a_damaged_checkpoint_is_one_line_naming_the_file(checkpoint_copy, damage, message, capfd):
+    import train
+    damage(checkpoint_copy)
+    with pytest.raises(train.CheckpointError, match=re.escape(message)) as error:
+        state = train.read_state(str(checkpoint_copy))
+        train.restore(str(checkpoint_copy), state, optimizer_for(checkpoint_copy),
+                      torch.amp.GradScaler("cpu", enabled=False), "cpu")
+    assert "\n" not in str(error.value) and "weights_only" not in str(error.value)
+    assert "this ran while loading" not in capfd.readouterr().out  # the pickled code was never run
+
+
+def test_a_damaged_checkpoint_stops_train_py_with_one_line(uninterrupted, tmp_path):
+    import shutil
+    shutil.copytree(os.path.join(uninterrupted, "checkpoint"), tmp_path / "checkpoint")
+    (tmp_path / "checkpoint" / "state.json").write_bytes(b"\xff\xfe not json")
+    result = run_script("train.py", *SHORT, f"--out_dir={tmp_path}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'checkpoint' / 'state.json'}: unreadable (UnicodeDecodeError); "
+        f"delete {tmp_path / 'checkpoint'} to train this run afresh"]
+
+
+def test_a_finished_run_with_other_data_is_refused_not_reported_as_finished(demo_run, tmp_path):
+    out_dir, _ = demo_run
+    result = run_script("train.py", "config/demo.py", f"--out_dir={out_dir}", f"--data_dir={tmp_path}")
+    assert result.returncode == 1 and "has finished" not in result.stdout
+    assert "was written with data_dir='data/demo/flickr8k'" in result.stderr
+
+
+def test_a_second_run_into_the_same_out_dir_is_refused_while_the_first_holds_it(tmp_path):
+    import fcntl
+    with open(tmp_path / ".lock", "w") as held:
+        held.write("4242\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running train.py holds it
+        result = run_script("train.py", "config/demo.py", f"--out_dir={tmp_path}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"error: {tmp_path} is in use by another train.py (process 4242): wait for it "
+                                     "to end, or give this run another out_dir")
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    config = tmp_path / "latin1.py"
+    config.write_bytes('prompt = "une photo de caf\xe9"\n'.encode("latin-1"))
+    result = run_script("train.py", str(config))
+    assert result.returncode == 1 and result.stderr.strip() == (
+        f"error: {config}: not UTF-8 text (byte 26); save the config file as UTF-8")
