@@ -2,7 +2,8 @@
 How fast is a fine-tuning step, three ways? Random weights, no download, one run:
 
     python bench.py --model small                       # CPU: the architecture scaled down (257 vision tokens)
-    python bench.py --model full --device cuda --dtype bfloat16 --json    # blip2-flan-t5-xl's exact shapes
+    python bench.py --model full --device cuda --dtype bfloat16 --batch-images 16,32,64 --json   # blip2-flan-t5-xl
+    python bench.py --model full --device cuda --dtype bfloat16 --batch-images 16,32,64 --compile --json
 
 (a) per_pair       one full BLIP-2 forward + backward per (image, caption) pair: the usual loop
 (b) grouped        ViT, Q-Former and T5 encoder once per image, the decoder once per caption (train.py's step)
@@ -10,7 +11,9 @@ How fast is a fine-tuning step, three ways? Random weights, no download, one run
 Each is one optimizer step as train.py takes it (its LoRA settings, frozen base in eval mode, gradient clipping,
 AdamW) over the same images x 5 captions of 16 tokens. Also: beam-5 caption generation, images/s; FLOPs per caption
 counted by torch.utils.flop_counter (matmuls and attention), the speedups those FLOPs predict beside the measured
-ones, and on CUDA the model FLOPs utilisation against the bf16 peak.
+ones, aten operations per step (what a launch-bound GPU step's time follows), peak memory, the projected time of a
+Flickr8k epoch, and on CUDA the model FLOPs utilisation against the bf16 peak. The JSON records the commit and the
+torch and transformers versions.
 """
 import argparse
 import json
@@ -20,10 +23,11 @@ import torch
 
 import train  # its settings block: the LoRA defaults a training run uses
 from lora import inject_lora
-from model import autocast_context, generate_captions, grouped_caption_loss, per_pair_caption_loss, train_mode
-from model import vision_embeds
+from model import (autocast_context, cast_frozen_qformer, generate_captions, grouped_caption_loss,
+                   per_pair_caption_loss, train_mode, vision_embeds)
 
 CAPTIONS_PER_IMAGE, CAPTION_TOKENS, PROMPT_TOKENS = 5, 16, 4  # Flickr8k: 5 captions, ~15 words; "a photo of" + EOS
+EPOCH_CAPTIONS = 30_000  # Flickr8k's train split: 6,000 images x 5 captions
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendors' datasheets
 
 
@@ -56,6 +60,7 @@ def build(size, device, dtype):
     model.qformer.float()  # as from_pretrained does (_keep_in_fp32_modules): the Q-Former stays float32
     model.query_tokens.data = model.query_tokens.data.float()
     inject_lora(model, train.lora_targets, train.lora_r, train.lora_alpha, train.lora_dropout)
+    cast_frozen_qformer(model, dtype)  # as train.py: under bf16 autocast, the frozen Q-Former's Linears in bf16
     train_mode(model)  # as train.py: adapters train (dropout on), the frozen base runs in eval mode
     return model
 
@@ -122,61 +127,78 @@ def count_flops(fn):
     return counter.get_total_flops()
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("tiny", "small", "full"), default="small")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
-    parser.add_argument("--batch-images", type=int, default=None,
-                        help="images per step (default: 16 on CUDA, 4 on CPU)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per mode (median reported)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the grouped loss (as train.py's "
-                        "torch_compile); compiling is in grouped's first_step_s, not in the timings")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args(argv)
-    device = args.device
+def count_ops(fn):
+    """aten operations dispatched by one call of fn (one eager optimizer step). A GPU step that is launch-bound takes
+    time in proportion to this count, not to its FLOPs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+    with Counter() as counter:
+        fn()
+    return counter.ops
+
+
+def provenance():
+    """What produced the figures: the commit (with '+changes' if the tree differs from it) and the versions."""
+    import subprocess
+    import transformers
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip()
+        except OSError:
+            return ""
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return {"commit": commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else ""),
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def measure(model, batch_images, device, dtype, repeats, grouped_loss):
+    """One batch size: every mode's speed, memory, FLOPs and operation count, and beam-search generation."""
     cuda = device.startswith("cuda")
-    dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "bfloat16": torch.bfloat16,
-             "float16": torch.float16, "float32": torch.float32}[args.dtype]
-    batch_images = args.batch_images or (16 if cuda else 4)
-    repeats = args.repeats or (10 if cuda else 5)
-    torch.manual_seed(0)
-    model = build(args.model, device, dtype)
     batch, prompt = make_batch(model, batch_images, device)
     autocast = autocast_context(device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=cuda)  # fused on CUDA, as train.py
+    train_mode(model)
     with torch.no_grad(), autocast:
         cached = vision_embeds(model, batch["pixel_values"]).to("cpu")
     if cuda:
         cached = cached.pin_memory()
     captions = batch_images * CAPTIONS_PER_IMAGE
-    report = {"model": args.model, "device": torch.cuda.get_device_name() if cuda else "cpu",
-              "dtype": str(dtype).replace("torch.", ""), "batch_images": batch_images, "captions_per_step": captions,
-              "flops_counted_by": "torch.utils.flop_counter (forward + backward)"}
-    flops = {}
-    grouped_loss = torch.compile(grouped_caption_loss) if args.compile else grouped_caption_loss
-    report["compiled"] = args.compile
+    run, flops = {"batch_images": batch_images, "captions_per_step": captions}, {}
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None) if cuda else None
     for mode in ("per_pair", "grouped", "grouped_cached"):
-        flops[mode] = count_flops(step_fn(model, batch, mode, cached, optimizer, autocast)) / captions  # eager
+        eager = step_fn(model, batch, mode, cached, optimizer, autocast)
         fn = step_fn(model, batch, mode, cached, optimizer, autocast, grouped_loss)
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        first_step = timed(fn, device, warmup=0, repeats=1)  # with --compile, grouped's first step compiles
-        seconds = timed(fn, device, warmup=1, repeats=repeats)
-        report[mode] = {"captions_per_s": round(captions / seconds, 1), "ms_per_step": round(1000 * seconds, 1),
-                        "first_step_s": round(first_step, 2),
-                        "gflops_per_caption": round(flops[mode] / 1e9, 2),
-                        "peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None}
-        if cuda:
-            name = torch.cuda.get_device_name()
-            peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-            if peak:
-                report[mode]["mfu"] = round(flops[mode] * captions / seconds / (peak * 1e12), 3)
+        try:
+            flops[mode] = count_flops(eager) / captions
+            ops = count_ops(eager)
+            first_step = timed(fn, device, warmup=0, repeats=1)  # with --compile, grouped's first step compiles
+            seconds = timed(fn, device, warmup=1, repeats=repeats)
+        except torch.cuda.OutOfMemoryError:  # a batch too large for this GPU: say so, measure the rest
+            optimizer.zero_grad(set_to_none=True)
+            run[mode] = {"error": "out of memory"}
+            continue
+        run[mode] = {"captions_per_s": round(captions / seconds, 1), "ms_per_step": round(1000 * seconds, 1),
+                     "first_step_s": round(first_step, 2), "gflops_per_caption": round(flops[mode] / 1e9, 2),
+                     "ops_per_step": ops,
+                     "peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None}
+        if peak:
+            run[mode]["mfu"] = round(flops[mode] * captions / seconds / (peak * 1e12), 3)
     for mode in ("grouped", "grouped_cached"):
-        report[f"speedup_{mode}"] = round(report[mode]["captions_per_s"] / report["per_pair"]["captions_per_s"], 2)
-        report[f"predicted_speedup_{mode}"] = round(flops["per_pair"] / flops[mode], 2)
+        if "error" not in run[mode] and "error" not in run["per_pair"]:
+            run[f"speedup_{mode}"] = round(run[mode]["captions_per_s"] / run["per_pair"]["captions_per_s"], 2)
+            run[f"predicted_speedup_{mode}"] = round(flops["per_pair"] / flops[mode], 2)
+    if "error" not in run["grouped_cached"]:
+        run["epoch_seconds_projected"] = round(EPOCH_CAPTIONS / run["grouped_cached"]["captions_per_s"], 1)
     model.eval()
 
     def generate():
@@ -184,29 +206,81 @@ def main(argv=None):
             generate_captions(model, None, prompt, cached.to(device), num_beams=5, max_new_tokens=20,
                               min_new_tokens=20)
     seconds = timed(generate, device, warmup=1, repeats=max(2, repeats // 3))
-    report["generation"] = {"images_per_s": round(batch_images / seconds, 1), "num_beams": 5, "new_tokens": 20,
-                            "vision": "cached"}
-    if cuda:
-        report["epoch_seconds_projected"] = round(30000 / report["grouped_cached"]["captions_per_s"], 1)
+    run["generation"] = {"images_per_s": round(batch_images / seconds, 1), "num_beams": 5, "new_tokens": 20,
+                         "vision": "cached"}
+    return run
+
+
+def batch_list(text):
+    try:
+        sizes = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be at least 1, got {text!r}")
+    return sizes
+
+
+def print_run(run):
+    print(f"\nbatch {run['batch_images']} images x {CAPTIONS_PER_IMAGE} captions of {CAPTION_TOKENS} tokens")
+    print(f"{'mode':16s}{'captions/s':>12s}{'ms/step':>10s}{'GFLOP/caption':>15s}{'ops/step':>10s}{'peak MB':>10s}"
+          f"{'MFU':>7s}{'first step s':>14s}")
+    for mode in ("per_pair", "grouped", "grouped_cached"):
+        r = run[mode]
+        if "error" in r:
+            print(f"{mode:16s}{r['error']}")
+            continue
+        print(f"{mode:16s}{r['captions_per_s']:12.1f}{r['ms_per_step']:10.1f}{r['gflops_per_caption']:15.2f}"
+              f"{r['ops_per_step']:10,d}{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else '-':>10}"
+              f"{r.get('mfu', '-'):>7}{r['first_step_s']:14.2f}")
+    for mode in ("grouped", "grouped_cached"):
+        if f"speedup_{mode}" in run:
+            print(f"speedup {mode} vs per_pair: {run[f'speedup_{mode}']}x measured, "
+                  f"{run[f'predicted_speedup_{mode}']}x predicted by FLOPs")
+    print(f"generation (beam 5, 20 new tokens, cached vision): {run['generation']['images_per_s']} images/s")
+    if "epoch_seconds_projected" in run:
+        print(f"one Flickr8k epoch ({EPOCH_CAPTIONS:,} captions), grouped_cached: {run['epoch_seconds_projected']} s")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("tiny", "small", "full"), default="small")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
+    parser.add_argument("--batch-images", type=batch_list, default=None,
+                        help="images per step, one size or several: 16,32,64 (default: 16 on CUDA, 4 on CPU)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per mode (median reported)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the grouped loss (as train.py on "
+                        "CUDA); compiling is in grouped's first_step_s, not in the timings")
+    parser.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
+                        help="torch.compile mode; reduce-overhead adds CUDA graphs")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    device = args.device
+    cuda = device.startswith("cuda")
+    dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    repeats = args.repeats or (10 if cuda else 5)
+    torch.manual_seed(0)
+    model = build(args.model, device, dtype)
+    grouped_loss = (torch.compile(grouped_caption_loss, fullgraph=True, mode=args.compile_mode) if args.compile
+                    else grouped_caption_loss)
+    report = {"model": args.model, "device": torch.cuda.get_device_name() if cuda else "cpu",
+              "dtype": str(dtype).replace("torch.", ""), "compiled": args.compile,
+              "compile_mode": args.compile_mode if args.compile else None, **provenance(),
+              "flops_counted_by": "torch.utils.flop_counter (forward + backward)",
+              "ops_counted_by": "TorchDispatchMode: aten operations in one eager optimizer step"}
+    if not args.json:
+        print(f"BLIP-2 {args.model} on {report['device']}, {report['dtype']}, LoRA on the default targets"
+              + (f", grouped loss compiled ({args.compile_mode})" if args.compile else "")
+              + f"; commit {report['commit']}, torch {report['torch']}, transformers {report['transformers']}")
+    report["runs"] = []
+    for batch_images in args.batch_images or [16 if cuda else 4]:
+        report["runs"].append(measure(model, batch_images, device, dtype, repeats, grouped_loss))
+        if not args.json:
+            print_run(report["runs"][-1])
     if args.json:
         print(json.dumps(report))
-        return
-    print(f"BLIP-2 {args.model} on {report['device']}, {report['dtype']}, {batch_images} images x "
-          f"{CAPTIONS_PER_IMAGE} captions of {CAPTION_TOKENS} tokens per step, LoRA on the default targets"
-          + (", grouped loss compiled" if args.compile else ""))
-    print(f"{'mode':16s}{'captions/s':>12s}{'ms/step':>10s}{'GFLOP/caption':>15s}{'peak MB':>10s}{'MFU':>7s}"
-          f"{'first step s':>14s}")
-    for mode in ("per_pair", "grouped", "grouped_cached"):
-        r = report[mode]
-        print(f"{mode:16s}{r['captions_per_s']:12.1f}{r['ms_per_step']:10.1f}{r['gflops_per_caption']:15.2f}"
-              f"{r['peak_mem_mb'] if r['peak_mem_mb'] is not None else '-':>10}{r.get('mfu', '-'):>7}"
-              f"{r['first_step_s']:14.2f}")
-    for mode in ("grouped", "grouped_cached"):
-        print(f"speedup {mode} vs per_pair: {report[f'speedup_{mode}']}x measured, "
-              f"{report[f'predicted_speedup_{mode}']}x predicted by FLOPs")
-    print(f"generation (beam 5, 20 new tokens, cached vision): {report['generation']['images_per_s']} images/s")
-    if cuda:
-        print(f"one Flickr8k epoch (30,000 captions), grouped_cached: {report['epoch_seconds_projected']} s")
 
 
 if __name__ == "__main__":

@@ -99,8 +99,10 @@ def resolve_model(adapter, model, log=lambda m: print(m, file=sys.stderr)):
 
 def load_for_captioning(model_name, adapter, device):
     """The base model (bf16 on GPUs that have it, else float32) with the adapter loaded, in eval mode."""
+    import demo
     from lora import load_adapter
     from model import autocast_dtype, load_blip2
+    demo.ensure_demo_world(model_name)  # the offline demo's model is built on first use; any other path is left alone
     model, processor = load_blip2(model_name, device, dtype=autocast_dtype(device))
     if adapter is not None:
         load_adapter(model, adapter)

@@ -414,7 +414,9 @@ def long_captions(items, tokenizer, max_tokens):
 def encoder_prompt_ids(tokenizer, prompt, num_query_tokens, image_token_id):
     """num_query_tokens image tokens, then the tokenized prompt: the ids Blip2Processor(images, text=prompt) makes."""
     prompt_ids = tokenizer(prompt).input_ids
-    if image_token_id in prompt_ids:  # the model would write image features over it, or refuse the count
+    # Checked here, once: then every encoder input holds exactly num_query_tokens image tokens, which
+    # model.encoder_inputs relies on (without a per-step check that would split a compiled graph).
+    if image_token_id in prompt_ids:
         raise ValueError(f"prompt {prompt!r} contains the image token "
                          f"{tokenizer.convert_ids_to_tokens(image_token_id)!r}: the image tokens are put before the "
                          "prompt for you, so leave it out")

@@ -23,13 +23,20 @@ pretrained weight W and learns a low-rank *change* to a few of them instead:
 Why it works (paper, sections 4.1 and 7): the update a fine-tune makes to a weight has low "intrinsic rank", so a rank-r
 product B @ A captures most of it. Each wrapped (out, in) layer trains r * (in + out) numbers instead of in * out:
 for T5-XL's 2048 x 2048 attention projections at r = 8 that is 32,768 instead of 4,194,304 (0.8%).
-`alpha` (section 4.1) fixes the size of the update as r changes: the product is scaled by alpha / r, so a learning
-rate tuned at one r still works at another.
+
+Why A random and B zero: B = 0 makes the wrapped model start as exactly the base model; A must not also be zero,
+since dL/dB is proportional to (dL/dy)(A x)^T and dL/dA to B^T (dL/dy) x^T: with both zero, neither would ever
+move. With A random, B moves at the first step, and A from the second.
+`alpha` (section 4.1) scales the product by alpha / r, which reduces how much the learning rate must be retuned when
+r changes, without removing it: the update's size still grows with r (rsLoRA, Kalajdzievski 2023, argues for
+alpha / sqrt(r) instead). The code works on rows, as PyTorch does: a batch x of shape (..., in) gives
+x @ W.T + (alpha / r) * x @ A.T @ B.T, the same thing as the picture's column-vector W x + (alpha / r) B A x.
 
 After training, B @ A can be folded into W (`merge_lora`): the deployed model is a plain model with no extra cost.
 
-Public API (used by train.py, evaluate.py, caption.py, and your own code):
-    LoRALinear, DEFAULT_TARGETS, inject_lora, lora_state_dict, save_adapter, load_adapter, merge_lora, lora_summary
+Public API (used by train.py, evaluate.py, caption.py, model.py, and your own code):
+    LoRALinear, DEFAULT_TARGETS, inject_lora, lora_layers, lora_state_dict, save_adapter, read_adapter_config,
+    load_adapter, merge_lora, lora_summary
 
 Adapters are saved in the layout Hugging Face peft reads (`adapter_model.safetensors` + `adapter_config.json`), so
 `peft.PeftModel.from_pretrained(base_model, adapter_dir)` loads what this file writes; this project never imports peft.
@@ -72,7 +79,8 @@ class LoRALinear(nn.Module):
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=torch.float32))
-        # Same init as nn.Linear's weight (and loralib/peft): A random, B zero, so B @ A = 0 at the start.
+        # Same init as nn.Linear's weight (and loralib/peft): A random, B zero, so B @ A = 0 at the start
+        # (and B gets a gradient through A x from the first step; see the top of this file).
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
     # transformers' T5 code reads e.g. `self.wo.weight.dtype` directly: look like the layer we wrap.
@@ -93,10 +101,13 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x):  # x: (..., in_features) -> (..., out_features)
-        result = self.base(x)
-        h = self.dropout(x.to(self.lora_A.dtype))          # (..., in)   in float32
-        update = F.linear(F.linear(h, self.lora_A), self.lora_B)  # (..., r) -> (..., out)
-        return result + (update * self.scaling).to(result.dtype)
+        result = self.base(x)                                           # (..., out)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)  # e.g. a bf16 base run without autocast: the adapter computes in float32
+        # Under autocast (bf16 on GPUs) both matmuls run in bf16 like the base's: A and B are float32 *master*
+        # weights, cast for the matmul, while the optimizer accumulates their updates in float32.
+        update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # (..., r) -> (..., out)
+        return result.add(update.to(result.dtype), alpha=self.scaling)  # result + (alpha / r) * update, one kernel
 
     def extra_repr(self):
         return f"LoRA r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}"
@@ -232,16 +243,24 @@ def load_adapter(model, adapter_dir):
 
 @torch.no_grad()
 def merge_lora(model):
-    """Fold every adapter into its weight (W' = W + (alpha/r) * B @ A) and put the plain nn.Linear back."""
-    for path, layer in lora_layers(model):
-        base = layer.base
+    """Fold every adapter into its weight (W' = W + (alpha/r) * B @ A) and put the plain nn.Linear back.
+
+    There is no unmerge: the LoRA tensors are gone afterwards (save the adapter first if you need it). W + dBA is
+    computed in float32 and rounded once to the weight's dtype; in bf16 that rounding (8 bits of mantissa) can
+    swallow much of a small update, so a merged bf16 model captions close to, not exactly like, base + adapter.
+    All layers are computed and checked first: if any would get a non-finite weight, none is changed."""
+    def merged(layer):
         delta = (layer.lora_B @ layer.lora_A) * layer.scaling                # (out, r) @ (r, in) -> (out, in)
-        merged = base.weight.to(torch.float32) + delta                       # in float32, then cast once
-        if not torch.isfinite(merged).all():
-            raise ValueError(f"merging the adapter into {path} gives non-finite weights; nothing was changed there")
-        base.weight.copy_(merged.to(base.weight.dtype))
+        return layer.base.weight.to(torch.float32) + delta                   # in float32, then cast once
+
+    layers = lora_layers(model)
+    for path, layer in layers:  # a first pass only checks (keeping every merged weight would double the memory)
+        if not torch.isfinite(merged(layer)).all():
+            raise ValueError(f"merging the adapter into {path} gives non-finite weights; nothing was changed")
+    for path, layer in layers:
+        layer.base.weight.copy_(merged(layer).to(layer.base.weight.dtype))
         parent_path, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent_path), child, base)
+        setattr(model.get_submodule(parent_path), child, layer.base)
     return model
 
 

@@ -18,6 +18,8 @@ import socket
 import torch
 import torch.nn.functional as F
 
+from lora import lora_layers
+
 class ModelError(Exception):
     """A model or adapter that cannot be loaded, reported in one line without a traceback."""
 
@@ -34,8 +36,6 @@ def load_blip2(name_or_path, device="cpu", dtype=torch.float32):
     """Blip2ForConditionalGeneration + Blip2Processor from a hub id or a local directory, in eval mode."""
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
     from transformers.utils import logging as hf_logging
-    import demo
-    demo.ensure_demo_world(name_or_path)
     offline = False
     if not os.path.isdir(name_or_path):
         from huggingface_hub import try_to_load_from_cache
@@ -83,10 +83,21 @@ def autocast_context(device, dtype):
     return torch.autocast(str(device).split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
 
 
+def cast_frozen_qformer(model, dtype):
+    """from_pretrained keeps the Q-Former in float32 (_keep_in_fp32_modules). Under bf16 autocast every frozen
+    Linear weight of it is then cast to bf16 again on every call (autocast caches only the casts of weights that
+    require grad). Casting them once gives the matmuls bit-identical inputs with fewer operations per step;
+    LayerNorms, the query tokens and the LoRA tensors stay float32. For training and evaluation under autocast."""
+    if dtype != torch.bfloat16:
+        return
+    for module in model.qformer.modules():
+        if isinstance(module, torch.nn.Linear) and not module.weight.requires_grad:
+            module.to(dtype)
+
+
 def train_mode(model):
     """Only the adapters train: their dropout is on; the frozen base runs in eval mode, since its own dropout would
     only add noise to features it cannot adapt (and would make runs depend on how batches are split)."""
-    from lora import lora_layers
     model.eval()
     for _, layer in lora_layers(model):
         layer.train()
@@ -110,12 +121,11 @@ def image_features(model, image_embeds):
 
 
 def encoder_inputs(model, input_ids, features):
-    """Embed the prompt ids (B, L) and write the image features over the image-token positions -> (B, L, Dt)."""
+    """Embed the prompt ids (B, L) and write the image features over the image-token positions -> (B, L, Dt).
+    Each row of input_ids must hold exactly Q image tokens, or the image is silently left out: data.encoder_prompt_ids
+    makes and checks the prompt once, outside the step, so that this stays one graph for torch.compile."""
     embeds = model.get_input_embeddings()(input_ids)
     image_positions = (input_ids == model.config.image_token_id).unsqueeze(-1)          # (B, L, 1)
-    if image_positions.sum() != features.shape[0] * features.shape[1]:
-        raise ValueError(f"each encoder input needs exactly {features.shape[1]} image tokens "
-                         f"(id {model.config.image_token_id}); see data.encoder_prompt_ids")
     return embeds.masked_scatter(image_positions, features.to(embeds.dtype))
 
 

@@ -13,7 +13,8 @@ What the loop does, top to bottom:
   memory-mapped from disk (model.VisionCache); `vision_cache=False` turns that off.
 - Loss = summed caption-token cross-entropy / caption tokens in the whole optimizer step (all micro-batches, all
   ranks), so long and short captions weigh the same however the batch is split.
-- `torch_compile=True` compiles that loss (captions then padded to a fixed length, so it compiles once).
+- On CUDA that loss is compiled with torch.compile as one graph (`torch_compile`; captions then padded to a fixed
+  length, so it compiles once); on the CPU it runs eagerly.
 - Linear warmup then cosine decay; gradient clipping; bf16 autocast on GPUs that support it, fp16 + GradScaler only
   when asked (T5 overflows in fp16), float32 on CPU. A non-finite loss stops the run, keeping the last checkpoint.
 - Every `eval_interval` steps and at each epoch end: CIDEr on the val split; the best adapter goes to out_dir/adapter,
@@ -68,7 +69,8 @@ max_caption_tokens = 40                # training cuts longer captions (reported
 dtype = "auto"                         # auto (bf16 on GPUs that have it, else float32) | bfloat16 | float16 | float32
 device = "auto"                        # auto | cpu | cuda
 vision_cache = True                    # compute the frozen ViT's outputs once (valid while no LoRA is in the ViT)
-torch_compile = False                  # torch.compile the grouped loss: far fewer kernel launches, minutes to compile
+torch_compile = "auto"                 # compile the grouped loss: far fewer kernel launches, minutes to compile;
+                                       # auto = on CUDA, off on CPU; True or False to force
 num_workers = 4                        # image-decoding processes (only when images are read: cache build, no cache)
 # evaluation, checkpoints, logs
 eval_interval = 500                    # steps between val CIDEr evaluations (and at each epoch end); 0 = none
@@ -108,6 +110,8 @@ def apply_settings(argv, settings):
             value = float(value)
         if isinstance(default, list) and isinstance(value, (tuple, str)):
             value = [value] if isinstance(value, str) else list(value)
+        if default == "auto" and isinstance(value, bool):  # torch_compile: auto, True or False
+            default = value
         if type(value) is not type(default):
             raise SettingsError(f"{where}: {key} must be {type(default).__name__}, got {value!r}")
         settings[key] = value
@@ -166,6 +170,8 @@ def check_settings(s):
         raise SettingsError(f"device={device_name!r}: use auto, cpu, cuda or cuda:N")
     if device_name.startswith("cuda") and not torch.cuda.is_available():
         raise SettingsError(f"device={device_name!r}: torch sees no CUDA GPU here; use device=cpu (or auto)")
+    if s["torch_compile"] not in ("auto", True, False):
+        raise SettingsError(f"torch_compile={s['torch_compile']!r}: use auto, True or False")
     if s["dtype"] not in ("auto", "bfloat16", "float16", "float32"):
         raise SettingsError(f"dtype={s['dtype']!r}: use auto, bfloat16, float16 or float32")
 
@@ -339,6 +345,7 @@ def main():
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     device_type = "cuda" if run_device.startswith("cuda") else "cpu"
+    compiling = device_type == "cuda" if torch_compile == "auto" else torch_compile
     from model import ModelError, autocast_context, autocast_dtype
     compute_dtype = {"auto": autocast_dtype(run_device), "bfloat16": torch.bfloat16, "float16": torch.float16,
                      "float32": torch.float32}[dtype]
@@ -377,7 +384,7 @@ def main():
                       read_captions)
     from evaluate import ScoringError, caption_items, print_table, require_java, score_captions
     from lora import inject_lora, load_adapter, lora_layers, lora_summary
-    from model import VisionCache, grouped_caption_loss, load_blip2, train_mode, vision_embeds
+    from model import VisionCache, cast_frozen_qformer, grouped_caption_loss, load_blip2, train_mode, vision_embeds
     try:
         if master:
             demo.ensure_demo_world(data_dir, log=log)
@@ -389,6 +396,7 @@ def main():
         weights_dtype = compute_dtype if device_type == "cuda" else torch.float32
         blip2, processor = load_blip2(model, run_device, dtype=weights_dtype)
         wrapped = inject_lora(blip2, lora_targets, lora_r, lora_alpha, lora_dropout)
+        cast_frozen_qformer(blip2, compute_dtype)  # bf16: fewer casts per step, the same numbers
         prompt_ids = encoder_prompt_ids(processor.tokenizer, prompt, blip2.config.num_query_tokens,
                                         blip2.config.image_token_id)
         if eval_interval or final_eval:
@@ -438,8 +446,9 @@ def main():
         log("vision cache: off (a LoRA target is inside the ViT, so its outputs change while training)")
 
     collate = CaptionCollator(train_items, processor.tokenizer, prompt_ids, max_caption_tokens,
-                              load_images=cache is None, fixed_length=torch_compile)
-    caption_loss = torch.compile(grouped_caption_loss) if torch_compile else grouped_caption_loss
+                              load_images=cache is None, fixed_length=compiling)
+    # fullgraph: a graph break is an error, not a silent slowdown (tests/test_fast.py keeps the loss one graph)
+    caption_loss = torch.compile(grouped_caption_loss, fullgraph=True) if compiling else grouped_caption_loss
     dataset = ImageCaptionDataset(train_items, processor.image_processor, load_images=cache is None)
     group = grad_accum * world_size  # micro-batches per optimizer step, all ranks together
     steps_per_epoch = len(epoch_micro_batches(len(train_items), 0, group)) // group
@@ -516,6 +525,7 @@ def main():
                 break
             # The checkpoint of step s (the weights after s updates) is written in the step that uses those weights,
             # once their loss is known to be finite and before they change: it never holds weights that gave a NaN.
+            step_started = time.time()
             saving = step % checkpoint_interval == 0 and step != resumed_at
             rng_before_step = rng_state() if saving else None  # what a resumed run must start this step from
             lr = lr_at(step, total_steps)
@@ -573,6 +583,8 @@ def main():
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if compiling and step == resumed_at + 1:
+                log(f"torch.compile: the first step took {time.time() - step_started:.0f} s, compiling included")
 
             if step % log_interval == 0 or step == total_steps:
                 if device_type == "cuda":

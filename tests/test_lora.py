@@ -193,3 +193,19 @@ def test_peft_loads_what_save_adapter_writes(tiny_blip2, random_lora_b, tmp_path
     loaded = peft.PeftModel.from_pretrained(tiny_blip2(), str(tmp_path)).eval()
     x = inputs(trained)
     assert torch.allclose(logits(loaded, x), logits(trained, x), atol=1e-5)
+
+
+def test_merge_with_a_non_finite_adapter_in_a_later_layer_changes_nothing(tiny_blip2, random_lora_b):
+    model = tiny_blip2()
+    inject_lora(model)
+    random_lora_b(model)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    count = len(lora_layers(model))
+    last_path, last = lora_layers(model)[-1]
+    with torch.no_grad():
+        last.lora_B[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=f"into {last_path} gives non-finite weights; nothing was changed"):
+        merge_lora(model)
+    assert len(lora_layers(model)) == count  # no layer was merged, the earlier ones included
+    after = dict(model.named_parameters())
+    assert all(torch.equal(before[n], after[n]) or n.endswith(last_path + ".lora_B") for n in before)

@@ -92,14 +92,29 @@ def test_resume_after_a_kill_during_a_save_gives_the_identical_adapter(uninterru
     assert all(torch.equal(expected[k], got[k]) for k in expected)  # bit-identical on CPU
 
 
+SLOW_STEPS = """
+import runpy, sys, time, torch
+real_step = torch.optim.AdamW.step
+
+def slow_step(self, *args, **kwargs):  # 0.5 s a step: Ctrl-C lands mid-run however busy the machine is
+    result = real_step(self, *args, **kwargs)
+    time.sleep(0.5)
+    return result
+
+torch.optim.AdamW.step = slow_step
+sys.argv = ["train.py"] + {args!r}
+runpy.run_path("train.py", run_name="__main__")  # train.py as a script: its own Ctrl-C handling
+"""
+
+
 def test_ctrl_c_says_how_to_resume_and_the_same_settings_end_as_an_uninterrupted_run(uninterrupted, tmp_path):
     import signal
     import subprocess
     args = SHORT + [f"--out_dir={tmp_path}", "--log_interval=1"]
-    run = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+    run = subprocess.Popen([sys.executable, "-c", SLOW_STEPS.format(args=args)], cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in run.stdout:
-        if line.startswith("step 4 "):  # checkpoints at steps 2 and 4 are written
+        if line.startswith("step 4 "):  # checkpoint 2 is written; 4 more steps to go
             run.send_signal(signal.SIGINT)
             break
     _, stderr = run.communicate(timeout=120)
