@@ -181,7 +181,8 @@ def main(argv=None):
     from data import encoder_prompt_ids, load_rgb
     from model import ModelError
     try:
-        adapter, model_name = resolve_model(args.adapter, args.model)
+        notes = []  # said once the model has loaded: an error is then the only line
+        adapter, model_name = resolve_model(args.adapter, args.model, log=notes.append)
         resolve_generation(args, adapter)
         if args.export_merged:
             if adapter is None:
@@ -193,6 +194,8 @@ def main(argv=None):
     except (ModelError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    for note in notes:
+        print(note, file=sys.stderr)
     if args.export_merged:
         export_merged(model, processor, args.export_merged, adapter, model_name)
         print(f"merged {adapter} into {model_name}: {args.export_merged} loads with "
@@ -200,7 +203,7 @@ def main(argv=None):
         return 0
     paths, errors = image_paths(args.images)
     for e in errors:
-        print(e, file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
     for start in range(0, len(paths), args.batch_size):
         images, names = [], []
         for path in paths[start:start + args.batch_size]:
@@ -209,7 +212,8 @@ def main(argv=None):
                 names.append(path)
             except (OSError, ValueError) as e:
                 errors.append(path)
-                print(f"{path}: not a readable image ({type(e).__name__}: {str(e).splitlines()[0]})", file=sys.stderr)
+                print(f"error: {path}: not a readable image ({type(e).__name__}: {str(e).splitlines()[0]})",
+                      file=sys.stderr)
         if not images:
             continue
         inputs = processor(images=images, text=[args.prompt] * len(images), return_tensors="pt").to(args.device)

@@ -56,8 +56,9 @@ def require_java():
                            "(Debian/Ubuntu: apt-get install -y default-jre-headless)")
 
 
-def score_captions(predictions, references, metrics=METRICS, spice=False, log=print):
-    """predictions {image: caption}, references {image: [captions]} -> {metric: score}. The function train.py uses."""
+def score_captions(predictions, references, metrics=METRICS, spice=False, log=print, per_image=None):
+    """predictions {image: caption}, references {image: [captions]} -> {metric: score}. The function train.py uses.
+    per_image: a dict to fill with each image's CIDEr (the report orders images by it)."""
     require_java()
     if not predictions:
         raise ScoringError("no captions to score: none of the split's images could be captioned")
@@ -89,7 +90,9 @@ def score_captions(predictions, references, metrics=METRICS, spice=False, log=pr
     if "ROUGE_L" in metrics:
         scores["ROUGE_L"] = Rouge().compute_score(gts, res)[0]
     if "CIDEr" in metrics:
-        scores["CIDEr"] = Cider().compute_score(gts, res)[0]  # CIDEr-D, idf from these references
+        scores["CIDEr"], each = Cider().compute_score(gts, res)  # CIDEr-D, idf from these references
+        if per_image is not None:
+            per_image.update(zip(gts, map(float, each)))  # in the order of gts's keys
     if spice:
         try:
             from pycocoevalcap.spice.spice import Spice
@@ -145,27 +148,45 @@ def print_table(columns):
                                         else f"{'-':>14s}" for n in names))
 
 
-def write_html(path, metrics, rows, title):
-    """One self-contained page: the metric table, then each image as an embedded thumbnail with its captions."""
+def thumbnail(path):
+    """An <img> with the image embedded as a small JPEG, so the page is one self-contained file."""
     from PIL import Image
     from data import load_rgb
-    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:1000px;margin:auto}td{vertical-align:top;padding:4px}"
-             "img{max-width:160px}.gen{font-weight:bold}</style>", f"<h1>{html.escape(title)}</h1><table>"]
-    parts += [f"<tr><td>{m}</td><td>{100 * v:.1f}</td></tr>" for m, v in metrics.items()]
-    parts.append("</table><table>")
-    for row in rows:
-        try:
-            image = load_rgb(row["path"])
-            image.thumbnail((160, 160), Image.Resampling.BICUBIC)
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=80)
-            img = f"<img src='data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}'>"
-        except (OSError, ValueError):
-            img = "(unreadable)"
-        refs = "".join(f"<li>{html.escape(r)}</li>" for r in row["references"])
-        parts.append(f"<tr><td>{img}</td><td><div>{html.escape(row['image'])}</div>"
-                     f"<div class='gen'>{html.escape(row['caption'])}</div><ul>{refs}</ul></td></tr>")
+    try:
+        image = load_rgb(path)
+    except (OSError, ValueError):
+        return "(unreadable)"
+    image.thumbnail((160, 160), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=80)
+    return f"<img src='data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}'>"
+
+
+def write_html(path, title, columns, rows):
+    """One self-contained page for finding failures: the scores (columns {label: metrics}), then every image with its
+    captions and references, the lowest CIDEr first. rows: {image, path, caption, references, cider, zero_shot?}."""
+    labels = list(columns)
+    metrics = [m for m in METRICS + ("SPICE",) if any(m in c for c in columns.values())]
+    esc = html.escape
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{esc(title)}</title><style>"
+             "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:0 1em}table{border-collapse:collapse}"
+             "th,td{vertical-align:top;padding:4px 8px;text-align:left}.scores td{text-align:right}"
+             ".images tr{border-top:1px solid #ddd}img{max-width:160px}.gen{font-weight:bold}.zs{color:#666}"
+             ".low{color:#b00}</style>", f"<h1>{esc(title)}</h1>",
+             "<p>Scores x100 (the 0..1 scores of the COCO caption toolkit, as papers print them).</p>",
+             "<table class='scores'><tr><th>metric</th>" + "".join(f"<th>{esc(n)}</th>" for n in labels) + "</tr>"]
+    parts += [f"<tr><th>{m}</th>" + "".join(f"<td>{100 * columns[n][m]:.1f}</td>" if m in columns[n] else "<td>-</td>"
+                                           for n in labels) + "</tr>" for m in metrics]
+    parts.append(f"</table><h2>{len(rows)} images, lowest CIDEr first</h2><table class='images'>"
+                 "<tr><th>image</th><th>CIDEr x100</th><th>captions</th><th>references</th></tr>")
+    for row in sorted(rows, key=lambda r: r["cider"]):
+        captions = f"<div class='gen'>{esc(labels[0])}: {esc(row['caption'])}</div>"
+        if row.get("zero_shot") is not None:
+            captions += f"<div class='zs'>zero-shot: {esc(row['zero_shot'])}</div>"
+        references = "".join(f"<li>{esc(r)}</li>" for r in row["references"])
+        parts.append(f"<tr><td>{thumbnail(row['path'])}</td><td class='{'low' if row['cider'] < 0.1 else ''}'>"
+                     f"{100 * row['cider']:.1f}</td><td><div>{esc(row['image'])}</div>{captions}</td>"
+                     f"<td><ul>{references}</ul></td></tr>")
     parts.append("</table>")
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -186,7 +207,10 @@ def main(argv=None):
     add_generation_arguments(parser, batch_size=32)
     parser.add_argument("--spice", action="store_true", help="also try SPICE (needs Java 8 and a download)")
     parser.add_argument("--out", help="write metrics, settings and every caption as JSON")
-    parser.add_argument("--html", help="write a self-contained HTML page with thumbnails and captions")
+    parser.add_argument("--html", help="write a self-contained HTML page: scores, then every image with its "
+                        "captions and references, the lowest CIDEr first")
+    parser.add_argument("--zero-shot-too", "--zero_shot_too", action="store_true", help="with an adapter: also "
+                        "caption with the zero-shot base and show both (a second captioning pass)")
     args = parser.parse_args(argv)
     try:
         return run(args)
@@ -204,6 +228,7 @@ def run(args):
     from data import encoder_prompt_ids, read_captions
     from model import autocast_context, autocast_dtype
     import demo
+    notes = []
     for path in filter(None, (args.out, args.html)):  # now, not after the captioning
         if os.path.isdir(path):
             raise ScoringError(f"{path}: is a directory; give a file name, e.g. {os.path.join(path, 'scores.json')}")
@@ -211,7 +236,7 @@ def run(args):
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         except OSError as e:
             raise ScoringError(f"{path}: cannot create its directory ({e.strerror})") from None
-    adapter, model_name = resolve_model(args.adapter, args.model)
+    adapter, model_name = resolve_model(args.adapter, args.model, log=notes.append)  # said if no error follows
     resolve_generation(args, adapter)
     is_demo = os.path.normpath(model_name) == demo.DEMO_MODEL
     data_dir = args.data or (demo.DEMO_DATA if is_demo else "data/flickr8k")
@@ -242,6 +267,7 @@ def run(args):
     else:
         from caption import load_for_captioning
         model, processor = load_for_captioning(model_name, adapter, args.device)
+        print("\n".join(notes), file=sys.stderr)
         prompt_ids = encoder_prompt_ids(processor.tokenizer, args.prompt, model.config.num_query_tokens,
                                         model.config.image_token_id)
         predictions = caption_items(model, processor, items, prompt_ids, args.device,
@@ -249,20 +275,37 @@ def run(args):
                                     batch_size=args.batch_size, progress=True, num_beams=args.num_beams,
                                     max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens)
         references = {n: references[n] for n in predictions}  # unreadable images were warned about and skipped
-    metrics = score_captions(predictions, references, spice=args.spice, log=lambda m: print(m, file=sys.stderr))
-    label = "zero-shot" if adapter is None else os.path.basename(os.path.normpath(adapter))
-    print(f"{args.split} split, {len(predictions)} images, {label}")
-    print_table({label: metrics})
-    rows = [{"image": i.name, "caption": predictions[i.name], "references": i.captions, "path": i.path}
-            for i in items if i.name in predictions]
+    def say(message):
+        print(message, file=sys.stderr)
+    per_image = {}
+    label = "zero-shot" if adapter is None else "fine-tuned"
+    columns = {label: score_captions(predictions, references, spice=args.spice, log=say, per_image=per_image)}
+    zero_shot = None
+    if args.zero_shot_too and adapter is not None and not args.predictions:  # with B = 0 it is exactly the base
+        from lora import lora_layers
+        with torch.no_grad():
+            for _, layer in lora_layers(model):
+                layer.lora_B.zero_()
+        zero_shot = caption_items(model, processor, items, prompt_ids, args.device,
+                                  autocast_context(args.device, autocast_dtype(args.device)),
+                                  batch_size=args.batch_size, progress=True, num_beams=args.num_beams,
+                                  max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens)
+        columns["zero-shot"] = score_captions(zero_shot, references, spice=args.spice, log=say)
+    print(f"{args.split} split, {len(predictions)} images, " + (f"adapter {adapter}" if adapter else "zero-shot"))
+    print_table(columns)
+    rows = [{"image": i.name, "caption": predictions[i.name], "references": i.captions, "path": i.path,
+             "cider": per_image[i.name], "zero_shot": (zero_shot or {}).get(i.name)} for i in items
+            if i.name in predictions]
     if args.out:
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"metrics": metrics, "settings": settings,
-                       "captions": [{k: r[k] for k in ("image", "caption", "references")} for r in rows]}, f, indent=1)
+            json.dump({"metrics": columns[label], "settings": settings, "captions": [
+                {k: r[k] for k in ("image", "caption", "cider", "references")} for r in rows]}, f, indent=1)
         os.replace(tmp, args.out)
+        print(f"scores and captions: {args.out}")
     if args.html:
-        write_html(args.html, metrics, rows, f"BLIP-2 captions, {data_dir} {args.split} split ({label})")
+        write_html(args.html, f"BLIP-2 captions, {data_dir} {args.split} split", columns, rows)
+        print(f"report: {args.html}")
     return 0
 
 

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import sys
 import time
@@ -48,22 +49,22 @@ from lora import DEFAULT_TARGETS, save_adapter
 model = "Salesforce/blip2-flan-t5-xl"  # hub id or local directory
 data_dir = "data/flickr8k"             # Flickr8k, Karpathy JSON or imagefolder metadata (python data.py DIR checks it)
 caption_column = ""                    # imagefolder metadata: the caption column ("" = text, caption or captions)
-out_dir = "out"
+out_dir = "out"                        # checkpoint/, adapter/, vision_cache/, log.jsonl, results.json
 prompt = "a photo of"                  # T5 encoder prompt after the image tokens (the LAVIS caption recipe's)
 # LoRA
-lora_r = 8
-lora_alpha = 16
-lora_dropout = 0.05
+lora_r = 8                             # the rank r of each update B @ A
+lora_alpha = 16                        # the update is scaled by lora_alpha / lora_r
+lora_dropout = 0.05                    # dropout on the adapters' input (the frozen base has none)
 lora_targets = list(DEFAULT_TARGETS)   # module-path suffixes: Q-Former self/cross and all T5 attention (lora.py)
 # optimisation
 batch_images = 16                      # images per micro-batch, each with all its captions (80 captions on Flickr8k)
 grad_accum = 1                         # micro-batches per optimizer step (per process)
-epochs = 3
+epochs = 3                             # passes over the train split (unless max_steps is set)
 max_steps = 0                          # optimizer steps; 0 = epochs over the train split
-learning_rate = 2e-4
+learning_rate = 2e-4                   # AdamW's peak learning rate, reached after warmup_steps
 min_lr_ratio = 0.1                     # cosine decays to learning_rate * min_lr_ratio
-warmup_steps = 50
-weight_decay = 0.0
+warmup_steps = 50                      # linear warmup from 0, then cosine decay
+weight_decay = 0.0                     # AdamW weight decay on the LoRA tensors
 grad_clip = 1.0                        # max global gradient norm; 0 = off
 max_caption_tokens = 40                # training cuts longer captions (reported at the start); memory grows with it
 dtype = "auto"                         # auto (bf16 on GPUs that have it, else float32) | bfloat16 | float16 | float32
@@ -76,12 +77,12 @@ num_workers = 4                        # image-decoding processes (only when ima
 eval_interval = 500                    # steps between val CIDEr evaluations (and at each epoch end); 0 = none
 eval_images = 500                      # val images used for that (0 = all)
 final_eval = True                      # score zero-shot and fine-tuned on the test split at the end
-num_beams = 5
-max_new_tokens = 30
-min_new_tokens = 8
+num_beams = 5                          # beam search when captioning for evaluation (saved with the adapter)
+max_new_tokens = 30                    # longest generated caption, in tokens (saved with the adapter)
+min_new_tokens = 8                     # shortest generated caption, in tokens (saved with the adapter)
 checkpoint_interval = 200              # steps between checkpoints
-log_interval = 10
-seed = 1337
+log_interval = 10                      # steps between log lines (also written to log.jsonl)
+seed = 1337                            # LoRA init, dropout and the data order
 # -------------------------------------------------------------------------------------------------------------
 
 
@@ -97,6 +98,28 @@ LIMITS = {"learning_rate": (0.0, None), "seed": (0, 2**32 - 1), "lora_r": (1, No
           "num_workers": (0, None), "eval_interval": (0, None), "eval_images": (0, None), "num_beams": (1, None),
           "max_new_tokens": (1, None), "min_new_tokens": (0, None), "checkpoint_interval": (1, None),
           "log_interval": (1, None)}
+
+
+def settings_help():
+    """The text of --help: every setting with its default and its comment, read from the settings block above."""
+    lines = ["usage: python train.py [CONFIG.py ...] [--key=value ...]", "",
+             "Fine-tune BLIP-2 with LoRA. Settings (default, then what it does); a config file holds 'key = value'",
+             "lines, --key=value overrides it (strings bare or quoted, lists as [...]):"]
+    source = open(__file__, encoding="utf-8").read().splitlines()
+    start = next(i for i, line in enumerate(source) if line.startswith("# ---") and line.endswith(" settings"))
+    end = next(i for i in range(start + 1, len(source)) if source[i].startswith("# ---"))
+    for line in source[start + 1:end]:
+        setting = re.match(r"(\w+) = (.*?)(?:\s+# (.*))?$", line)
+        if setting:
+            name, _, comment = setting.groups()
+            option = f"  --{name}={globals()[name]!r}"
+            lines.append(option.ljust(42) + (comment or "") if len(option) < 42 else
+                         option + ("\n" + " " * 42 + comment if comment else ""))
+        elif line.startswith("# "):
+            lines.append(line[2:] + ":")  # a group: LoRA, optimisation, ...
+        elif line.strip().startswith("# "):
+            lines.append(" " * 42 + line.strip()[2:])  # a comment's second line
+    return "\n".join(lines)
 
 
 def apply_settings(argv, settings):
@@ -324,6 +347,9 @@ def default_settings():
 
 
 def main():
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(settings_help())
+        return
     try:
         settings = apply_settings(sys.argv[1:], default_settings())
     except SettingsError as e:
@@ -382,7 +408,7 @@ def main():
     import demo
     from data import (CaptionCollator, DataError, ImageCaptionDataset, encoder_prompt_ids, long_captions,
                       read_captions)
-    from evaluate import ScoringError, caption_items, print_table, require_java, score_captions
+    from evaluate import ScoringError, caption_items, print_table, require_java, score_captions, write_html
     from lora import inject_lora, load_adapter, lora_layers, lora_summary
     from model import VisionCache, cast_frozen_qformer, grouped_caption_loss, load_blip2, train_mode, vision_embeds
     try:
@@ -615,7 +641,7 @@ def main():
     elif final_eval and master:
         blip2.eval()
         references = {i.name: i.captions for i in test_items}
-        results = {}
+        results, captions, per_image = {}, {}, {}
         with torch.no_grad():
             for name in ("zero_shot", "fine_tuned"):
                 if name == "zero_shot":
@@ -623,16 +649,23 @@ def main():
                         layer.lora_B.zero_()  # B = 0: exactly the base model
                 else:
                     load_adapter(blip2, os.path.join(out_dir, "adapter"))
-                predictions = caption_items(blip2, processor, test_items, prompt_ids, run_device, autocast, cache,
-                                            num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                            min_new_tokens=min_new_tokens)
-                results[name] = score_captions(predictions, {n: references[n] for n in predictions})
+                captions[name] = caption_items(blip2, processor, test_items, prompt_ids, run_device, autocast, cache,
+                                               num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                               min_new_tokens=min_new_tokens)
+                results[name] = score_captions(captions[name], {n: references[n] for n in captions[name]},
+                                               per_image=per_image if name == "fine_tuned" else None)
         with open(results_path + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
         os.replace(results_path + ".tmp", results_path)
+        report_path = os.path.join(out_dir, "report.html")  # both captions are at hand: no extra pass
+        write_html(report_path, f"BLIP-2 captions, {data_dir} test split", {
+            "fine-tuned": results["fine_tuned"], "zero-shot": results["zero_shot"]},
+            [{"image": i.name, "path": i.path, "caption": captions["fine_tuned"][i.name], "references": i.captions,
+              "cider": per_image[i.name], "zero_shot": captions["zero_shot"].get(i.name)}
+             for i in test_items if i.name in captions["fine_tuned"]])
         log(f"test split ({len(test_items)} images), beam {num_beams}:")
         print_table({"zero-shot": results["zero_shot"], "fine-tuned": results["fine_tuned"]})
-        log(f"adapter: {os.path.join(out_dir, 'adapter')}   scores: {results_path}")
+        log(f"adapter: {os.path.join(out_dir, 'adapter')}   scores: {results_path}   report: {report_path}")
     if ddp:
         dist.barrier()
         dist.destroy_process_group()

@@ -1,5 +1,7 @@
 """
-A probe, not part of the project: where does the time of one eager grouped + cached step go on a GPU?
+A probe, not part of the project: where does the time of one eager grouped + cached step go on a GPU? Its output
+(profile_probe_h200.txt) came from the code of its time (bench_results/README.md); the LoRA variant it times is now
+lora.py's own forward.
 
     python bench_results/profile_probe.py       # needs a CUDA GPU (DEV=cpu SIZE=tiny for a quick try on CPU)
 

@@ -68,16 +68,21 @@ def test_evaluate_an_adapter_writes_json_and_a_page_with_every_image(demo_run, t
     out_dir, _ = demo_run
     out, page = tmp_path / "scores.json", tmp_path / "report.html"
     result = run_script("evaluate.py", "--adapter", os.path.join(out_dir, "adapter"), "--split", "val",
-                        "--num-beams", "2", "--out", str(out), "--html", str(page))
+                        "--num-beams", "2", "--out", str(out), "--html", str(page), "--zero-shot-too")
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "CIDEr" in result.stdout
+    assert "CIDEr" in result.stdout and "zero-shot" in result.stdout and "fine-tuned" in result.stdout
+    assert f"report: {page}" in result.stdout and f"scores and captions: {out}" in result.stdout
     report = json.load(open(out))
     assert set(report["metrics"]) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
     assert report["settings"]["num_beams"] == 2 and report["settings"]["model"] == "data/demo/blip2-tiny"
     assert len(report["captions"]) == 50 and len(report["captions"][0]["references"]) == 5
     html = page.read_text()
     assert html.count("<img src='data:image/jpeg;base64,") == 50  # self-contained: every image embedded
-    assert all(c["image"] in html for c in report["captions"])
+    assert "Scores x100" in html and html.count("zero-shot: ") == 50  # the base's caption beside each one
+    # the images appear lowest CIDEr first: the failures are on the first screen
+    by_cider = sorted(report["captions"], key=lambda c: c["cider"])
+    positions = [html.index(f"<div>{c['image']}</div>") for c in by_cider]
+    assert positions == sorted(positions) and by_cider[0]["cider"] < by_cider[-1]["cider"]
 
 
 @pytest.fixture

@@ -360,3 +360,22 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
     result = run_script("train.py", str(config))
     assert result.returncode == 1 and result.stderr.strip() == (
         f"error: {config}: not UTF-8 text (byte 26); save the config file as UTF-8")
+
+
+def test_help_lists_every_setting_with_its_default_and_comment():
+    import train
+    result = run_script("train.py", "--help")
+    assert result.returncode == 0 and result.stderr == ""
+    for name, default in train.default_settings().items():
+        assert f"  --{name}={default!r}" in result.stdout, name
+    assert "  --lora_r=8" in result.stdout and "the rank r of each update B @ A" in result.stdout
+    assert run_script("train.py", "-h").stdout == result.stdout
+
+
+def test_the_demo_writes_a_report_with_both_captions_worst_first(demo_run):
+    out_dir, result = demo_run
+    page = open(os.path.join(out_dir, "report.html")).read()
+    assert f"report: {os.path.join(out_dir, 'report.html')}" in result.stdout
+    assert page.count("<img src='data:image/jpeg;base64,") == 50 and page.count("zero-shot: ") == 50
+    ciders = [float(c) for c in re.findall(r"<td class='[a-z]*'>([0-9.]+)</td>", page)]
+    assert len(ciders) == 50 and ciders == sorted(ciders)
