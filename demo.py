@@ -6,7 +6,7 @@ The offline demo world: a synthetic Flickr8k and a tiny pretrained BLIP-2, so th
 data/demo/flickr8k/    300 images of a coloured circle on a plain background, in the ORIGINAL release layout
                        (Flicker8k_Dataset/, Flickr8k.token.txt with five captions per image, the three split files),
                        so data.py's real reader is what reads it.
-data/demo/blip2-tiny/  a BLIP-2 (ViT + Q-Former + T5) of about 0.5M parameters, saved with save_pretrained with its
+data/demo/blip2-tiny/  a BLIP-2 (ViT + Q-Former + T5) of 0.40M parameters, saved with save_pretrained with its
                        Blip2Processor, so it loads through the same from_pretrained code as Salesforce/blip2-flan-t5-xl.
 
 The tiny model was first trained, all of its weights, on other images of the same kind described in a DIFFERENT
