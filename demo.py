@@ -1,7 +1,7 @@
 """
 The offline demo world: a synthetic Flickr8k and a tiny pretrained BLIP-2, so that everything runs with no download.
 
-    python demo.py            # builds data/demo/ if missing (about a minute on 2 CPU cores); train.py does it too
+    python demo.py            # builds data/demo/ if missing (about 80 s on 2 CPU cores); train.py does it too
 
 data/demo/flickr8k/    300 images of a coloured circle on a plain background, in the ORIGINAL release layout
                        (Flicker8k_Dataset/, Flickr8k.token.txt with five captions per image, the three split files),

@@ -1,7 +1,7 @@
 """
 Fine-tune BLIP-2 (Salesforce/blip2-flan-t5-xl) on image captions with hand-written LoRA (lora.py).
 
-    python train.py config/demo.py                              # offline demo: about a minute on 2 CPU cores
+    python train.py config/demo.py                              # offline demo: about 2 minutes on 2 CPU cores
     python train.py --model=models/blip2-flan-t5-xl --data_dir=data/flickr8k
     python train.py --data_dir=my_photos --prompt="a product photo of"     # your own captions (README)
     torchrun --standalone --nproc_per_node=4 train.py --data_dir=data/flickr8k       # several GPUs (or processes)

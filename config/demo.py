@@ -1,4 +1,5 @@
-"""The offline demo: python train.py config/demo.py (builds data/demo/ on first use; about a minute on 2 CPU cores)."""
+"""The offline demo: python train.py config/demo.py (builds data/demo/ on first use: about 2 minutes on 2 CPU
+cores, under 1 once built)."""
 model = "data/demo/blip2-tiny"
 data_dir = "data/demo/flickr8k"
 out_dir = "out/demo"
