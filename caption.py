@@ -8,8 +8,10 @@ Caption images with BLIP-2 and a LoRA adapter; or export base + adapter as one p
 
 Prints `path<TAB>caption` per image. The prompt and generation settings default to those the adapter was trained
 with (its caption_settings.json, written by train.py). The model input is exactly Blip2Processor(images=...,
-text=prompt), as in any transformers code. A missing, non-image or corrupt file, or a directory with no images,
-gets one line on stderr; the rest are still captioned, and the exit code is then 1.
+text=prompt): captioning goes through evaluate.py's own path (tested equal to model.generate on the processor's
+output), autocast included, so caption.py and evaluate.py caption an image alike on any device. A missing,
+non-image or corrupt file, or a directory with no images, gets one line on stderr; the rest are still captioned,
+and the exit code is then 1.
 """
 import argparse
 import json
@@ -178,8 +180,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.images and not args.export_merged:
         parser.error("give image files or directories (or --export-merged DIR)")
-    from data import encoder_prompt_ids, load_rgb
-    from model import ModelError
+    from data import ImageCaptions, encoder_prompt_ids
+    from evaluate import caption_stream
+    from model import ModelError, autocast_context, autocast_dtype
     try:
         notes = []  # said once the model has loaded: an error is then the only line
         adapter, model_name = resolve_model(args.adapter, args.model, log=notes.append)
@@ -189,8 +192,8 @@ def main(argv=None):
                 raise ValueError("--export-merged needs an adapter (--adapter DIR)")
             check_export_folder(args.export_merged, adapter, model_name)  # before any work
         model, processor = load_for_captioning(model_name, adapter, args.device)
-        encoder_prompt_ids(processor.tokenizer, args.prompt, model.config.num_query_tokens,
-                           model.config.image_token_id)  # refuses a prompt holding the image token
+        prompt_ids = encoder_prompt_ids(processor.tokenizer, args.prompt, model.config.num_query_tokens,
+                                        model.config.image_token_id)  # refuses a prompt holding the image token
     except (ModelError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -204,25 +207,18 @@ def main(argv=None):
     paths, errors = image_paths(args.images)
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
-    for start in range(0, len(paths), args.batch_size):
-        images, names = [], []
-        for path in paths[start:start + args.batch_size]:
-            try:
-                images.append(load_rgb(path))
-                names.append(path)
-            except (OSError, ValueError) as e:
-                errors.append(path)
-                print(f"error: {path}: not a readable image ({type(e).__name__}: {str(e).splitlines()[0]})",
-                      file=sys.stderr)
-        if not images:
-            continue
-        inputs = processor(images=images, text=[args.prompt] * len(images), return_tensors="pt").to(args.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        with torch.no_grad():
-            output = model.generate(**inputs, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                                    min_new_tokens=args.min_new_tokens)
-        for path, text in zip(names, processor.tokenizer.batch_decode(output, skip_special_tokens=True)):
-            print(f"{path}\t{text.strip()}", flush=True)
+
+    def unreadable(item, error):
+        errors.append(item.path)
+        print(f"error: {item.path}: not a readable image ({type(error).__name__}: {str(error).splitlines()[0]})",
+              file=sys.stderr)
+    items = [ImageCaptions(path, path, []) for path in paths]  # the name is the path as given
+    # evaluate.py's path exactly (autocast included), so that both tools caption an image alike on any device
+    for item, text in caption_stream(model, processor, items, prompt_ids, args.device,
+                                     autocast_context(args.device, autocast_dtype(args.device)),
+                                     batch_size=args.batch_size, on_unreadable=unreadable, num_beams=args.num_beams,
+                                     max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens):
+        print(f"{item.path}\t{text}", flush=True)
     return 1 if errors else 0
 
 

@@ -104,13 +104,18 @@ def score_captions(predictions, references, metrics=METRICS, spice=False, log=pr
     return {k: float(v) for k, v in scores.items()}
 
 
+def warn_unreadable(item, error):
+    warnings.warn(f"skipping unreadable image {item.path}: {error}")
+
+
 @torch.no_grad()
-def caption_items(model, processor, items, prompt_ids, device, autocast, cache=None, batch_size=32, progress=False,
-                  **generate_kwargs):
-    """Caption data.ImageCaptions items -> {image name: caption}; vision outputs from the cache when it has them."""
+def caption_stream(model, processor, items, prompt_ids, device, autocast, cache=None, batch_size=32, progress=False,
+                   on_unreadable=warn_unreadable, **generate_kwargs):
+    """Caption data.ImageCaptions items batch by batch, yielding (item, caption): the one captioning path of
+    train.py, evaluate.py and caption.py. Vision outputs come from the cache when it has them; an image that cannot
+    be read goes to on_unreadable(item, error) and the rest are still captioned."""
     from data import load_rgb
     from model import generate_captions, vision_embeds
-    captions = {}
     for start in tqdm(range(0, len(items), batch_size), desc="captioning", unit="batch", disable=not progress):
         chunk = items[start:start + batch_size]
         if cache is not None and cache.complete:
@@ -124,7 +129,7 @@ def caption_items(model, processor, items, prompt_ids, device, autocast, cache=N
                     images.append(load_rgb(item.path))
                     kept.append(item)
                 except (OSError, ValueError) as e:
-                    warnings.warn(f"skipping unreadable image {item.path}: {e}")
+                    on_unreadable(item, e)
             chunk = kept
             if not chunk:
                 continue
@@ -135,8 +140,12 @@ def caption_items(model, processor, items, prompt_ids, device, autocast, cache=N
             continue
         with autocast:
             texts = generate_captions(model, processor.tokenizer, prompt_ids, embeds, **generate_kwargs)
-        captions.update({item.name: text for item, text in zip(chunk, texts)})
-    return captions
+        yield from zip(chunk, texts)
+
+
+def caption_items(*args, **kwargs):
+    """caption_stream's captions as {image name: caption}."""
+    return {item.name: text for item, text in caption_stream(*args, **kwargs)}
 
 
 def print_table(columns):

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from caption import save_caption_settings
+from caption import GENERATION_DEFAULTS, save_caption_settings  # the generation defaults, defined once
 from lora import DEFAULT_TARGETS, save_adapter
 
 # ----------------------------------------------------------------------------------------------------- settings
@@ -50,7 +50,7 @@ model = "Salesforce/blip2-flan-t5-xl"  # hub id or local directory
 data_dir = "data/flickr8k"             # Flickr8k, Karpathy JSON or imagefolder metadata (python data.py DIR checks it)
 caption_column = ""                    # imagefolder metadata: the caption column ("" = text, caption or captions)
 out_dir = "out"                        # checkpoint/, adapter/, vision_cache/, log.jsonl, results.json
-prompt = "a photo of"                  # T5 encoder prompt after the image tokens (the LAVIS caption recipe's)
+prompt = GENERATION_DEFAULTS["prompt"]  # T5 encoder prompt after the image tokens: "a photo of", as LAVIS's recipe
 # LoRA
 lora_r = 8                             # the rank r of each update B @ A
 lora_alpha = 16                        # the update is scaled by lora_alpha / lora_r
@@ -77,9 +77,9 @@ num_workers = 4                        # image-decoding processes (only when ima
 eval_interval = 500                    # steps between val CIDEr evaluations (and at each epoch end); 0 = none
 eval_images = 500                      # val images used for that (0 = all)
 final_eval = True                      # score zero-shot and fine-tuned on the test split at the end
-num_beams = 5                          # beam search when captioning for evaluation (saved with the adapter)
-max_new_tokens = 30                    # longest generated caption, in tokens (saved with the adapter)
-min_new_tokens = 8                     # shortest generated caption, in tokens (saved with the adapter)
+num_beams = GENERATION_DEFAULTS["num_beams"]            # beam search in evaluations (saved with the adapter)
+max_new_tokens = GENERATION_DEFAULTS["max_new_tokens"]  # longest generated caption in tokens (saved, as above)
+min_new_tokens = GENERATION_DEFAULTS["min_new_tokens"]  # shortest generated caption in tokens (saved, as above)
 checkpoint_interval = 200              # steps between checkpoints
 log_interval = 10                      # steps between log lines (also written to log.jsonl)
 seed = 1337                            # LoRA init, dropout and the data order

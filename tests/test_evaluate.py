@@ -110,16 +110,20 @@ def test_caption_without_adapter_reports_bad_inputs_and_captions_the_rest(demo_w
     assert "Traceback" not in result.stderr
 
 
-def test_caption_a_directory_with_the_trained_adapter(demo_run, demo_world):
+def test_caption_a_directory_with_the_trained_adapter(demo_run, demo_world, tmp_path):
     out_dir, _ = demo_run
-    folder = os.path.join(demo_world[0], "Flicker8k_Dataset")
-    result = run_script("caption.py", "--adapter", os.path.join(out_dir, "adapter"), "--num-beams", "1", folder)
+    source = os.path.join(demo_world[0], "Flicker8k_Dataset")
+    folder = tmp_path / "photos"  # 60 of the demo's images: a folder of someone's photos
+    folder.mkdir()
+    for name in sorted(os.listdir(source))[::5]:
+        os.symlink(os.path.abspath(os.path.join(source, name)), folder / name)
+    result = run_script("caption.py", "--adapter", os.path.join(out_dir, "adapter"), "--num-beams", "1", str(folder))
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == len(os.listdir(folder)) == 300
-    assert sum("circle" in line for line in lines) > 250  # the demo captions' style, learned by the adapter
+    assert len(lines) == len(os.listdir(folder)) == 60
+    assert sum("circle" in line for line in lines) > 50  # the demo captions' style, learned by the adapter
     base = run_script("caption.py", "--adapter", "none", "--model", demo_world[1], "--num-beams", "1",
-                      os.path.join(folder, sorted(os.listdir(folder))[0]))
+                      os.path.join(source, sorted(os.listdir(source))[0]))
     assert "zero-shot" in base.stderr and "backdrop" in base.stdout  # the base model's own style
 
 

@@ -93,12 +93,13 @@ def test_resume_after_a_kill_during_a_save_gives_the_identical_adapter(uninterru
 
 
 SLOW_STEPS = """
-import runpy, sys, time, torch
+import runpy, signal, sys, time, torch
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts with Ctrl-C ignored
 real_step = torch.optim.AdamW.step
 
-def slow_step(self, *args, **kwargs):  # 0.5 s a step: Ctrl-C lands mid-run however busy the machine is
+def slow_step(self, *args, **kwargs):  # 0.3 s a step: Ctrl-C lands mid-run however busy the machine is
     result = real_step(self, *args, **kwargs)
-    time.sleep(0.5)
+    time.sleep(0.3)
     return result
 
 torch.optim.AdamW.step = slow_step
