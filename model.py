@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from lora import lora_layers
 
+
 class ModelError(Exception):
     """A model or adapter that cannot be loaded, reported in one line without a traceback."""
 

@@ -22,7 +22,12 @@ What the loop does, top to bottom:
 - Every `checkpoint_interval` steps: out_dir/checkpoint (adapter, optimizer, RNG, step, settings), written atomically.
   Running the same command again resumes from it (a change to a setting in FIXED_ON_RESUME is refused); a
   finished run is not trained again.
-- At the end: zero-shot base and best adapter scored on the test split -> out_dir/results.json.
+- At the end: zero-shot base and best adapter scored on the test split -> out_dir/results.json, and
+  out_dir/report.html with every test image and both captions, the lowest CIDEr first.
+
+The code reads in the order it runs: train(cfg) calls start_processes, check_resume, load_data_and_model,
+prepare_vision_cache, prepare_training, then train_epochs (forward_backward in each step, evaluate_val now and
+then), and final_evaluation. Settings reach every stage as `cfg`, explicitly.
 
 Settings: the block below. Override with a config file (Python assignments of literals, e.g. config/demo.py) and/or
 --key=value; an unknown key or a value of the wrong type is an error.
@@ -36,6 +41,7 @@ import re
 import shutil
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -204,19 +210,21 @@ def fail(message):
     sys.exit(1)
 
 
-def lr_at(step, total_steps):
+def lr_at(cfg, step, total_steps):
     """Linear warmup to learning_rate, then cosine decay to learning_rate * min_lr_ratio."""
-    if step < warmup_steps:
-        return learning_rate * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return learning_rate * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 *
+                                (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def epoch_micro_batches(num_images, epoch, group):
+def epoch_micro_batches(cfg, num_images, epoch, group):
     """The epoch's shuffled image order cut into micro-batches; a trailing part too small for a full optimizer step
     on every rank is dropped. Deterministic in (seed, epoch), so a resumed run sees the same batches."""
-    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    batches = [order[i:i + batch_images] for i in range(0, num_images - batch_images + 1, batch_images)]
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+    size = cfg.batch_images
+    batches = [order[i:i + size] for i in range(0, num_images - size + 1, size)]
     return batches[:len(batches) - len(batches) % group]
 
 
@@ -346,336 +354,427 @@ def default_settings():
             if not k.startswith("_") and isinstance(v, (int, float, bool, str, list))}
 
 
-def main():
-    if {"-h", "--help"} & set(sys.argv[1:]):
-        print(settings_help())
-        return
-    try:
-        settings = apply_settings(sys.argv[1:], default_settings())
-    except SettingsError as e:
-        fail(e)
-    globals().update(settings)
+# ------------------------------------------------------------------------------------------- the run, in stages
 
-    # ---- processes: one per GPU under torchrun (gloo on CPU), or just this one
+def start_processes(cfg):
+    """One process per GPU under torchrun (gloo on CPU), or just this one; and the precision they compute in."""
+    from model import autocast_context, autocast_dtype
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if ddp:
-        cuda = torch.cuda.is_available() and device != "cpu"
+        cuda = torch.cuda.is_available() and cfg.device != "cpu"
         dist.init_process_group(backend="nccl" if cuda else "gloo")
         rank, world_size = dist.get_rank(), dist.get_world_size()
-        run_device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
         if cuda:
-            torch.cuda.set_device(run_device)
+            torch.cuda.set_device(device)
     else:
         rank, world_size = 0, 1
-        run_device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    device_type = "cuda" if run_device.startswith("cuda") else "cpu"
-    compiling = device_type == "cuda" if torch_compile == "auto" else torch_compile
-    from model import ModelError, autocast_context, autocast_dtype
-    compute_dtype = {"auto": autocast_dtype(run_device), "bfloat16": torch.bfloat16, "float16": torch.float16,
-                     "float32": torch.float32}[dtype]
-    if compute_dtype == torch.float16:
-        log("warning: float16 with T5 often overflows (NaN/inf loss); bfloat16 or float32 are safer")
-    autocast = autocast_context(run_device, compute_dtype)  # bf16/fp16 autocast, or nothing for float32
-    torch.manual_seed(seed)
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = {"auto": autocast_dtype(device), "bfloat16": torch.bfloat16, "float16": torch.float16,
+             "float32": torch.float32}[cfg.dtype]
+    p = SimpleNamespace(ddp=ddp, rank=rank, world_size=world_size, master=rank == 0, device=device,
+                        device_type=device_type, dtype=dtype,
+                        autocast=autocast_context(device, dtype),  # bf16/fp16 autocast, or nothing for float32
+                        compiling=device_type == "cuda" if cfg.torch_compile == "auto" else cfg.torch_compile,
+                        log=print if rank == 0 else (lambda *a, **k: None))
+    if dtype == torch.float16:
+        p.log("warning: float16 with T5 often overflows (NaN/inf loss); bfloat16 or float32 are safer")
+    return p
 
-    if master:
-        lock_out_dir(out_dir)  # held until the process ends, however it ends
-    results_path = os.path.join(out_dir, "results.json")
-    checkpoint_dir = os.path.join(out_dir, "checkpoint")
+
+def check_resume(cfg, p):
+    """Lock out_dir and read its checkpoint, if any: (path or None, state). A changed setting that defines the run is
+    refused, and a finished run prints its results and returns None."""
+    if p.master:
+        lock_out_dir(cfg.out_dir)  # held until the process ends, however it ends
+    checkpoint_dir, results_path = os.path.join(cfg.out_dir, "checkpoint"), os.path.join(cfg.out_dir, "results.json")
     resume_from = find_checkpoint(checkpoint_dir)
     try:
         state = read_state(resume_from) if resume_from else {}
     except CheckpointError as e:
         fail(f"{e}; delete {checkpoint_dir} to train this run afresh")
+    settings = vars(cfg)
     changed = {k: was for k, was in state.get("settings", {}).items() if k in settings and settings[k] != was}
     for key in sorted(FIXED_ON_RESUME & changed.keys()):  # sorted: the same key is reported every time
         fail(f"{resume_from} was written with {key}={changed[key]!r}, this run has {key}={settings[key]!r}: resume "
              f"with the same value, or train afresh in another out_dir (or delete {checkpoint_dir})")
-    if state.get("finished") and (os.path.isfile(results_path) or not final_eval):
-        log(f"{out_dir}: this run has finished (delete {checkpoint_dir} to train again)")
-        if os.path.isfile(results_path) and master:
+    if state.get("finished") and (os.path.isfile(results_path) or not cfg.final_eval):
+        p.log(f"{cfg.out_dir}: this run has finished (delete {checkpoint_dir} to train again)")
+        if os.path.isfile(results_path) and p.master:
             from evaluate import print_table
             results = json.load(open(results_path))
             print("test split:")
             print_table({"zero-shot": results["zero_shot"], "fine-tuned": results["fine_tuned"]})
-        return
+        return None
     if changed:
-        log("resuming with changed settings: " + ", ".join(f"{k} {w!r} -> {settings[k]!r}" for k, w in changed.items()))
+        p.log("resuming with changed settings: " + ", ".join(f"{k} {w!r} -> {settings[k]!r}"
+                                                           for k, w in changed.items()))
+    return resume_from, state
 
-    # ---- data and model
+
+def load_data_and_model(cfg, p):
+    """The caption collection, BLIP-2 with LoRA injected, and the encoder's prompt ids; any problem is one line."""
     import demo
-    from data import (CaptionCollator, DataError, ImageCaptionDataset, encoder_prompt_ids, long_captions,
-                      read_captions)
-    from evaluate import ScoringError, caption_items, print_table, require_java, score_captions, write_html
-    from lora import inject_lora, load_adapter, lora_layers, lora_summary
-    from model import VisionCache, cast_frozen_qformer, grouped_caption_loss, load_blip2, train_mode, vision_embeds
+    from data import DataError, encoder_prompt_ids, long_captions, read_captions
+    from evaluate import ScoringError, require_java
+    from lora import inject_lora, lora_summary
+    from model import ModelError, cast_frozen_qformer, load_blip2
     try:
-        if master:
-            demo.ensure_demo_world(data_dir, log=log)
-            demo.ensure_demo_world(model, log=log)
-        if ddp:
+        if p.master:
+            demo.ensure_demo_world(cfg.data_dir, log=p.log)
+            demo.ensure_demo_world(cfg.model, log=p.log)
+        if p.ddp:
             dist.barrier()
-        data = read_captions(data_dir, caption_column or None)
+        data = read_captions(cfg.data_dir, cfg.caption_column or None)
         # frozen base in the compute dtype (halves memory on GPUs); LoRA tensors stay float32 (lora.py)
-        weights_dtype = compute_dtype if device_type == "cuda" else torch.float32
-        blip2, processor = load_blip2(model, run_device, dtype=weights_dtype)
-        wrapped = inject_lora(blip2, lora_targets, lora_r, lora_alpha, lora_dropout)
-        cast_frozen_qformer(blip2, compute_dtype)  # bf16: fewer casts per step, the same numbers
-        prompt_ids = encoder_prompt_ids(processor.tokenizer, prompt, blip2.config.num_query_tokens,
+        blip2, processor = load_blip2(cfg.model, p.device, dtype=p.dtype if p.device_type == "cuda" else torch.float32)
+        wrapped = inject_lora(blip2, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        cast_frozen_qformer(blip2, p.dtype)  # bf16: fewer casts per step, the same numbers
+        prompt_ids = encoder_prompt_ids(processor.tokenizer, cfg.prompt, blip2.config.num_query_tokens,
                                         blip2.config.image_token_id)
-        if eval_interval or final_eval:
+        if cfg.eval_interval or cfg.final_eval:
             require_java()  # now, not after hours of training
     except (DataError, ModelError, ScoringError, ValueError) as e:
         fail(e)
-    log(f"{data.layout}: " + ", ".join(f"{s} {len(v)} images" for s, v in data.splits.items())
-        + (f"; {len(data.skipped)} entries skipped (python data.py {data_dir})" if data.skipped else ""))
-    log(lora_summary(blip2))
-    too_long, longest = long_captions(data.splits["train"], processor.tokenizer, max_caption_tokens)
+    p.log(f"{data.layout}: " + ", ".join(f"{s} {len(v)} images" for s, v in data.splits.items())
+          + (f"; {len(data.skipped)} entries skipped (python data.py {cfg.data_dir})" if data.skipped else ""))
+    p.log(lora_summary(blip2))
+    too_long, longest = long_captions(data.splits["train"], processor.tokenizer, cfg.max_caption_tokens)
     if too_long:
-        log(f"{too_long} train captions are longer than max_caption_tokens={max_caption_tokens} (the longest: "
-            f"{longest} tokens); training reads their first {max_caption_tokens} tokens. Raise max_caption_tokens "
-            "to keep them whole: memory and time per caption grow with it")
-    train_items, val_items, test_items = data.splits["train"], data.splits["val"], data.splits["test"]
-    val_items = val_items[:eval_images] if eval_images else val_items
-    evaluating = eval_interval > 0 and len(val_items) > 0
-    if eval_interval and not val_items:
-        log("no val images: no evaluation during training; the final adapter is the one kept")
+        p.log(f"{too_long} train captions are longer than max_caption_tokens={cfg.max_caption_tokens} (the longest: "
+              f"{longest} tokens); training reads their first {cfg.max_caption_tokens} tokens. Raise "
+              "max_caption_tokens to keep them whole: memory and time per caption grow with it")
+    return data, blip2, processor, prompt_ids, wrapped
 
-    # ---- the frozen-vision cache: ViT outputs of every image, computed once (rank 0 builds, the others wait)
-    cache = None
-    if vision_cache and not any(p.startswith("vision_model.") for p in wrapped):
-        all_items = train_items + data.splits["val"] + test_items
-        image_size = "x".join(str(processor.image_processor.size[k]) for k in ("height", "width"))
-        cache_key = (blip2, model, image_size, all_items, compute_dtype)
-        cache = VisionCache(os.path.join(out_dir, "vision_cache"), *cache_key)
-        if cache.problem and master:
-            log(f"vision cache: {cache.dir} cannot be used ({cache.problem}); building it again")
-        if not cache.complete and master:
-            log(f"vision cache: computing ViT outputs of {len(all_items)} images once "
-                f"({cache.nbytes / 1e9:.1f} GB in {cache.dir}) ...")
-            require_disk_space(cache, len(all_items))
-            # its own generator: drawing worker seeds from the global RNG would change the dropout of the run
-            loader = torch.utils.data.DataLoader(ImageCaptionDataset(all_items, processor.image_processor),
-                                                 batch_size=32, num_workers=min(num_workers, os.cpu_count() or 1),
-                                                 collate_fn=CaptionCollator(all_items, processor.tokenizer, prompt_ids),
-                                                 generator=torch.Generator())
-            cache.build(blip2, loader, run_device, autocast, log=log)
-        if ddp:
-            dist.barrier()
-            cache = VisionCache(os.path.join(out_dir, "vision_cache"), *cache_key)  # now complete on every rank
-        if cache.missing:
-            log(f"vision cache: {len(cache.missing)} unreadable images are left out")
-            train_items = [i for i in train_items if i.name not in cache.missing]
-    elif vision_cache:
-        log("vision cache: off (a LoRA target is inside the ViT, so its outputs change while training)")
 
-    collate = CaptionCollator(train_items, processor.tokenizer, prompt_ids, max_caption_tokens,
-                              load_images=cache is None, fixed_length=compiling)
+def prepare_vision_cache(cfg, p, blip2, processor, items, prompt_ids, wrapped):
+    """The frozen ViT's outputs of every image, computed once (rank 0 builds, the others wait); None when off."""
+    from data import CaptionCollator, ImageCaptionDataset
+    from model import VisionCache
+    if not cfg.vision_cache:
+        return None
+    if any(path.startswith("vision_model.") for path in wrapped):
+        p.log("vision cache: off (a LoRA target is inside the ViT, so its outputs change while training)")
+        return None
+    image_size = "x".join(str(processor.image_processor.size[k]) for k in ("height", "width"))
+    key = (blip2, cfg.model, image_size, items, p.dtype)
+    cache = VisionCache(os.path.join(cfg.out_dir, "vision_cache"), *key)
+    if cache.problem and p.master:
+        p.log(f"vision cache: {cache.dir} cannot be used ({cache.problem}); building it again")
+    if not cache.complete and p.master:
+        p.log(f"vision cache: computing ViT outputs of {len(items)} images once "
+              f"({cache.nbytes / 1e9:.1f} GB in {cache.dir}) ...")
+        require_disk_space(cache, len(items))
+        # its own generator: drawing worker seeds from the global RNG would change the dropout of the run
+        loader = torch.utils.data.DataLoader(ImageCaptionDataset(items, processor.image_processor), batch_size=32,
+                                             num_workers=min(cfg.num_workers, os.cpu_count() or 1),
+                                             collate_fn=CaptionCollator(items, processor.tokenizer, prompt_ids),
+                                             generator=torch.Generator())
+        cache.build(blip2, loader, p.device, p.autocast, log=p.log)
+    if p.ddp:
+        dist.barrier()
+        cache = VisionCache(os.path.join(cfg.out_dir, "vision_cache"), *key)  # now complete on every rank
+    return cache
+
+
+def forward_backward(cfg, p, blip2, step_batches, cache, train_items, caption_loss, scaler, params):
+    """One optimizer step's micro-batches forward and backward; with several processes, the gradients summed over
+    them. Returns the step's loss: the caption-token mean over every micro-batch of every rank."""
+    from model import vision_embeds
+    # every token of the step, on every rank, counts once: the gradient is of the mean over all of them
+    tokens = torch.tensor(float(sum((b["labels"] != -100).sum() for b in step_batches)), device=p.device)
+    if p.ddp:
+        dist.all_reduce(tokens)
+    loss_sum = torch.zeros((), device=p.device)
+    for b in step_batches:
+        b = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in b.items()}
+        with p.autocast:
+            if cache is not None:
+                image_embeds = cache.lookup([train_items[i].name for i in b["image_index"].tolist()], p.device)
+            else:
+                with torch.no_grad():
+                    image_embeds = vision_embeds(blip2, b["pixel_values"])
+            batch_loss, _ = caption_loss(blip2, b, image_embeds)
+        scaler.scale(batch_loss / tokens).backward()
+        loss_sum += batch_loss.detach()
+    if p.ddp:
+        # data parallelism by hand: sum the LoRA gradients over ranks (one flat buffer; they are 0.26% of the
+        # model) and the losses for the log. Each rank divided by the global token count already.
+        flat = torch.cat([q.grad.flatten() if q.grad is not None else torch.zeros_like(q).flatten() for q in params])
+        dist.all_reduce(flat)
+        start = 0
+        for q in params:
+            q.grad = flat[start:start + q.numel()].view_as(q)
+            start += q.numel()
+        dist.all_reduce(loss_sum)
+    return (loss_sum / tokens).item()
+
+
+def stop_on_a_non_finite_loss(cfg, p, loss, step):
+    if not math.isfinite(loss):
+        kept = find_checkpoint(os.path.join(cfg.out_dir, "checkpoint"))
+        fail(f"the loss became {loss} at step {step}. "
+             + ("float16 overflows in T5: use dtype=bfloat16 or float32. " if p.dtype == torch.float16
+                else f"Lower learning_rate (now {cfg.learning_rate:g}) or check the data. ")
+             + (f"The last good checkpoint ({kept}, step {json.load(open(os.path.join(kept, 'state.json')))['step']})"
+                " is kept; fix the setting and run again to resume from it." if kept else
+                "No checkpoint was written yet."))
+
+
+def evaluate_val(cfg, p, run, blip2, processor, val_items, prompt_ids, cache):
+    """CIDEr on the val images; rank 0 only, the others wait. Keeps the best adapter in out_dir/adapter."""
+    from evaluate import caption_items, score_captions
+    from model import train_mode
+    if p.master:
+        blip2.eval()
+        predictions = caption_items(blip2, processor, val_items, prompt_ids, p.device, p.autocast, cache,
+                                    num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
+                                    min_new_tokens=cfg.min_new_tokens)
+        cider = score_captions(predictions, {i.name: i.captions for i in val_items}, metrics=("CIDEr",))["CIDEr"]
+        run.history.append({"step": run.step, "val_CIDEr": cider})
+        run.record({"step": run.step, "val_CIDEr": cider})
+        improved = cider > run.best_cider
+        if improved:
+            run.best_cider = cider
+            save_trained_adapter(blip2, os.path.join(cfg.out_dir, "adapter"), vars(cfg))
+        p.log(f"step {run.step}: val CIDEr {cider:.3f}" + (" (best so far: adapter saved)" if improved else
+                                                            f" (best {run.best_cider:.3f})"))
+        train_mode(blip2)
+    if p.ddp:
+        dist.barrier()
+
+
+def final_evaluation(cfg, p, blip2, processor, test_items, prompt_ids, cache):
+    """Zero-shot base and the kept adapter on the test split: results.json, the table, and report.html."""
+    from evaluate import caption_items, print_table, score_captions, write_html
+    from lora import load_adapter, lora_layers
+    blip2.eval()
+    references = {i.name: i.captions for i in test_items}
+    results, captions, per_image = {}, {}, {}
+    with torch.no_grad():
+        for name in ("zero_shot", "fine_tuned"):
+            if name == "zero_shot":
+                for _, layer in lora_layers(blip2):
+                    layer.lora_B.zero_()  # B = 0: exactly the base model
+            else:
+                load_adapter(blip2, os.path.join(cfg.out_dir, "adapter"))
+            captions[name] = caption_items(blip2, processor, test_items, prompt_ids, p.device, p.autocast, cache,
+                                           num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
+                                           min_new_tokens=cfg.min_new_tokens)
+            results[name] = score_captions(captions[name], {n: references[n] for n in captions[name]},
+                                           per_image=per_image if name == "fine_tuned" else None)
+    results_path = os.path.join(cfg.out_dir, "results.json")
+    with open(results_path + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(results_path + ".tmp", results_path)
+    report_path = os.path.join(cfg.out_dir, "report.html")  # both captions are at hand: no extra pass
+    write_html(report_path, f"BLIP-2 captions, {cfg.data_dir} test split", {
+        "fine-tuned": results["fine_tuned"], "zero-shot": results["zero_shot"]},
+        [{"image": i.name, "path": i.path, "caption": captions["fine_tuned"][i.name], "references": i.captions,
+          "cider": per_image[i.name], "zero_shot": captions["zero_shot"].get(i.name)}
+         for i in test_items if i.name in captions["fine_tuned"]])
+    p.log(f"test split ({len(test_items)} images), beam {cfg.num_beams}:")
+    print_table({"zero-shot": results["zero_shot"], "fine-tuned": results["fine_tuned"]})
+    p.log(f"adapter: {os.path.join(cfg.out_dir, 'adapter')}   scores: {results_path}   report: {report_path}")
+
+
+class RunState:
+    """What the loop carries from step to step and a checkpoint saves beside the weights: the step, the best val
+    CIDEr so far and the val history; and the log file."""
+
+    def __init__(self, cfg, p, steps_per_epoch):
+        self.cfg, self.p, self.steps_per_epoch = cfg, p, steps_per_epoch
+        self.step, self.best_cider, self.history = 0, -1.0, []
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        self.log_file = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if p.master else None
+
+    def record(self, entry):
+        if self.log_file:
+            self.log_file.write(json.dumps(entry) + "\n")
+            self.log_file.flush()
+
+    def checkpoint(self, t, rng, finished=False):
+        if self.p.master:
+            epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)  # the data position (batches are seeded)
+            save_checkpoint(os.path.join(self.cfg.out_dir, "checkpoint"),
+                            {"step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                             "best_cider": self.best_cider, "history": self.history, "finished": finished,
+                             "settings": vars(self.cfg)}, t.blip2, t.optimizer, t.scaler, rng)
+
+
+def prepare_training(cfg, p, blip2, processor, train_items, prompt_ids, cache):
+    """Everything the loop uses, in one namespace: batching, the (compiled) loss, the optimizer and the schedule."""
+    from data import CaptionCollator, ImageCaptionDataset
+    from model import grouped_caption_loss
+    t = SimpleNamespace(blip2=blip2, train_items=train_items, cache=cache)
+    t.collate = CaptionCollator(train_items, processor.tokenizer, prompt_ids, cfg.max_caption_tokens,
+                                load_images=cache is None, fixed_length=p.compiling)
     # fullgraph: a graph break is an error, not a silent slowdown (tests/test_fast.py keeps the loss one graph)
-    caption_loss = torch.compile(grouped_caption_loss, fullgraph=True) if compiling else grouped_caption_loss
-    dataset = ImageCaptionDataset(train_items, processor.image_processor, load_images=cache is None)
-    group = grad_accum * world_size  # micro-batches per optimizer step, all ranks together
-    steps_per_epoch = len(epoch_micro_batches(len(train_items), 0, group)) // group
-    if steps_per_epoch == 0:
-        fail(f"{data_dir}: {len(train_items)} train images is fewer than one step needs "
-             f"(batch_images * grad_accum * processes = {batch_images * group}); lower batch_images")
-    total_steps = max_steps or epochs * steps_per_epoch
+    t.caption_loss = torch.compile(grouped_caption_loss, fullgraph=True) if p.compiling else grouped_caption_loss
+    t.dataset = ImageCaptionDataset(train_items, processor.image_processor, load_images=cache is None)
+    t.group = cfg.grad_accum * p.world_size  # micro-batches per optimizer step, all ranks together
+    t.steps_per_epoch = len(epoch_micro_batches(cfg, len(train_items), 0, t.group)) // t.group
+    if t.steps_per_epoch == 0:
+        fail(f"{cfg.data_dir}: {len(train_items)} train images is fewer than one step needs "
+             f"(batch_images * grad_accum * processes = {cfg.batch_images * t.group}); lower batch_images")
+    t.total_steps = cfg.max_steps or cfg.epochs * t.steps_per_epoch
+    t.params = [q for q in blip2.parameters() if q.requires_grad]  # exactly the LoRA tensors
+    t.optimizer = torch.optim.AdamW(t.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                    fused=p.device_type == "cuda")
+    t.scaler = torch.amp.GradScaler(p.device_type, enabled=p.dtype == torch.float16)
+    return t
 
-    params = [p for p in blip2.parameters() if p.requires_grad]  # exactly the LoRA tensors
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay,
-                                  fused=device_type == "cuda")
-    scaler = torch.amp.GradScaler(device_type, enabled=compute_dtype == torch.float16)
 
-    step, best_cider, history = 0, -1.0, []
-    if resume_from:
-        try:
-            load_adapter(blip2, resume_from)  # checks every tensor against the model
-            restore(resume_from, state, optimizer, scaler, run_device)
-        except (ValueError, CheckpointError) as e:
-            fail(f"{e}; to start this run afresh, delete {checkpoint_dir}")
-        step, best_cider, history = state["step"], state["best_cider"], state["history"]
-        log(f"resuming from {resume_from} at step {step}")
-    os.makedirs(out_dir, exist_ok=True)
-    log_file = open(os.path.join(out_dir, "log.jsonl"), "a") if master else None
-
-    def record(entry):
-        if master:
-            log_file.write(json.dumps(entry) + "\n")
-            log_file.flush()
-
-    def checkpoint(rng, finished=False):
-        if master:
-            epoch_now, step_in_epoch = divmod(step, steps_per_epoch)  # the data position (batches are seeded)
-            save_checkpoint(checkpoint_dir, {"step": step, "epoch": epoch_now, "step_in_epoch": step_in_epoch,
-                                             "best_cider": best_cider, "history": history,
-                                             "finished": finished, "settings": settings},
-                            blip2, optimizer, scaler, rng)
-
-    def evaluate_val():
-        """CIDEr on the val images; rank 0 only, the others wait. Keeps the best adapter in out_dir/adapter."""
-        nonlocal best_cider
-        if master:
-            blip2.eval()
-            predictions = caption_items(blip2, processor, val_items, prompt_ids, run_device, autocast, cache,
-                                        num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                        min_new_tokens=min_new_tokens)
-            cider = score_captions(predictions, {i.name: i.captions for i in val_items}, metrics=("CIDEr",))["CIDEr"]
-            history.append({"step": step, "val_CIDEr": cider})
-            record({"step": step, "val_CIDEr": cider})
-            improved = cider > best_cider
-            if improved:
-                best_cider = cider
-                save_trained_adapter(blip2, os.path.join(out_dir, "adapter"), settings)
-            log(f"step {step}: val CIDEr {cider:.3f}" + (" (best so far: adapter saved)" if improved else
-                                                           f" (best {best_cider:.3f})"))
-            train_mode(blip2)
-        if ddp:
-            dist.barrier()
-
-    # ---- the loop
-    train_mode(blip2)
+def train_epochs(cfg, p, run, t, on_step_end):
+    """The loop: from run.step to the last step, epoch by epoch, with the data order fixed by (seed, epoch)."""
     loader_rng = torch.Generator()  # the loader draws its worker seeds here, not from the global RNG (dropout's)
-    t_last, step_last, captions_since, skipped_since = time.time(), step, 0, 0
-    resumed_at = step
-    while step < total_steps:
-        epoch, offset = divmod(step, steps_per_epoch)
-        micro = epoch_micro_batches(len(train_items), epoch, group)[offset * group:]
-        mine = [b for i, b in enumerate(micro) if i % world_size == rank]  # shard by rank within each step
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=mine, collate_fn=collate, generator=loader_rng,
-                                             num_workers=0 if cache else min(num_workers, os.cpu_count() or 1))
+    resumed_at = run.step
+    while run.step < t.total_steps:
+        epoch, offset = divmod(run.step, t.steps_per_epoch)
+        micro = epoch_micro_batches(cfg, len(t.train_items), epoch, t.group)[offset * t.group:]
+        mine = [b for i, b in enumerate(micro) if i % p.world_size == p.rank]  # shard by rank within each step
+        loader = torch.utils.data.DataLoader(t.dataset, batch_sampler=mine, collate_fn=t.collate,
+                                             generator=loader_rng,
+                                             num_workers=0 if t.cache else min(cfg.num_workers, os.cpu_count() or 1))
         batches = iter(loader)
-        for _ in range(steps_per_epoch - offset):
-            if step >= total_steps:
+        for _ in range(t.steps_per_epoch - offset):
+            if run.step >= t.total_steps:
                 break
             # The checkpoint of step s (the weights after s updates) is written in the step that uses those weights,
             # once their loss is known to be finite and before they change: it never holds weights that gave a NaN.
-            step_started = time.time()
-            saving = step % checkpoint_interval == 0 and step != resumed_at
+            started = time.time()
+            saving = run.step % cfg.checkpoint_interval == 0 and run.step != resumed_at
             rng_before_step = rng_state() if saving else None  # what a resumed run must start this step from
-            lr = lr_at(step, total_steps)
-            for g in optimizer.param_groups:
+            lr = lr_at(cfg, run.step, t.total_steps)
+            for g in t.optimizer.param_groups:
                 g["lr"] = lr
-            step_batches = [next(batches) for _ in range(grad_accum)]
-            skipped_since += sum(b["skipped"] for b in step_batches)
+            step_batches = [next(batches) for _ in range(cfg.grad_accum)]
+            skipped = sum(b["skipped"] for b in step_batches)
             step_batches = [b for b in step_batches if "labels" in b]
-            # every token of the step, on every rank, counts once: the gradient is of the mean over all of them
-            tokens = torch.tensor(float(sum((b["labels"] != -100).sum() for b in step_batches)), device=run_device)
-            if ddp:
-                dist.all_reduce(tokens)
-            loss_sum = torch.zeros((), device=run_device)
-            for b in step_batches:
-                b = {k: v.to(run_device) if torch.is_tensor(v) else v for k, v in b.items()}
-                with autocast:
-                    if cache is not None:
-                        image_embeds = cache.lookup([train_items[i].name for i in b["image_index"].tolist()],
-                                                    run_device)
-                    else:
-                        with torch.no_grad():
-                            image_embeds = vision_embeds(blip2, b["pixel_values"])
-                    batch_loss, _ = caption_loss(blip2, b, image_embeds)
-                scaler.scale(batch_loss / tokens).backward()
-                loss_sum += batch_loss.detach()
-                captions_since += b["labels"].shape[0]
-            if ddp:
-                # data parallelism by hand: sum the LoRA gradients over ranks (one flat buffer; they are 0.26% of
-                # the model) and the losses for the log. Each rank divided by the global token count already.
-                flat = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
-                                  for p in params])
-                dist.all_reduce(flat)
-                start = 0
-                for p in params:
-                    p.grad = flat[start:start + p.numel()].view_as(p)
-                    start += p.numel()
-                dist.all_reduce(loss_sum)
-            loss = (loss_sum / tokens).item()
-            if not math.isfinite(loss):
-                kept = find_checkpoint(checkpoint_dir)
-                fail(f"the loss became {loss} at step {step}. "
-                     + ("float16 overflows in T5: use dtype=bfloat16 or float32. " if compute_dtype == torch.float16
-                        else f"Lower learning_rate (now {learning_rate:g}) or check the data. ")
-                     + (f"The last good checkpoint ({kept}, step "
-                        f"{json.load(open(os.path.join(kept, 'state.json')))['step']}) is kept; fix the setting and "
-                        f"run again to resume from it." if kept else "No checkpoint was written yet."))
+            loss = forward_backward(cfg, p, t.blip2, step_batches, t.cache, t.train_items, t.caption_loss, t.scaler,
+                                    t.params)
+            stop_on_a_non_finite_loss(cfg, p, loss, run.step)
+            saving_s = 0.0
             if saving:
                 saving_since = time.time()
-                checkpoint(rng_before_step)
-                t_last += time.time() - saving_since  # the log's speed is of training steps alone
-            if grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if compiling and step == resumed_at + 1:
-                log(f"torch.compile: the first step took {time.time() - step_started:.0f} s, compiling included")
+                run.checkpoint(t, rng_before_step)
+                saving_s = time.time() - saving_since  # the log's speed is of training steps alone
+            if cfg.grad_clip > 0:
+                t.scaler.unscale_(t.optimizer)
+                torch.nn.utils.clip_grad_norm_(t.params, cfg.grad_clip)
+            t.scaler.step(t.optimizer)
+            t.scaler.update()
+            t.optimizer.zero_grad(set_to_none=True)
+            run.step += 1
+            if p.compiling and run.step == resumed_at + 1:
+                p.log(f"torch.compile: the first step took {time.time() - started:.0f} s, compiling included")
+            on_step_end(epoch, loss, lr, sum(b["labels"].shape[0] for b in step_batches), skipped, saving_s)
 
-            if step % log_interval == 0 or step == total_steps:
-                if device_type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = time.time() - t_last
-                entry = {"step": step, "epoch": epoch, "loss": round(loss, 5), "lr": float(f"{lr:.3g}"),
-                         "ms_per_step": round(1000 * elapsed / (step - step_last), 1),
-                         "captions_per_s": round(captions_since * world_size / elapsed, 1)}
-                if device_type == "cuda":
-                    entry["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                if skipped_since:
-                    entry["skipped_images"] = skipped_since
-                log("  ".join(f"{k} {v}" for k, v in entry.items()))
-                record(entry)
-                t_last, step_last, captions_since, skipped_since = time.time(), step, 0, 0
-            end_of_epoch = step % steps_per_epoch == 0
-            if evaluating and (step % eval_interval == 0 or end_of_epoch or step == total_steps):
-                evaluating_since = time.time()
-                evaluate_val()
-                t_last += time.time() - evaluating_since
 
-    # ---- the end: the adapter, then the test scores
-    if master and not evaluating:
-        save_trained_adapter(blip2, os.path.join(out_dir, "adapter"), settings)  # no evaluation: the final one
-    checkpoint(rng_state(), finished=True)
-    if final_eval and master and not test_items:
-        log("no test images: no final evaluation")
-    elif final_eval and master:
-        blip2.eval()
-        references = {i.name: i.captions for i in test_items}
-        results, captions, per_image = {}, {}, {}
-        with torch.no_grad():
-            for name in ("zero_shot", "fine_tuned"):
-                if name == "zero_shot":
-                    for _, layer in lora_layers(blip2):
-                        layer.lora_B.zero_()  # B = 0: exactly the base model
-                else:
-                    load_adapter(blip2, os.path.join(out_dir, "adapter"))
-                captions[name] = caption_items(blip2, processor, test_items, prompt_ids, run_device, autocast, cache,
-                                               num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                               min_new_tokens=min_new_tokens)
-                results[name] = score_captions(captions[name], {n: references[n] for n in captions[name]},
-                                               per_image=per_image if name == "fine_tuned" else None)
-        with open(results_path + ".tmp", "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(results_path + ".tmp", results_path)
-        report_path = os.path.join(out_dir, "report.html")  # both captions are at hand: no extra pass
-        write_html(report_path, f"BLIP-2 captions, {data_dir} test split", {
-            "fine-tuned": results["fine_tuned"], "zero-shot": results["zero_shot"]},
-            [{"image": i.name, "path": i.path, "caption": captions["fine_tuned"][i.name], "references": i.captions,
-              "cider": per_image[i.name], "zero_shot": captions["zero_shot"].get(i.name)}
-             for i in test_items if i.name in captions["fine_tuned"]])
-        log(f"test split ({len(test_items)} images), beam {num_beams}:")
-        print_table({"zero-shot": results["zero_shot"], "fine-tuned": results["fine_tuned"]})
-        log(f"adapter: {os.path.join(out_dir, 'adapter')}   scores: {results_path}   report: {report_path}")
-    if ddp:
+class Speedometer:
+    """The log line every log_interval steps: loss, learning rate, and speed over the steps since the last line,
+    leaving out the time spent on checkpoints and evaluations."""
+
+    def __init__(self, cfg, p, run, total_steps):
+        self.cfg, self.p, self.run, self.total_steps = cfg, p, run, total_steps
+        self.t_last, self.step_last, self.captions, self.skipped = time.time(), run.step, 0, 0
+
+    def exclude(self, seconds):
+        self.t_last += seconds
+
+    def update(self, epoch, loss, lr, captions, skipped, saving_s):
+        self.exclude(saving_s)
+        self.captions, self.skipped = self.captions + captions, self.skipped + skipped
+        step = self.run.step
+        if step % self.cfg.log_interval and step != self.total_steps:
+            return
+        if self.p.device_type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.time() - self.t_last
+        entry = {"step": step, "epoch": epoch, "loss": round(loss, 5), "lr": float(f"{lr:.3g}"),
+                 "ms_per_step": round(1000 * elapsed / (step - self.step_last), 1),
+                 "captions_per_s": round(self.captions * self.p.world_size / elapsed, 1)}
+        if self.p.device_type == "cuda":
+            entry["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if self.skipped:
+            entry["skipped_images"] = self.skipped
+        self.p.log("  ".join(f"{k} {v}" for k, v in entry.items()))
+        self.run.record(entry)
+        self.t_last, self.step_last, self.captions, self.skipped = time.time(), step, 0, 0
+
+
+def train(cfg):
+    """The whole run, stage by stage."""
+    from lora import load_adapter
+    from model import train_mode
+    p = start_processes(cfg)
+    torch.manual_seed(cfg.seed)
+    resume = check_resume(cfg, p)
+    if resume is None:
+        return  # finished before
+    resume_from, state = resume
+    data, blip2, processor, prompt_ids, wrapped = load_data_and_model(cfg, p)
+    train_items, val_items, test_items = data.splits["train"], data.splits["val"], data.splits["test"]
+    val_items = val_items[:cfg.eval_images] if cfg.eval_images else val_items
+    evaluating = cfg.eval_interval > 0 and len(val_items) > 0
+    if cfg.eval_interval and not val_items:
+        p.log("no val images: no evaluation during training; the final adapter is the one kept")
+    cache = prepare_vision_cache(cfg, p, blip2, processor, train_items + data.splits["val"] + test_items,
+                                 prompt_ids, wrapped)
+    if cache is not None and cache.missing:
+        p.log(f"vision cache: {len(cache.missing)} unreadable images are left out")
+        train_items = [i for i in train_items if i.name not in cache.missing]
+    t = prepare_training(cfg, p, blip2, processor, train_items, prompt_ids, cache)
+    run = RunState(cfg, p, t.steps_per_epoch)
+    if resume_from:
+        try:
+            load_adapter(blip2, resume_from)  # checks every tensor against the model
+            restore(resume_from, state, t.optimizer, t.scaler, p.device)
+        except (ValueError, CheckpointError) as e:
+            fail(f"{e}; to start this run afresh, delete {os.path.join(cfg.out_dir, 'checkpoint')}")
+        run.step, run.best_cider, run.history = state["step"], state["best_cider"], state["history"]
+        p.log(f"resuming from {resume_from} at step {run.step}")
+    speed = Speedometer(cfg, p, run, t.total_steps)
+
+    def on_step_end(epoch, loss, lr, captions, skipped, saving_s):
+        speed.update(epoch, loss, lr, captions, skipped, saving_s)
+        end_of_epoch = run.step % t.steps_per_epoch == 0
+        if evaluating and (run.step % cfg.eval_interval == 0 or end_of_epoch or run.step == t.total_steps):
+            since = time.time()
+            evaluate_val(cfg, p, run, blip2, processor, val_items, prompt_ids, cache)
+            speed.exclude(time.time() - since)
+
+    train_mode(blip2)
+    train_epochs(cfg, p, run, t, on_step_end)
+    if p.master and not evaluating:  # no evaluation: the final adapter is the one kept
+        save_trained_adapter(blip2, os.path.join(cfg.out_dir, "adapter"), vars(cfg))
+    run.checkpoint(t, rng_state(), finished=True)
+    if cfg.final_eval and p.master and not test_items:
+        p.log("no test images: no final evaluation")
+    elif cfg.final_eval and p.master:
+        final_evaluation(cfg, p, blip2, processor, test_items, prompt_ids, cache)
+    if p.ddp:
         dist.barrier()
         dist.destroy_process_group()
 
 
-if __name__ == "__main__":
+def main():
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(settings_help())
+        return
     try:
-        main()
+        cfg = SimpleNamespace(**apply_settings(sys.argv[1:], default_settings()))
+    except SettingsError as e:
+        fail(e)
+    try:
+        train(cfg)
     except KeyboardInterrupt:  # Ctrl-C: checkpoints are written atomically, so only the steps since the last are lost
-        kept = find_checkpoint(os.path.join(out_dir, "checkpoint"))
+        kept = find_checkpoint(os.path.join(cfg.out_dir, "checkpoint"))
         print("\ninterrupted: " + (f"run the same command again to resume from {kept}" if kept else
                                    "no checkpoint was written yet"), file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -184,7 +184,8 @@ def test_coco_scale_index_reads_with_exact_counts(tmp_path):
     assert {s: len(v) for s, v in data.splits.items()} == {"train": 113_287, "val": 5_000, "test": 5_000}
     assert sum(len(i.captions) for i in data.splits["train"]) == 566_435 and data.skipped == []
     import train
-    batches = train.epoch_micro_batches(113_287, epoch=0, group=1)
+    from types import SimpleNamespace
+    batches = train.epoch_micro_batches(SimpleNamespace(**train.default_settings()), 113_287, epoch=0, group=1)
     assert len(batches) == 113_287 // train.batch_images
     assert sorted(i for b in batches for i in b) == sorted(set(i for b in batches for i in b))  # no image twice
 
