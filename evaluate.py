@@ -148,6 +148,34 @@ def caption_items(*args, **kwargs):
     return {item.name: text for item, text in caption_stream(*args, **kwargs)}
 
 
+@torch.no_grad()
+def captions_without_adapter(model, *args, **kwargs):
+    """caption_items with every LoRA B set to 0, which is exactly the base model; B is put back afterwards."""
+    from lora import lora_layers
+    saved = [(layer, layer.lora_B.clone()) for _, layer in lora_layers(model)]
+    for layer, _ in saved:
+        layer.lora_B.zero_()
+    try:
+        return caption_items(model, *args, **kwargs)
+    finally:
+        for layer, lora_b in saved:
+            layer.lora_B.copy_(lora_b)
+
+
+def score_split(items, captions, label, zero_shot=None, spice=False, log=print):
+    """Score a split's captions {image: caption} (and the zero-shot base's, if given): the step train.py's final
+    evaluation and evaluate.py share. Returns (columns {label: metrics} for print_table and write_html, rows)."""
+    references = {i.name: i.captions for i in items if i.name in captions}  # unreadable images were skipped
+    per_image = {}
+    columns = {label: score_captions(captions, references, spice=spice, log=log, per_image=per_image)}
+    if zero_shot is not None:
+        columns["zero-shot"] = score_captions(zero_shot, {n: references[n] for n in zero_shot}, spice=spice, log=log)
+    rows = [{"image": i.name, "path": i.path, "caption": captions[i.name], "references": i.captions,
+             "cider": per_image[i.name], "zero_shot": (zero_shot or {}).get(i.name)} for i in items
+            if i.name in captions]
+    return columns, rows
+
+
 def print_table(columns):
     """columns: {"name": {metric: score}} -> a small aligned table, x100 as papers print it."""
     names = list(columns)
@@ -218,8 +246,9 @@ def main(argv=None):
     parser.add_argument("--out", help="write metrics, settings and every caption as JSON")
     parser.add_argument("--html", help="write a self-contained HTML page: scores, then every image with its "
                         "captions and references, the lowest CIDEr first")
-    parser.add_argument("--zero-shot-too", "--zero_shot_too", action="store_true", help="with an adapter: also "
-                        "caption with the zero-shot base and show both (a second captioning pass)")
+    parser.add_argument("--zero-shot-too", "--zero_shot_too", action=argparse.BooleanOptionalAction,
+                        help="with an adapter: also caption with the zero-shot base and show both, a second "
+                        "captioning pass (default: on with --html, off otherwise)")
     args = parser.parse_args(argv)
     try:
         return run(args)
@@ -258,6 +287,7 @@ def run(args):
     references = {i.name: i.captions for i in items}
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "html")}
     settings.update(adapter=adapter, model=model_name, data=data_dir)
+    zero_shot = None
     if args.predictions:
         try:
             predictions = json.loads(open(args.predictions, "rb").read().decode("utf-8"))
@@ -279,32 +309,18 @@ def run(args):
         print("\n".join(notes), file=sys.stderr)
         prompt_ids = encoder_prompt_ids(processor.tokenizer, args.prompt, model.config.num_query_tokens,
                                         model.config.image_token_id)
-        predictions = caption_items(model, processor, items, prompt_ids, args.device,
-                                    autocast_context(args.device, autocast_dtype(args.device)),
-                                    batch_size=args.batch_size, progress=True, num_beams=args.num_beams,
-                                    max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens)
-        references = {n: references[n] for n in predictions}  # unreadable images were warned about and skipped
-    def say(message):
-        print(message, file=sys.stderr)
-    per_image = {}
-    label = "zero-shot" if adapter is None else "fine-tuned"
-    columns = {label: score_captions(predictions, references, spice=args.spice, log=say, per_image=per_image)}
-    zero_shot = None
-    if args.zero_shot_too and adapter is not None and not args.predictions:  # with B = 0 it is exactly the base
-        from lora import lora_layers
-        with torch.no_grad():
-            for _, layer in lora_layers(model):
-                layer.lora_B.zero_()
-        zero_shot = caption_items(model, processor, items, prompt_ids, args.device,
-                                  autocast_context(args.device, autocast_dtype(args.device)),
-                                  batch_size=args.batch_size, progress=True, num_beams=args.num_beams,
-                                  max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens)
-        columns["zero-shot"] = score_captions(zero_shot, references, spice=args.spice, log=say)
+        generation = dict(batch_size=args.batch_size, progress=True, num_beams=args.num_beams,
+                          max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens)
+        autocast = autocast_context(args.device, autocast_dtype(args.device))
+        predictions = caption_items(model, processor, items, prompt_ids, args.device, autocast, **generation)
+        if adapter is not None and (args.zero_shot_too if args.zero_shot_too is not None else bool(args.html)):
+            zero_shot = captions_without_adapter(model, processor, items, prompt_ids, args.device, autocast,
+                                                 **generation)
+    columns, rows = score_split(items, predictions, "zero-shot" if adapter is None else "fine-tuned", zero_shot,
+                                spice=args.spice, log=lambda message: print(message, file=sys.stderr))
+    label = next(iter(columns))
     print(f"{args.split} split, {len(predictions)} images, " + (f"adapter {adapter}" if adapter else "zero-shot"))
     print_table(columns)
-    rows = [{"image": i.name, "caption": predictions[i.name], "references": i.captions, "path": i.path,
-             "cider": per_image[i.name], "zero_shot": (zero_shot or {}).get(i.name)} for i in items
-            if i.name in predictions]
     if args.out:
         tmp = args.out + ".tmp"
         with open(tmp, "w") as f:

@@ -546,36 +546,24 @@ def evaluate_val(cfg, p, run, blip2, processor, val_items, prompt_ids, cache):
 
 
 def final_evaluation(cfg, p, blip2, processor, test_items, prompt_ids, cache):
-    """Zero-shot base and the kept adapter on the test split: results.json, the table, and report.html."""
-    from evaluate import caption_items, print_table, score_captions, write_html
-    from lora import load_adapter, lora_layers
+    """The kept adapter and the zero-shot base on the test split: results.json, the table, and report.html."""
+    from evaluate import caption_items, captions_without_adapter, print_table, score_split, write_html
+    from lora import load_adapter
     blip2.eval()
-    references = {i.name: i.captions for i in test_items}
-    results, captions, per_image = {}, {}, {}
-    with torch.no_grad():
-        for name in ("zero_shot", "fine_tuned"):
-            if name == "zero_shot":
-                for _, layer in lora_layers(blip2):
-                    layer.lora_B.zero_()  # B = 0: exactly the base model
-            else:
-                load_adapter(blip2, os.path.join(cfg.out_dir, "adapter"))
-            captions[name] = caption_items(blip2, processor, test_items, prompt_ids, p.device, p.autocast, cache,
-                                           num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
-                                           min_new_tokens=cfg.min_new_tokens)
-            results[name] = score_captions(captions[name], {n: references[n] for n in captions[name]},
-                                           per_image=per_image if name == "fine_tuned" else None)
+    load_adapter(blip2, os.path.join(cfg.out_dir, "adapter"))  # the best one by val CIDEr, or the final one
+    generation = dict(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens)
+    fine_tuned = caption_items(blip2, processor, test_items, prompt_ids, p.device, p.autocast, cache, **generation)
+    zero_shot = captions_without_adapter(blip2, processor, test_items, prompt_ids, p.device, p.autocast, cache,
+                                         **generation)
+    columns, rows = score_split(test_items, fine_tuned, "fine-tuned", zero_shot)
     results_path = os.path.join(cfg.out_dir, "results.json")
     with open(results_path + ".tmp", "w") as f:
-        json.dump(results, f, indent=1)
+        json.dump({"zero_shot": columns["zero-shot"], "fine_tuned": columns["fine-tuned"]}, f, indent=1)
     os.replace(results_path + ".tmp", results_path)
     report_path = os.path.join(cfg.out_dir, "report.html")  # both captions are at hand: no extra pass
-    write_html(report_path, f"BLIP-2 captions, {cfg.data_dir} test split", {
-        "fine-tuned": results["fine_tuned"], "zero-shot": results["zero_shot"]},
-        [{"image": i.name, "path": i.path, "caption": captions["fine_tuned"][i.name], "references": i.captions,
-          "cider": per_image[i.name], "zero_shot": captions["zero_shot"].get(i.name)}
-         for i in test_items if i.name in captions["fine_tuned"]])
+    write_html(report_path, f"BLIP-2 captions, {cfg.data_dir} test split", columns, rows)
     p.log(f"test split ({len(test_items)} images), beam {cfg.num_beams}:")
-    print_table({"zero-shot": results["zero_shot"], "fine-tuned": results["fine_tuned"]})
+    print_table({"zero-shot": columns["zero-shot"], "fine-tuned": columns["fine-tuned"]})
     p.log(f"adapter: {os.path.join(cfg.out_dir, 'adapter')}   scores: {results_path}   report: {report_path}")
 
 
