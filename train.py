@@ -415,6 +415,7 @@ def check_resume(cfg, p):
 
 def load_data_and_model(cfg, p):
     """The caption collection, BLIP-2 with LoRA injected, and the encoder's prompt ids; any problem is one line."""
+    # (The project's modules are imported inside the stages: the settings block's `model` would hide model.py.)
     import demo
     from data import DataError, encoder_prompt_ids, long_captions, read_captions
     from evaluate import ScoringError, require_java
