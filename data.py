@@ -268,11 +268,16 @@ def _read_metadata(path, caption_column, prefix, skipped):
     return captions, row_split
 
 
+def _split_folders(root):
+    """The folders of root named like a split (train/, validation/, ...) that hold their own metadata file."""
+    return sorted(d for d in os.listdir(root)
+                  if d.lower() in SPLIT_NAMES and _find(os.path.join(root, d), METADATA_FILES, ("",)))
+
+
 def _imagefolder(root, caption_column, skipped):
     """Hugging Face imagefolder metadata -> (captions, split or None, split_source). Splits come from split folders
     each with its own metadata, else a `split` column, else a first path component named like a split."""
-    folders = sorted(d for d in os.listdir(root)
-                     if d.lower() in SPLIT_NAMES and _find(os.path.join(root, d), METADATA_FILES, ("",)))
+    folders = _split_folders(root)
     if folders:
         captions, split = {}, {s: [] for s in SPLITS}
         for d in folders:
@@ -283,8 +288,7 @@ def _imagefolder(root, caption_column, skipped):
         return captions, split, "split folders (" + ", ".join(d + "/" for d in folders) + ")"
     captions, row_split = _read_metadata(_find(root, METADATA_FILES, ("",)), caption_column, "", skipped)
     labels, source = row_split, "the metadata's split column"
-    if not labels and captions and all(n.split("/")[0].lower() in SPLIT_NAMES for n in captions if "/" in n) \
-            and all("/" in n for n in captions):
+    if not labels and captions and all("/" in n and n.split("/")[0].lower() in SPLIT_NAMES for n in captions):
         labels, source = {n: n.split("/")[0] for n in captions}, "the folder in each file_name"
     if not labels:
         return captions, None, None
@@ -296,11 +300,6 @@ def _imagefolder(root, caption_column, skipped):
         else:
             skipped.append({"item": name, "reason": f"split {label!r} is not train, validation or test"})
     return captions, split, source
-
-
-def _has_imagefolder(root):
-    return bool(_find(root, METADATA_FILES, ("",)) or any(
-        d.lower() in SPLIT_NAMES and _find(os.path.join(root, d), METADATA_FILES, ("",)) for d in os.listdir(root)))
 
 
 def read_captions(root, caption_column=None):
@@ -317,7 +316,7 @@ def read_captions(root, caption_column=None):
         split_source = os.path.basename(karpathy)
     elif kaggle:
         layout, source, captions = "kaggle", kaggle, _parse_kaggle(kaggle, skipped)
-    elif _has_imagefolder(root):
+    elif _find(root, METADATA_FILES, ("",)) or _split_folders(root):
         layout, source = "imagefolder", "the metadata"
         captions, split, split_source = _imagefolder(root, caption_column, skipped)
     else:
