@@ -21,8 +21,8 @@ import time
 
 import torch
 
-import train  # its settings block: the LoRA defaults a training run uses
 from lora import inject_lora
+from train import SETTINGS  # its settings block: the LoRA and clipping defaults a training run uses
 from model import (autocast_context, cast_frozen_qformer, generate_captions, grouped_caption_loss,
                    per_pair_caption_loss, train_mode, vision_embeds)
 
@@ -59,7 +59,7 @@ def build(size, device, dtype):
     model.to(dtype)
     model.qformer.float()  # as from_pretrained does (_keep_in_fp32_modules): the Q-Former stays float32
     model.query_tokens.data = model.query_tokens.data.float()
-    inject_lora(model, train.lora_targets, train.lora_r, train.lora_alpha, train.lora_dropout)
+    inject_lora(model, SETTINGS["lora_targets"], SETTINGS["lora_r"], SETTINGS["lora_alpha"], SETTINGS["lora_dropout"])
     cast_frozen_qformer(model, dtype)  # as train.py: under bf16 autocast, the frozen Q-Former's Linears in bf16
     train_mode(model)  # as train.py: adapters train (dropout on), the frozen base runs in eval mode
     return model
@@ -95,7 +95,7 @@ def step_fn(model, batch, mode, cached_embeds, optimizer, autocast, grouped_loss
                         image_embeds = vision_embeds(model, batch["pixel_values"])
                 loss_sum, tokens = grouped_loss(model, batch, image_embeds)
         (loss_sum / tokens).backward()
-        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], train.grad_clip)  # as train.py
+        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], SETTINGS["grad_clip"])  # as train.py
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss_sum / tokens

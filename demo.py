@@ -1,7 +1,10 @@
 """
 The offline demo world: a synthetic Flickr8k and a tiny pretrained BLIP-2, so that everything runs with no download.
 
-    python demo.py            # builds data/demo/ if missing (about 80 s on 2 CPU cores); train.py does it too
+    python demo.py            # builds data/demo/ if missing (about 40 s on 2 CPU cores); train.py does it too
+
+Only this and `python train.py config/demo.py` build the world; caption.py and evaluate.py never do (a missing
+base or collection is one error line there).
 
 data/demo/flickr8k/    300 images of a coloured circle on a plain background, in the ORIGINAL release layout
                        (Flicker8k_Dataset/, Flickr8k.token.txt with five captions per image, the three split files),
@@ -23,6 +26,14 @@ import time
 
 import torch
 from PIL import Image, ImageDraw
+from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordLevel
+from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessorPil,
+                          PreTrainedTokenizerFast, T5Config)
+from transformers.utils import logging as hf_logging
+
+from data import encoder_prompt_ids
+from model import grouped_caption_loss, vision_embeds
 
 DEMO_ROOT = "data/demo"
 DEMO_DATA, DEMO_MODEL = "data/demo/flickr8k", "data/demo/blip2-tiny"
@@ -79,9 +90,6 @@ def build_dataset(root, rng, num_images=300, split=(200, 50, 50)):
 
 def build_processor():
     """A word-level tokenizer over every word the demo uses, with T5's special ids, inside a Blip2Processor."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-    from transformers import BlipImageProcessorPil, Blip2Processor, PreTrainedTokenizerFast
     words = set("a photo of . backdrop".split())
     for text in CAPTION_TEMPLATES + (PRETRAIN_TEMPLATE,):
         words |= set(re.sub(r"\{\w+\}", " ", text).split())  # the template's own words, not its {fields}
@@ -103,7 +111,6 @@ def build_processor():
 
 def tiny_config(vocab_size, image_token_id):
     """BLIP-2's architecture at toy size: ViT 2x64 on 48-pixel images (16 patches), Q-Former 2x64, T5 2+2 x 64."""
-    from transformers import Blip2Config, T5Config
     text = T5Config(vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
                     num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
                     decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
@@ -118,9 +125,6 @@ def tiny_config(vocab_size, image_token_id):
 
 def pretrain_base(processor, rng, steps=600, batch_images=32, log=print):
     """Train every weight of a fresh tiny BLIP-2 on freshly drawn images with PRETRAIN_TEMPLATE captions."""
-    from transformers import Blip2ForConditionalGeneration
-    from data import encoder_prompt_ids
-    from model import grouped_caption_loss, vision_embeds
     torch.manual_seed(0)
     tokenizer = processor.tokenizer
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
@@ -188,12 +192,14 @@ def _build_flickr8k(path, log):
 def _build_model(path, log):
     processor = build_processor()
     model = pretrain_base(processor, random.Random(1), log=log)
-    from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     model.save_pretrained(path)
     processor.save_pretrained(path)
 
 
 if __name__ == "__main__":
+    import argparse
+    argparse.ArgumentParser(description="Build the offline demo world in data/demo/ (a synthetic Flickr8k and a tiny "
+                            "pretrained BLIP-2), if it is not there yet.").parse_args()
     build_demo_world()
     sys.exit(0)

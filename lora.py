@@ -34,9 +34,13 @@ x @ W.T + (alpha / r) * x @ A.T @ B.T, the same thing as the picture's column-ve
 
 After training, B @ A can be folded into W (`merge_lora`): the deployed model is a plain model with no extra cost.
 
+With a 4-bit or 8-bit base (QLoRA, Dettmers et al. 2023: model.load_blip2(base_bits=4)) nothing here changes: W is
+then a bitsandbytes layer that dequantizes in its own forward, `base(x)` is all this file asks of it, and A and B stay
+float32. The adapter saved from such a run is the same file and loads on the 16-bit base.
+
 Public API (used by train.py, evaluate.py, caption.py, model.py, and your own code):
     LoRALinear, DEFAULT_TARGETS, inject_lora, lora_layers, lora_state_dict, save_adapter, read_adapter_config,
-    load_adapter, merge_lora, lora_summary
+    load_adapter, merge_lora, lora_summary, AdapterError
 
 Adapters are saved in the layout Hugging Face peft reads (`adapter_model.safetensors` + `adapter_config.json`), so
 `peft.PeftModel.from_pretrained(base_model, adapter_dir)` loads what this file writes; this project never imports peft.
@@ -50,6 +54,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from files import UserError, atomic_write, first_line, read_json
+
 # Module-path suffixes that get LoRA. BLIP-2's trainable bridge (the Q-Former) and the T5 language model's attention:
 # - "attention.query/key/value" matches Q-Former self-attention (qformer.encoder.layer.N.attention.attention.query)
 #   and cross-attention to the image (qformer.encoder.layer.N.crossattention.attention.query);
@@ -61,6 +67,11 @@ DEFAULT_TARGETS = (
     "SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o",
     "EncDecAttention.q", "EncDecAttention.k", "EncDecAttention.v", "EncDecAttention.o",
 )
+MAX_RANK = 1024  # wider than most layers it would wrap: a larger r is a typo (and would not fit in memory)
+
+
+class AdapterError(UserError):
+    """An adapter that cannot be used, said in one line: which file, what is wrong, what to do."""
 
 
 class LoRALinear(nn.Module):
@@ -68,8 +79,8 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        if r <= 0 or alpha <= 0:
-            raise ValueError(f"LoRA needs r > 0 and alpha > 0, got r={r}, alpha={alpha}")
+        if not (0 < r <= MAX_RANK) or not (0 < alpha < math.inf):
+            raise ValueError(f"LoRA needs 0 < r <= {MAX_RANK} and a finite alpha > 0, got r={r}, alpha={alpha}")
         self.base = base
         self.base.requires_grad_(False)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
@@ -150,12 +161,6 @@ def lora_state_dict(model):
     return tensors
 
 
-def _atomic_write(path, write):
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)  # a reader sees the old file or the new one, never half of one
-
-
 def save_adapter(model, out_dir, base_model_name_or_path):
     """Write only the LoRA tensors (safetensors) and a peft-compatible adapter_config.json into out_dir."""
     layers = lora_layers(model)
@@ -177,36 +182,37 @@ def save_adapter(model, out_dir, base_model_name_or_path):
     }
     os.makedirs(out_dir, exist_ok=True)
     tensors = {k: v.to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(model).items()}
-    _atomic_write(os.path.join(out_dir, "adapter_model.safetensors"), lambda p: save_file(tensors, p))
-    _atomic_write(os.path.join(out_dir, "adapter_config.json"),
-                  lambda p: open(p, "w").write(json.dumps(config, indent=2) + "\n"))
+    # each file written whole or not at all (files.atomic_write): a kill never leaves half an adapter file
+    atomic_write(os.path.join(out_dir, "adapter_model.safetensors"), lambda path: save_file(tensors, path))
+    atomic_write(os.path.join(out_dir, "adapter_config.json"), json.dumps(config, indent=2) + "\n")
 
 
 def read_adapter_config(adapter_dir):
-    """adapter_config.json as a dict, or a one-line ValueError saying what is wrong with the directory."""
+    """adapter_config.json as a dict, or a one-line AdapterError saying what is wrong with the directory."""
     path = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(adapter_dir, "adapter_model.safetensors")):
-        raise ValueError(f"{adapter_dir}: not an adapter directory (needs adapter_config.json and "
-                         "adapter_model.safetensors, as written by train.py)")
+        raise AdapterError(f"{adapter_dir}: not an adapter directory (needs adapter_config.json and "
+                           "adapter_model.safetensors, as written by train.py)")
     try:
-        config = json.loads(open(path, "rb").read().decode("utf-8"))
-    except ValueError as e:  # not JSON, or not UTF-8
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        config = read_json(path)
+    except UserError as e:
+        raise AdapterError(str(e)) from None
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise AdapterError(f"{path}: expected a JSON object")
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in config:
-            raise ValueError(f"{path}: missing key {key!r}")
-    targets, dropout = config["target_modules"], config.get("lora_dropout", 0.0)
-    checks = {"r": type(config["r"]) is int and config["r"] > 0,
-              "lora_alpha": type(config["lora_alpha"]) in (int, float) and config["lora_alpha"] > 0,
+            raise AdapterError(f"{path}: missing key {key!r}")
+    targets, dropout, alpha = config["target_modules"], config.get("lora_dropout", 0.0), config["lora_alpha"]
+    checks = {"r": type(config["r"]) is int and 0 < config["r"] <= MAX_RANK,
+              "lora_alpha": type(alpha) in (int, float) and 0 < alpha < math.inf,
               "target_modules": isinstance(targets, str) or (isinstance(targets, list) and len(targets) > 0 and
                                                             all(isinstance(t, str) for t in targets)),
               "lora_dropout": type(dropout) in (int, float) and 0 <= dropout < 1}
     for key, valid in checks.items():
         if not valid:
-            raise ValueError(f"{path}: {key} has an invalid value {config.get(key)!r} (r: a positive integer, "
-                             "lora_alpha: a positive number, target_modules: a list of module names)")
+            raise AdapterError(f"{path}: {key} has an invalid value {config.get(key)!r} (r: an integer from 1 to "
+                               f"{MAX_RANK}, lora_alpha: a finite positive number, target_modules: a list of module "
+                               "names)")
     return config
 
 
@@ -218,22 +224,27 @@ def load_adapter(model, adapter_dir):
             inject_lora(model, config["target_modules"], config["r"], config["lora_alpha"],
                         config.get("lora_dropout", 0.0))
         except ValueError as e:
-            raise ValueError(f"{adapter_dir}: {e} (was the adapter trained on a different base model?)") from None
+            raise AdapterError(f"{adapter_dir}: {e} (was the adapter trained on a different base model?)") from None
     expected = {k: v.shape for k, v in lora_state_dict(model).items()}
+    file = os.path.join(adapter_dir, "adapter_model.safetensors")
     try:
-        tensors = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))  # safetensors: never pickle
+        tensors = load_file(file)  # safetensors: never pickle
     except Exception as e:
-        raise ValueError(f"{adapter_dir}/adapter_model.safetensors: unreadable ({e})") from None
+        raise AdapterError(f"{file}: unreadable ({first_line(e)})") from None
     for key, tensor in tensors.items():
         if key not in expected:
-            raise ValueError(f"{adapter_dir}: tensor {key} has no LoRA layer in this model "
-                             "(was the adapter trained on a different base model?)")
+            raise AdapterError(f"{adapter_dir}: tensor {key} has no LoRA layer in this model "
+                               "(was the adapter trained on a different base model?)")
         if tensor.shape != expected[key]:
-            raise ValueError(f"{adapter_dir}: tensor {key} has shape {tuple(tensor.shape)}, the model expects "
-                             f"{tuple(expected[key])} (was the adapter trained on a different base model?)")
+            raise AdapterError(f"{adapter_dir}: tensor {key} has shape {tuple(tensor.shape)}, the model expects "
+                               f"{tuple(expected[key])} (was the adapter trained on a different base model?)")
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise AdapterError(f"{file}: tensor {key} is " + ("not finite (NaN or infinity)" if
+                               tensor.is_floating_point() else f"{tensor.dtype}, not floating point") +
+                               "; this adapter is damaged: train it again")
     missing = sorted(set(expected) - set(tensors))
     if missing:
-        raise ValueError(f"{adapter_dir}: no tensor for {missing[0]} ({len(missing)} LoRA tensors missing)")
+        raise AdapterError(f"{adapter_dir}: no tensor for {missing[0]} ({len(missing)} LoRA tensors missing)")
     with torch.no_grad():
         for path, layer in lora_layers(model):
             layer.lora_A.copy_(tensors[f"base_model.model.{path}.lora_A.weight"])
@@ -255,8 +266,11 @@ def merge_lora(model):
 
     layers = lora_layers(model)
     for path, layer in layers:  # a first pass only checks (keeping every merged weight would double the memory)
+        if not isinstance(layer.base, nn.Linear) or type(layer.base).__module__.startswith("bitsandbytes"):
+            raise AdapterError(f"{path} is a quantized layer: merge into the 16-bit base (load it with base_bits=16; "
+                               "the adapter is the same file)")
         if not torch.isfinite(merged(layer)).all():
-            raise ValueError(f"merging the adapter into {path} gives non-finite weights; nothing was changed")
+            raise AdapterError(f"merging the adapter into {path} gives non-finite weights; nothing was changed")
     for path, layer in layers:
         layer.base.weight.copy_(merged(layer).to(layer.base.weight.dtype))
         parent_path, _, child = path.rpartition(".")

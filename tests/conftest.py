@@ -1,20 +1,71 @@
-"""Shared fixtures: a tiny BLIP-2 built from configs (no download), the demo world, one finished demo run."""
+"""Shared fixtures and helpers: a tiny BLIP-2 built from configs (no download), the demo world, one finished demo
+run, image and metadata writers, and the scripts run in this process (no start-up cost) or as a user runs them."""
+import contextlib
+import io
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.chdir(ROOT)  # the scripts resolve data/demo/ and out/ from the repository root, as a user runs them
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test waits on the network
 
 
-def run_script(*args, timeout=300, env=None):
+def run_script(*args, timeout=300, env=None, cwd=ROOT):
     """Run one of the project's scripts as a user would; returns the CompletedProcess."""
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
                           env={**os.environ, **(env or {})})
+
+
+def run_main(module, *args):
+    """(exit code, stdout, stderr) of a script's main(argv), run in this process."""
+    import importlib
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = importlib.import_module(module).main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def data_report(root, *extra):
+    """`python data.py ROOT --json`, in this process."""
+    code, out, err = run_main("data", root, "--json", *extra)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def split_counts(report):
+    return {s: (c["images"], c["captions"]) for s, c in report["splits"].items()}
+
+
+def write_images(folder, names):
+    for i, name in enumerate(names):
+        path = os.path.join(folder, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.new("RGB", (8, 8), (10 * i % 255, 40, 90)).save(path)
+
+
+def write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def adapter_tensors(out_dir):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(out_dir, "adapter", "adapter_model.safetensors"))
+
+
+def same_tensors(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.fixture

@@ -6,38 +6,10 @@ import re
 
 import pytest
 import torch
-from PIL import Image
 
-from conftest import run_script
+from conftest import data_report as report
+from conftest import run_main, run_script, split_counts as counts, write_images, write_jsonl
 from data import DataError, read_captions
-
-
-def write_images(folder, names):
-    for i, name in enumerate(names):
-        path = os.path.join(folder, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        Image.new("RGB", (8, 8), (10 * i % 255, 40, 90)).save(path)
-
-
-def report(root, *extra):
-    """`python data.py ROOT --json`, in this process (its one-line-error contract is tested as a script below)."""
-    import contextlib
-    import io
-    import data
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert data.main([str(root), "--json", *extra]) == 0
-    return json.loads(out.getvalue())
-
-
-def counts(report):
-    return {s: (c["images"], c["captions"]) for s, c in report["splits"].items()}
-
-
-def write_jsonl(path, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def test_imagefolder_split_folders_with_caption_lists_repeated_rows_and_subfolders(tmp_path):
@@ -95,9 +67,8 @@ def test_a_collection_too_small_to_hold_out_images_says_so(tmp_path):
     got = report(tmp_path)
     assert counts(got) == {"train": (3, 3), "val": (0, 0), "test": (0, 0)}
     assert "too few to hold out val and test images" in got["split_source"]
-    result = run_script("evaluate.py", "--adapter", "none", "--model", "data/demo/blip2-tiny", "--data", str(tmp_path))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "the test split has no images" in result.stderr.strip().splitlines()[-1]
+    code, _, err = run_main("evaluate", "--adapter", "none", "--model", "data/demo/blip2-tiny", "--data", tmp_path)
+    assert code == 1 and "the test split has no images" in err.strip().splitlines()[-1]
 
 
 def write_karpathy(root, dataset, images):
@@ -166,27 +137,31 @@ def test_data_py_says_a_malformed_file_in_one_line(tmp_path):
         f"error: {tmp_path / 'metadata.jsonl'}: line 2: not valid JSON (Expecting value)\n")
 
 
-def test_coco_scale_index_reads_with_exact_counts(tmp_path):
-    """dataset_coco.json at full size (123,287 images, 616k captions): read in one pass, nothing quadratic."""
+def test_coco_scale_index_reads_with_exact_counts(tmp_path, monkeypatch):
+    """dataset_coco.json at full size (123,287 images, 616k captions): exact counts and an epoch's batches. The folder
+    listing is given (123,287 empty files would only test the file system)."""
+    import data
     layout = [("train2014", "train", 82_783), ("val2014", "restval", 30_504), ("val2014", "val", 5_000),
               ("val2014", "test", 5_000)]
-    entries, i = [], 0
+    entries, listing, i = [], {"train2014": {}, "val2014": {}}, 0
     for folder, split, n in layout:
         os.makedirs(tmp_path / folder, exist_ok=True)
         for _ in range(n):
             name = f"COCO_{folder}_{i:012d}.jpg"
-            open(tmp_path / folder / name, "wb").close()  # reading the index needs the files to exist, not pixels
+            listing[folder][name] = "file"
             entries.append({"filepath": folder, "filename": name, "split": split,
                             "sentences": [{"raw": "A man riding a wave on top of a surfboard ."}] * 5})
             i += 1
     write_karpathy(tmp_path, "coco", entries)
-    data = read_captions(str(tmp_path))
-    assert {s: len(v) for s, v in data.splits.items()} == {"train": 113_287, "val": 5_000, "test": 5_000}
-    assert sum(len(i.captions) for i in data.splits["train"]) == 566_435 and data.skipped == []
+    real_listing = data._list_folder
+    monkeypatch.setattr(data, "_list_folder", lambda folder: listing.get(os.path.basename(folder)) or
+                        real_listing(folder))
+    collection = read_captions(str(tmp_path))
+    assert {s: len(v) for s, v in collection.splits.items()} == {"train": 113_287, "val": 5_000, "test": 5_000}
+    assert sum(len(i.captions) for i in collection.splits["train"]) == 566_435 and collection.skipped == []
     import train
-    from types import SimpleNamespace
-    batches = train.epoch_micro_batches(SimpleNamespace(**train.default_settings()), 113_287, epoch=0, group=1)
-    assert len(batches) == 113_287 // train.batch_images
+    batches = train.epoch_micro_batches(train.Settings(**train.SETTINGS), 113_287, epoch=0, group=1)
+    assert len(batches) == 113_287 // train.SETTINGS["batch_images"]
     assert sorted(i for b in batches for i in b) == sorted(set(i for b in batches for i in b))  # no image twice
 
 
@@ -201,7 +176,7 @@ def own_collection(demo_world, tmp_path_factory):
         os.makedirs(root / folder / "photos")
         rows = []
         for i, item in enumerate(items):
-            shutil.copy(item.path, root / folder / "photos" / item.name)
+            shutil.copy(item.image, root / folder / "photos" / item.name)
             rows += [{"file_name": f"photos/{item.name}", "text": item.captions[k % 5]} for k in range(1 + i % 12)]
         write_jsonl(root / folder / "metadata.jsonl", rows)
     write_jsonl(root / "train" / "metadata.jsonl",
@@ -220,7 +195,9 @@ def test_train_on_your_own_collection_then_evaluate_with_the_prompt_it_was_train
     assert "1 train captions are longer than max_caption_tokens=40 (the longest: 51 tokens)" in result.stdout
     assert os.path.isfile(out / "adapter" / "adapter_model.safetensors")
     saved = json.load(open(out / "adapter" / "caption_settings.json"))
-    assert saved == {"prompt": "a picture of", "num_beams": 2, "max_new_tokens": 30, "min_new_tokens": 8}
+    assert {k: saved[k] for k in ("prompt", "num_beams", "max_new_tokens", "min_new_tokens")} == {
+        "prompt": "a picture of", "num_beams": 2, "max_new_tokens": 30, "min_new_tokens": 8}
+    assert saved["trained_on"]["data_dir"] == str(own_collection) and saved["trained_on"]["step"] == 4
 
     scores = tmp_path / "scores.json"
     evaluated = run_script("evaluate.py", "--adapter", str(out / "adapter"), "--data", str(own_collection),
@@ -235,14 +212,14 @@ def test_train_on_your_own_collection_then_evaluate_with_the_prompt_it_was_train
 
 def test_peft_loads_an_adapter_with_its_caption_settings_beside_it(tiny_blip2, random_lora_b, tmp_path):
     peft = pytest.importorskip("peft")
-    from caption import save_caption_settings
+    from captioning import save_caption_settings
     from lora import inject_lora, save_adapter
     model = tiny_blip2()
     inject_lora(model)
     random_lora_b(model)
     save_adapter(model, str(tmp_path), "tiny")
     save_caption_settings(str(tmp_path), {"prompt": "a picture of", "num_beams": 2, "max_new_tokens": 9,
-                                          "min_new_tokens": 1})
+                                          "min_new_tokens": 1}, {"data_dir": "/photos", "step": 4})
     loaded = peft.PeftModel.from_pretrained(tiny_blip2(), str(tmp_path)).eval()
     x = {"pixel_values": torch.randn(1, 3, 48, 48), "input_ids": torch.tensor([[47] * 8 + [5, 1]]),
          "decoder_input_ids": torch.tensor([[0, 7]])}
@@ -250,22 +227,16 @@ def test_peft_loads_an_adapter_with_its_caption_settings_beside_it(tiny_blip2, r
         assert torch.allclose(model(**x).logits, loaded(**x).logits, atol=1e-5)
 
 
-DISK_FULL = """
-import collections, shutil, sys
-sys.path.insert(0, {root!r})
-shutil.disk_usage = lambda path: collections.namedtuple("usage", "total used free")(10**9, 10**9 - 1000, 1000)
-import train
-sys.argv = ["train.py"] + {args!r}
-train.main()
-"""
-
-
-def test_a_vision_cache_that_does_not_fit_on_the_disk_is_refused_before_building(demo_world, tmp_path):
-    from conftest import ROOT
-    args = ["config/demo.py", "--max_steps=2", "--eval_interval=0", "--final_eval=False", f"--out_dir={tmp_path}"]
-    result = run_script("-c", DISK_FULL.format(root=ROOT, args=args))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: vision cache: 300 images need 0.0") and "vision_cache=False" in line
-    assert "vision cache: computing ViT outputs of 300 images once (0.0 GB in" in result.stdout  # size said first
+def test_a_vision_cache_that_does_not_fit_on_the_disk_is_refused_before_building(demo_world, tmp_path, monkeypatch):
+    import collections
+    import shutil
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: collections.namedtuple("usage", "total used free")(
+        10**9, 10**9 - 1000, 1000))
+    code, out, err = run_main("train", "config/demo.py", "--max_steps=2", "--eval_interval=0", "--final_eval=False",
+                              f"--out_dir={tmp_path}")
+    assert code == 1
+    assert err.strip() == (f"error: vision cache: 300 images need 1.3 MB in {tmp_path / 'vision_cache'}, but only "
+                           "0.0 MB is free there. Set vision_cache=False (the ViT then runs in every step) or use an "
+                           "out_dir on a disk with room")
+    assert "vision cache: computing ViT outputs of 300 images once (1.3 MB in" in out  # the size is said first
     assert not os.path.exists(tmp_path / "checkpoint")

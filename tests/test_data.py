@@ -1,4 +1,5 @@
-"""data.py: every download layout and quirk, the check report, image modes, and batches the model really sees."""
+"""data.py and images.py: every Flickr8k layout and quirk, the check report, images as a person sees them, and
+batches the model really sees."""
 import json
 import os
 
@@ -6,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_script
-from data import (CaptionCollator, DataError, ImageCaptionDataset, clean_caption, encoder_prompt_ids, load_rgb,
-                  read_captions)
+from conftest import run_main, run_script
+from data import CaptionCollator, DataError, ImageCaptionDataset, clean_caption, encoder_prompt_ids, read_captions
+from images import load_image
 
 IDS = [f"{1000 + i}_abc{i}.jpg" for i in range(12)]
 
@@ -101,13 +102,13 @@ def test_kaggle_uses_official_split_files_when_present(tmp_path):
 
 def test_report_command_json_and_text(tmp_path):
     write_original(tmp_path)
-    result = run_script("data.py", str(tmp_path), "--json")
-    assert result.returncode == 0
-    report = json.loads(result.stdout)
-    assert report["layout"] == "flickr8k-text"
-    assert report["splits"]["train"] == {"images": 8, "captions": 41}
+    code, out, _ = run_main("data", tmp_path, "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["layout"] == "flickr8k-text" and report["files"] == [str(tmp_path / "Flickr8k.token.txt")]
+    assert report["splits"]["train"] == {"images": 8, "captions": 41} and report["rows"] == 62
     assert {"item": "2258277193_586949ec62.jpg.1", "reason": "no image file (1 captions)"} in report["skipped"]
-    text = run_script("data.py", str(tmp_path)).stdout
+    text = run_main("data", tmp_path)[1]
     assert "layout: flickr8k-text" in text and "no image file" in text
 
 
@@ -124,13 +125,39 @@ def test_missing_directory_is_a_data_error(tmp_path):
         read_captions(str(tmp_path / "nope"))
 
 
-@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "I;16"])
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "I", "F", "I;16", "1"])
 def test_every_image_mode_loads_as_rgb(tmp_path, mode):
-    image = Image.new("RGB", (10, 10), (200, 100, 50)).convert(mode)
-    path = tmp_path / ("x.jpg" if mode in ("L", "CMYK") else "x.png")
+    image = Image.new("RGB", (10, 10), (200, 100, 50)).convert(mode if mode != "I;16" else "L").convert(mode)
+    path = tmp_path / ("x.jpg" if mode in ("L", "CMYK") else "x.tif" if mode in ("I", "F") else "x.png")
     image.save(path)
-    loaded = load_rgb(path)
+    loaded = load_image(str(path))
     assert loaded.mode == "RGB" and loaded.size == (10, 10)
+
+
+def test_16_bit_greyscale_keeps_its_shades(tmp_path):
+    """A 16-bit PNG of mid-grey (32768 of 65535) is mid-grey (128 of 255), not white (Pillow's own conversion clips
+    every value above 255)."""
+    import numpy as np
+    ramp = (np.arange(100, dtype=np.uint16).reshape(10, 10) * 600)  # 0 .. 59,400
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")  # uint16: mode I;16
+    Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)).save(tmp_path / "grey.png")
+    grey = np.asarray(load_image(str(tmp_path / "grey.png")))
+    assert grey.min() == grey.max() == 128
+    shades = np.asarray(load_image(str(tmp_path / "ramp.png")))[..., 0]
+    assert shades[0, 0] == 0 and shades[-1, -1] == round(59400 * 255 / 65535) and len(np.unique(shades)) > 90
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone photo stored landscape with 'rotate 90' in its EXIF is read portrait, as every viewer shows it."""
+    image = Image.new("RGB", (40, 20), (0, 0, 0))
+    image.paste((255, 0, 0), (0, 0, 20, 20))  # left half red, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 clockwise to display
+    image.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    loaded = load_image(str(tmp_path / "phone.jpg"))
+    assert loaded.size == (20, 40)
+    top, bottom = loaded.getpixel((10, 5)), loaded.getpixel((10, 35))
+    assert top[0] > 200 and top[1] < 60 and bottom[0] < 60  # the stored left half is now the top
 
 
 def test_clean_caption():
@@ -177,17 +204,18 @@ def test_encoder_input_is_what_blip2processor_makes(demo_world, demo_processor):
 
 
 def test_batches_hold_image_tokens_labels_pad_with_minus_100_and_skip_corrupt_images(demo_world, demo_processor,
-                                                                                   tmp_path):
+                                                                                   tmp_path, capsys):
     items = read_captions(demo_world[0]).splits["train"][:3]
     corrupt = tmp_path / "corrupt.jpg"
-    corrupt.write_bytes(open(items[1].path, "rb").read()[:200])  # a truncated JPEG
+    corrupt.write_bytes(open(items[1].image, "rb").read()[:200])  # a truncated JPEG
     items[1] = type(items[1])(items[1].name, str(corrupt), items[1].captions)
     items[2].captions.append("short")
     prompt_ids = encoder_prompt_ids(demo_processor.tokenizer, "a photo of", 8, 41)
     dataset = ImageCaptionDataset(items, demo_processor.image_processor)
     collate = CaptionCollator(items, demo_processor.tokenizer, prompt_ids)
-    with pytest.warns(UserWarning, match="corrupt.jpg"):
-        batch = collate([dataset[i] for i in range(3)])
+    batch = collate([dataset[i] for i in range(3)])
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "corrupt.jpg" in warning[0]  # one line per unreadable image
     assert batch["skipped"] == 1 and batch["image_index"].tolist() == [0, 2]
     assert batch["pixel_values"].shape[0] == 2
     assert ((batch["input_ids"] == 41).sum(dim=1) == 8).all()  # every encoder input: exactly Q image tokens

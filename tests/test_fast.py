@@ -1,11 +1,13 @@
-"""The fast path changes nothing but speed: grouped steps and the vision cache give the per-pair loss and gradients."""
+"""The fast path and the memory levers change nothing but speed and memory: grouped steps, per-image cross-attention,
+the vision cache, gradient checkpointing and float32 `wo` give the per-pair loss and gradients."""
 import os
 
 import pytest
 import torch
 
 from lora import inject_lora, lora_layers
-from model import VisionCache, grouped_caption_loss, per_pair_caption_loss, vision_embeds
+from model import (VisionCache, decoder_inputs, caption_loss_sum, encode_images, grouped_caption_loss,
+                   per_pair_caption_loss, use_gradient_checkpointing, vision_embeds)
 
 
 def batch_for(model, images=3, captions_per_image=(5, 4, 5), seed=0):
@@ -18,8 +20,9 @@ def batch_for(model, images=3, captions_per_image=(5, 4, 5), seed=0):
     labels = torch.randint(2, 40, (len(caption_image), 9), generator=g)
     lengths = torch.randint(3, 10, (len(caption_image),), generator=g)
     labels[torch.arange(9)[None, :] >= lengths[:, None]] = -100
-    return {"pixel_values": torch.randn(images, 3, size, size, generator=g),
-            "input_ids": torch.tensor([prompt] * images), "attention_mask": torch.ones(images, len(prompt)).long(),
+    return {"pixel_values": torch.randn(len(captions_per_image), 3, size, size, generator=g),
+            "input_ids": torch.tensor([prompt] * len(captions_per_image)),
+            "attention_mask": torch.ones(len(captions_per_image), len(prompt)).long(),
             "labels": labels, "caption_image": caption_image}
 
 
@@ -27,125 +30,102 @@ def lora_grads(model):
     return torch.cat([torch.cat([l.lora_A.grad.flatten(), l.lora_B.grad.flatten()]) for _, l in lora_layers(model)])
 
 
-@pytest.mark.parametrize("captions_per_image", [(5, 4, 5), (1, 12, 2)])  # Flickr-like, and a collection of one's own
+def loss_and_grads(model, loss_fn, *args):
+    loss, tokens = loss_fn(model, *args)
+    (loss / tokens).backward()
+    grads = lora_grads(model)
+    model.zero_grad()
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("captions_per_image", [(5, 5, 5), (1, 1, 1), (5, 4, 5), (1, 12, 2)])
 def test_grouped_loss_and_gradients_equal_per_pair(tiny_blip2, random_lora_b, captions_per_image):
     model = tiny_blip2()
     inject_lora(model)
     random_lora_b(model)  # B != 0, so gradients reach A too
     batch = batch_for(model, captions_per_image=captions_per_image)
-
-    loss, tokens = per_pair_caption_loss(model, batch)
-    (loss / tokens).backward()
-    per_pair_grads = lora_grads(model)
-    model.zero_grad()
-
-    grouped, grouped_tokens = grouped_caption_loss(model, batch, vision_embeds(model, batch["pixel_values"]))
-    (grouped / grouped_tokens).backward()
-    grouped_grads = lora_grads(model)
-
-    assert tokens == grouped_tokens == (batch["labels"] != -100).sum()
-    assert torch.allclose(loss, grouped, rtol=1e-5)
+    per_pair, per_pair_grads = loss_and_grads(model, per_pair_caption_loss, batch)
+    grouped, grouped_grads = loss_and_grads(model, grouped_caption_loss, batch,
+                                            vision_embeds(model, batch["pixel_values"]))
+    assert torch.allclose(per_pair, grouped, rtol=1e-5)
     assert per_pair_grads.abs().max() > 0
     assert torch.allclose(per_pair_grads, grouped_grads, rtol=1e-4, atol=1e-6)  # float32 noise: ~1e-6 here
 
 
-class FakeLoader:
-    """What VisionCache.build reads: batches with pixel_values and image_index, and .dataset.items."""
+def repeating_encoder_states(model, batch, image_embeds):
+    """The grouped loss as it was before: the encoder states repeated per caption, so that every decoder layer
+    projected them to cross-attention keys and values once per caption."""
+    encoded, per_caption = encode_images(model, batch, image_embeds), batch["caption_image"]
+    logits = model.language_model(encoder_outputs=(encoded[per_caption],),
+                                  attention_mask=batch["attention_mask"][per_caption],
+                                  decoder_input_ids=decoder_inputs(model, batch["labels"]), use_cache=False).logits
+    return caption_loss_sum(logits, batch["labels"])
 
-    def __init__(self, items, batches):
-        self.dataset, self.batches = type("D", (), {"items": items})(), batches
 
-    def __iter__(self):
-        return iter(self.batches)
+def flops(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
-def test_cached_vision_gives_the_identical_loss_and_a_changed_key_rebuilds(tiny_blip2, tmp_path):
-    from contextlib import nullcontext
-    from data import ImageCaptions
+def test_cross_attention_keys_and_values_are_computed_once_per_image(tiny_blip2, random_lora_b):
+    """The FLOPs saved are exactly the key/value projections (forward and backward, LoRA included) of the rows that
+    repeating the encoder states per caption added: (N - B) rows of L tokens in every decoder layer."""
     model = tiny_blip2()
     inject_lora(model)
-    batch = batch_for(model)
-    items = [ImageCaptions(f"img{i}.jpg", "", ["x"]) for i in range(3)]
-    names = [i.name for i in items]
-    cache = VisionCache(str(tmp_path), model, "tiny", "48x48", items, torch.float32)
-    assert not cache.complete
-    loader = FakeLoader(items, [{"pixel_values": batch["pixel_values"][:2], "image_index": torch.tensor([0, 1])},
-                                {"pixel_values": batch["pixel_values"][2:], "image_index": torch.tensor([2])}])
-    cache.build(model, loader, "cpu", nullcontext(), log=lambda *a: None)
+    random_lora_b(model)
+    batch = batch_for(model, captions_per_image=(5, 4, 5))
+    embeds = vision_embeds(model, batch["pixel_values"]).detach()
+    before = flops(lambda: (lambda l, t: (l / t).backward())(*repeating_encoder_states(model, batch, embeds)))
+    after = flops(lambda: (lambda l, t: (l / t).backward())(*grouped_caption_loss(model, batch, embeds)))
+    model.zero_grad()
+    width, tokens = model.config.text_config.d_model, batch["input_ids"].shape[1]
+    images, captions = len(batch["pixel_values"]), len(batch["labels"])
 
-    reopened = VisionCache(str(tmp_path), model, "tiny", "48x48", items, torch.float32)  # memory-mapped from disk
-    assert reopened.complete and reopened.missing == set()
-    with torch.no_grad():
-        direct, _ = grouped_caption_loss(model, batch, vision_embeds(model, batch["pixel_values"]))
-        cached, _ = grouped_caption_loss(model, batch, reopened.lookup(names, "cpu"))
-    assert torch.equal(direct, cached)
-
-    for changed in [dict(model_name="other"), dict(image_size="64x64"), dict(dtype=torch.bfloat16),
-                    dict(items=items[::-1])]:
-        args = dict(model_name="tiny", image_size="48x48", items=items, dtype=torch.float32) | changed
-        other = VisionCache(str(tmp_path), model, args["model_name"], args["image_size"], args["items"],
-                            args["dtype"])
-        assert not other.complete and other.dir != reopened.dir  # a new key means a new cache, built again
+    def projections(rows):  # k and v of every decoder layer on `rows` encoder rows, forward and backward
+        x = torch.randn(rows, tokens, width, requires_grad=True)
+        return flops(lambda: sum(block.layer[1].EncDecAttention.k(x).sum() + block.layer[1].EncDecAttention.v(x).sum()
+                                 for block in model.language_model.decoder.block).backward())
+    saved = projections(captions) - projections(images)
+    assert saved > 0 and before - after == saved
+    per_caption_before, per_caption_after = before / captions, after / captions
+    assert per_caption_after < per_caption_before
 
 
-def test_bench_times_the_step_train_py_takes():
-    """bench.py's figures are about train.py's step: its LoRA settings, and no dropout but the adapters' own."""
-    import bench
-    import train
-    model = bench.build("tiny", "cpu", torch.float32)
-    layers = lora_layers(model)
-    settings = (train.lora_r, train.lora_alpha, train.lora_dropout)
-    assert layers and all((l.r, l.alpha, getattr(l.dropout, "p", 0.0)) == settings for _, l in layers)
-    inside_adapters = {id(m) for _, l in layers for m in l.modules()}
-    assert [name for name, m in model.named_modules() if m.training and id(m) not in inside_adapters] == []
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_blip2, random_lora_b):
+    """With LoRA dropout on: the recomputation must draw the same dropout masks as the first pass."""
+    results = []
+    for checkpointing in (False, True):
+        model = tiny_blip2()
+        inject_lora(model, dropout=0.3)
+        random_lora_b(model)
+        if checkpointing:
+            use_gradient_checkpointing(model)
+        for _, layer in lora_layers(model):
+            layer.train()
+        batch = batch_for(model)
+        embeds = vision_embeds(model, batch["pixel_values"]).detach()
+        torch.manual_seed(5)
+        results.append(loss_and_grads(model, grouped_caption_loss, batch, embeds))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
-def test_bench_json_has_the_keys_its_readers_use():
-    import json
-    from conftest import run_script
-    result = run_script("bench.py", "--model", "tiny", "--repeats", "1", "--batch-images", "1,2", "--json")
-    assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads(result.stdout)
-    assert {"commit", "torch", "transformers", "device", "dtype"} <= set(report)
-    assert [run["batch_images"] for run in report["runs"]] == [1, 2]
-    for run in report["runs"]:
-        assert run["epoch_seconds_projected"] > 0 and run["generation"]["images_per_s"] > 0
-        keys = {"captions_per_s", "peak_mem_mb", "first_step_s", "ops_per_step", "gflops_per_caption"}
-        assert all(keys <= set(run[mode]) for mode in ("per_pair", "grouped", "grouped_cached"))
-        # one vision and encoder pass per image does less work, and reading the cache skips the ViT's operations
-        assert run["predicted_speedup_grouped_cached"] > run["predicted_speedup_grouped"] > 1
-        assert run["grouped_cached"]["ops_per_step"] < run["grouped"]["ops_per_step"]
-
-
-def test_a_damaged_cache_is_never_read_and_changed_images_get_a_new_one(tiny_blip2, tmp_path):
-    from contextlib import nullcontext
-    from data import ImageCaptions
+def test_float16_keeps_t5_wo_in_float32(tiny_blip2):
+    """Under float16 autocast, Flan-T5's feed-forward output runs in float32: its activations reach beyond float16's
+    65,504 (here 128 inputs of 1,000 through weights of 1: 128,000), which would otherwise become infinity."""
+    from model import keep_wo_in_float32
     model = tiny_blip2()
-    batch = batch_for(model)
-    items = []
-    for i in range(3):
-        (tmp_path / f"img{i}.jpg").write_bytes(b"pixels %d" % i)  # the cache key reads size and time, not pixels
-        items.append(ImageCaptions(f"img{i}.jpg", str(tmp_path / f"img{i}.jpg"), ["x"]))
-
-    def open_cache():
-        return VisionCache(str(tmp_path / "cache"), model, "tiny", "48x48", items, torch.float32)
-    loader = FakeLoader(items, [{"pixel_values": batch["pixel_values"], "image_index": torch.tensor([0, 1, 2])}])
-    open_cache().build(model, loader, "cpu", nullcontext(), log=lambda *a: None)
-    built = open_cache()
-    assert built.complete and built.problem is None
-    bin_file, meta = os.path.join(built.dir, "vision.bin"), os.path.join(built.dir, "meta.json")
-
-    os.truncate(bin_file, built.nbytes // 2)  # torch.from_file would silently extend this with zeros
-    damaged = open_cache()
-    assert not damaged.complete
-    assert damaged.problem == f"vision.bin has {built.nbytes // 2:,} bytes, not {built.nbytes:,}"
-    os.truncate(bin_file, built.nbytes)
-    with open(meta, "w") as f:
-        f.write("{garbage")
-    assert not open_cache().complete and open_cache().problem == "its meta.json is unreadable"
-
-    os.utime(items[1].path, ns=(1, 1))  # the same name, another file: a new cache, not the old outputs
-    assert open_cache().dir != built.dir
+    wo = model.language_model.encoder.block[0].layer[1].DenseReluDense.wo
+    with torch.no_grad():
+        wo.weight.fill_(1.0)
+    x = torch.full((1, 2, wo.in_features), 1000.0)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        plain = wo(x)
+        keep_wo_in_float32(model)
+        kept = wo(x)
+    assert torch.isinf(plain).all()
+    assert kept.dtype == torch.float32 and torch.equal(kept, torch.full_like(kept, 1000.0 * wo.in_features))
 
 
 def test_the_grouped_loss_traces_as_one_graph(tiny_blip2):
@@ -171,7 +151,114 @@ def test_frozen_qformer_cast_once_to_bf16_gives_the_same_loss_and_gradients(tiny
             assert model.qformer.encoder.layer[0].attention.attention.query.base.weight.dtype == torch.bfloat16
             assert model.qformer.layernorm.weight.dtype == torch.float32  # LayerNorms stay float32
         with autocast_context("cpu", torch.bfloat16):
-            loss, tokens = grouped_caption_loss(model, batch, vision_embeds(model, batch["pixel_values"]))
-        (loss / tokens).backward()
-        results.append((loss.detach(), lora_grads(model)))
+            results.append(loss_and_grads(model, grouped_caption_loss, batch,
+                                          vision_embeds(model, batch["pixel_values"])))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+class FakeLoader:
+    """What VisionCache.build reads: batches with pixel_values and image_index, and .dataset.items."""
+
+    def __init__(self, items, batches):
+        self.dataset, self.batches = type("D", (), {"items": items})(), batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def built_cache(model, tmp_path, items, batch):
+    def open_cache(**changed):
+        args = dict(model_name="tiny", image_size="48x48", items=items, dtype=torch.float32) | changed
+        return VisionCache(str(tmp_path / "cache"), model, args["model_name"], args["image_size"], args["items"],
+                           args["dtype"])
+    loader = FakeLoader(items, [{"pixel_values": batch["pixel_values"][:2], "image_index": torch.tensor([0, 1])},
+                                {"pixel_values": batch["pixel_values"][2:], "image_index": torch.tensor([2])}])
+    assert not open_cache().complete
+    open_cache().build(model, loader, "cpu", torch.autocast("cpu", enabled=False), log=lambda *a: None)
+    return open_cache
+
+
+def image_items(tmp_path):
+    from data import ImageCaptions
+    items = []
+    for i in range(3):
+        (tmp_path / f"img{i}.jpg").write_bytes(b"pixels %d" % i)  # the cache key reads size and time, not pixels
+        items.append(ImageCaptions(f"img{i}.jpg", str(tmp_path / f"img{i}.jpg"), ["x"]))
+    return items
+
+
+def test_cached_vision_gives_the_identical_loss_and_a_changed_key_rebuilds(tiny_blip2, tmp_path):
+    model = tiny_blip2()
+    inject_lora(model)
+    batch = batch_for(model)
+    items = image_items(tmp_path)
+    open_cache = built_cache(model, tmp_path, items, batch)
+    reopened = open_cache()  # memory-mapped from disk
+    assert reopened.complete and reopened.missing == set()
+    with torch.no_grad():
+        direct, _ = grouped_caption_loss(model, batch, vision_embeds(model, batch["pixel_values"]))
+        cached, _ = grouped_caption_loss(model, batch, reopened.lookup([i.name for i in items], "cpu"))
+    assert torch.equal(direct, cached)
+    for changed in [dict(model_name="other"), dict(image_size="64x64"), dict(dtype=torch.bfloat16),
+                    dict(items=items[::-1])]:
+        other = open_cache(**changed)
+        assert not other.complete and other.dir != reopened.dir  # a new key means a new cache, built again
+    os.utime(items[1].image, ns=(1, 1))  # the same name, another file: a new cache, not the old outputs
+    assert open_cache().dir != reopened.dir
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda bin_file, size: os.truncate(bin_file, size // 2), "vision.bin has"),  # from_file would add zeros
+    (lambda bin_file, size: open(bin_file, "wb").write(bytes(size)), "its contents changed"),  # zeroed, right size
+    (lambda bin_file, size: open(bin_file, "wb").write(os.urandom(size)), "its contents changed"),  # noise
+    (lambda bin_file, size: open(os.path.join(os.path.dirname(bin_file), "meta.json"), "w").write("{garbage"),
+     "its meta.json is unreadable"),
+    (lambda bin_file, size: open(os.path.join(os.path.dirname(bin_file), "meta.json"), "w").write("[" * 100_000),
+     "its meta.json is unreadable"),  # nested beyond Python's recursion limit
+])
+def test_a_damaged_cache_is_never_read(tiny_blip2, tmp_path, damage, problem):
+    model = tiny_blip2()
+    open_cache = built_cache(model, tmp_path, image_items(tmp_path), batch_for(model))
+    built = open_cache()
+    damage(os.path.join(built.dir, "vision.bin"), built.nbytes)
+    damaged = open_cache()
+    assert not damaged.complete and damaged.problem.startswith(problem)
+
+
+def test_a_cache_row_changed_after_opening_is_refused_when_read(tiny_blip2, tmp_path):
+    from model import CacheDamaged
+    model = tiny_blip2()
+    items = image_items(tmp_path)
+    cache = built_cache(model, tmp_path, items, batch_for(model))()
+    cache.table[1] = 0  # what a disk fault or another program writing the file would do (the sample misses it)
+    with pytest.raises(CacheDamaged, match="rows changed on disk"):
+        cache.lookup([items[1].name], "cpu")
+    assert not os.path.exists(os.path.join(cache.dir, "meta.json"))  # the next run builds it again
+
+
+def test_bench_times_the_step_train_py_takes():
+    """bench.py's figures are about train.py's step: its LoRA settings, and no dropout but the adapters' own."""
+    import bench
+    from train import SETTINGS
+    model = bench.build("tiny", "cpu", torch.float32)
+    layers = lora_layers(model)
+    settings = (SETTINGS["lora_r"], SETTINGS["lora_alpha"], SETTINGS["lora_dropout"])
+    assert layers and all((l.r, l.alpha, getattr(l.dropout, "p", 0.0)) == settings for _, l in layers)
+    inside_adapters = {id(m) for _, l in layers for m in l.modules()}
+    assert [name for name, m in model.named_modules() if m.training and id(m) not in inside_adapters] == []
+
+
+def test_bench_json_has_the_keys_its_readers_use():
+    import json
+    from conftest import run_main
+    code, out, err = run_main("bench", "--model", "tiny", "--repeats", "1", "--batch-images", "2", "--json")
+    assert code in (0, None), err[-2000:]
+    report = json.loads(out)
+    assert {"commit", "torch", "transformers", "device", "dtype"} <= set(report)
+    (run,) = report["runs"]
+    assert run["batch_images"] == 2 and run["epoch_seconds_projected"] > 0 and run["generation"]["images_per_s"] > 0
+    keys = {"captions_per_s", "peak_mem_mb", "first_step_s", "ops_per_step", "gflops_per_caption"}
+    assert all(keys <= set(run[mode]) for mode in ("per_pair", "grouped", "grouped_cached"))
+    # one vision and encoder pass per image does less work, and reading the cache skips the ViT's operations
+    assert run["predicted_speedup_grouped_cached"] > run["predicted_speedup_grouped"] > 1
+    assert run["grouped_cached"]["ops_per_step"] < run["grouped"]["ops_per_step"]

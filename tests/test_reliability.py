@@ -1,23 +1,120 @@
-"""Hostile input to caption.py, evaluate.py and the loaders: nothing of the user's is deleted, no traceback."""
+"""Hostile input and faults: nothing is read from outside the collection, nothing of the user's is deleted or
+overwritten, no value read back goes unchecked, and every fault is one line (in-process: no start-up per case)."""
+import errno
 import json
 import os
+import re
 import struct
 import zlib
 
 import pytest
+import torch
 from PIL import Image
 
-from conftest import run_script
+import checkpoint
+from conftest import data_report, run_main, write_images, write_jsonl
 
 
-def last_error(capsys):
-    """The last line a script's main() wrote to stderr (main is called in this process: no start-up per case)."""
-    return capsys.readouterr().err.strip().splitlines()[-1]
+# ------------------------------------------------------------------------------- nothing read from outside
+
+@pytest.fixture
+def outside(tmp_path):
+    """A secret image next to the collection, which no collection entry may reach."""
+    write_images(tmp_path, ["secret.jpg"])
+    os.makedirs(tmp_path / "photos")
+    return tmp_path / "photos"
 
 
-def test_export_refuses_a_folder_that_holds_the_adapter_or_anything_else(demo_run, tmp_path, capsys):
+def reasons(report):
+    return {entry["item"]: entry["reason"] for entry in report["skipped"]}
+
+
+def test_imagefolder_paths_that_leave_the_collection_are_skipped(outside):
+    write_images(outside, [f"{i}.jpg" for i in range(3)] + ["images/ok.jpg"])
+    os.symlink(outside.parent / "secret.jpg", outside / "link.jpg")
+    write_jsonl(outside / "metadata.jsonl", [
+        {"file_name": "0.jpg", "text": "fine"},
+        {"file_name": ".\\..\\secret.jpg", "text": "backslash escape"},
+        {"file_name": "images\\..\\..\\secret.jpg", "text": "backslash escape through a folder"},
+        {"file_name": str(outside.parent / "secret.jpg"), "text": "an absolute path"},
+        {"file_name": "link.jpg", "text": "a symbolic link out"}])
+    report = data_report(outside)
+    assert report["splits"]["train"]["images"] == 1
+    why = reasons(report)
+    assert why["metadata.jsonl line 2"] == why["metadata.jsonl line 3"] == why["metadata.jsonl line 4"] == (
+        "file_name is missing or leaves the collection's folder")
+    assert why["link.jpg"].startswith("a symbolic link to outside the collection's folder")
+    followed = data_report(outside, "--symlinks-out")  # on purpose: the option follows links out
+    assert followed["splits"]["train"]["images"] == 2
+
+
+def test_karpathy_and_flickr_token_paths_that_leave_the_collection_are_skipped(outside):
+    write_images(outside / "images", ["a.jpg"])
+    images = [{"filename": "a.jpg", "split": "train", "sentences": [{"raw": "fine"}]},
+              {"filename": "../../secret.jpg", "split": "train", "sentences": [{"raw": "up and out"}]},
+              {"filename": str(outside.parent / "secret.jpg"), "split": "train", "sentences": [{"raw": "absolute"}]},
+              {"filepath": "/", "filename": "secret.jpg", "split": "test", "sentences": [{"raw": "a filepath out"}]},
+              {"filepath": 5, "filename": "a.jpg", "split": "train", "sentences": [{"raw": "filepath not text"}]},
+              {"filename": "a.jpg", "split": ["train"], "sentences": [{"raw": "split not text"}]}]
+    (outside / "dataset_flickr30k.json").write_text(json.dumps({"images": images}))
+    report = data_report(outside)
+    assert report["splits"]["train"]["images"] == 1
+    leaving = [r for r in report["skipped"] if r["reason"].startswith("its path leaves the collection's folder")]
+    assert len(leaving) == 3
+    assert sum(r["reason"] == "filepath or split is not a string" for r in report["skipped"]) == 2
+    token = outside.parent / "flickr"
+    write_images(token / "Flicker8k_Dataset", ["b.jpg"])
+    (token / "Flickr8k.token.txt").write_text("b.jpg#0\tfine\n../../secret.jpg#0\tout\n")
+    assert reasons(data_report(token))["../../secret.jpg"].startswith("its path leaves the collection's folder")
+
+
+def test_data_py_lists_a_backslash_escape_a_symlink_out_and_an_absolute_path_as_skipped(outside):
+    """The issue's check, as a user runs it: python data.py DIR names all three and why."""
+    write_images(outside, ["0.jpg"])
+    os.symlink(outside.parent / "secret.jpg", outside / "link.jpg")
+    with open(outside / "metadata.csv", "w") as f:
+        f.write(f"file_name,text\n0.jpg,fine\n.\\..\\secret.jpg,escape\n{outside.parent / 'secret.jpg'},absolute\n"
+                "link.jpg,link\n")
+    code, out, _ = run_main("data", outside)
+    assert code == 0 and "skipped: 3" in out
+    assert "2 x file_name is missing or leaves the collection's folder: metadata.csv line 3, metadata.csv line 4" in out
+    assert "1 x a symbolic link to outside the collection's folder" in out
+
+
+# ------------------------------------------------------------------------------- nothing of the user's lost
+
+@pytest.mark.parametrize("theirs", ["checkpoint/notes.txt", "results.json", "report.html"])
+def test_train_py_never_touches_what_it_did_not_write(demo_world, tmp_path, theirs):
+    (tmp_path / theirs).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / theirs).write_text("the user's own")
+    code, _, err = run_main("train", "config/demo.py", f"--out_dir={tmp_path}", "--max_steps=2")
+    assert code == 1 and err.count("\n") == 1
+    assert "exists and was not written by train.py; move it away or choose another out_dir" in err
+    assert (tmp_path / theirs).read_text() == "the user's own" and not (tmp_path / "vision_cache").exists()
+
+
+@pytest.mark.parametrize("path, kind", [("results.json", "dir"), ("log.jsonl", "dir"), ("adapter", "file"),
+                                        ("checkpoint", "file"), (".lock", "dir"), ("vision_cache", "file")])
+def test_a_project_path_of_the_wrong_type_is_one_line(demo_world, tmp_path, path, kind):
+    (tmp_path / path).mkdir() if kind == "dir" else (tmp_path / path).write_text("")
+    code, _, err = run_main("train", "config/demo.py", f"--out_dir={tmp_path}", "--max_steps=2")
+    assert code == 1 and err.count("\n") == 1 and str(tmp_path / path) in err
+
+
+def test_a_temporary_file_never_overwrites_a_file_of_the_users(demo_world, tmp_path):
+    from data import read_captions
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps({i.name: "a circle" for i in read_captions(demo_world[0]).splits["test"]}))
+    (tmp_path / "scores.json.tmp").write_text("mine")
+    code, _, err = run_main("evaluate", "--adapter", "none", "--model", demo_world[1], "--predictions", predictions,
+                            "--out", tmp_path / "scores.json")
+    assert code == 0, err
+    assert (tmp_path / "scores.json.tmp").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["predictions.json", "scores.json", "scores.json.tmp"]
+
+
+def test_export_refuses_a_folder_that_holds_the_adapter_or_anything_else(demo_run, tmp_path):
     import shutil
-    import caption
     run = tmp_path / "run"
     shutil.copytree(os.path.join(demo_run[0], "adapter"), run / "adapter")
     (run / "notes.txt").write_text("mine")
@@ -25,15 +122,181 @@ def test_export_refuses_a_folder_that_holds_the_adapter_or_anything_else(demo_ru
     for target, message in ((run, "that folder holds the adapter"), (run / "adapter", "that folder holds the adapter"),
                             (tmp_path, "that folder holds the adapter"),
                             (run / "notes.txt", "a file of that name exists")):
-        assert caption.main(["--adapter", str(run / "adapter"), "--export-merged", str(target)]) == 1
-        error = last_error(capsys)
-        assert error.startswith(f"error: --export-merged {target}: ") and message in error
+        code, _, err = run_main("caption", "--adapter", run / "adapter", "--export-merged", target)
+        assert code == 1 and err.startswith(f"error: --export-merged {target}: ") and message in err
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    assert caption.main(["--adapter", str(run / "adapter"), "--export-merged", str(other)]) == 1
-    assert "is not empty and is not an earlier export" in last_error(capsys)
+    code, _, err = run_main("caption", "--adapter", run / "adapter", "--export-merged", other)
+    assert code == 1 and "is not empty and is not an earlier export" in err
     assert {str(p) for p in tmp_path.rglob("*")} == before | {str(other), str(other / "keep.txt")}  # all kept
+
+
+def test_re_export_keeps_files_the_user_added(demo_run, tmp_path):
+    adapter, merged = os.path.join(demo_run[0], "adapter"), tmp_path / "merged"
+    assert run_main("caption", "--adapter", adapter, "--export-merged", merged)[0] == 0
+    assert run_main("caption", "--adapter", adapter, "--export-merged", merged)[0] == 0  # its own: replaced
+    (merged / "my_notes.md").write_text("mine")
+    code, _, err = run_main("caption", "--adapter", adapter, "--export-merged", merged)
+    assert code == 1 and "holds files the export did not write (my_notes.md)" in err
+    assert (merged / "my_notes.md").read_text() == "mine"
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_nothing_half_written(demo_world, tmp_path,
+                                                                                    monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    code, _, err = run_main("train", "config/demo.py", f"--out_dir={tmp_path}", "--max_steps=4",
+                            "--checkpoint_interval=2", "--eval_interval=0", "--final_eval=False")
+    assert code == 1 and err.count("\n") == 1 and "No space left on device" in err
+    assert not any(name.endswith(".tmp") for name in os.listdir(tmp_path)) and not (tmp_path / "checkpoint").exists()
+
+
+def test_a_full_disk_during_an_export_is_one_line_and_leaves_no_folder(demo_run, tmp_path, monkeypatch):
+    from transformers import Blip2ForConditionalGeneration
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Blip2ForConditionalGeneration, "save_pretrained", disk_full)
+    code, _, err = run_main("caption", "--adapter", os.path.join(demo_run[0], "adapter"), "--export-merged",
+                            tmp_path / "merged")
+    assert code == 1 and err.count("\n") == 1 and "No space left on device" in err
+    assert os.listdir(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------- values checked when read back
+
+def a_checkpoint(tmp_path, demo_world):
+    code, _, err = run_main("train", "config/demo.py", f"--out_dir={tmp_path}", "--max_steps=3",
+                            "--checkpoint_interval=2", "--eval_interval=0", "--final_eval=False")
+    assert code == 0, err
+    return tmp_path / "checkpoint"
+
+
+@pytest.fixture(scope="module")
+def trained(demo_world, tmp_path_factory):
+    return a_checkpoint(tmp_path_factory.mktemp("trained"), demo_world)
+
+
+def optimizer_for(checkpoint_dir):
+    """An AdamW over tensors shaped like the checkpoint's adapter: what restore() loads into."""
+    from safetensors.torch import load_file
+    tensors = load_file(os.path.join(checkpoint_dir, "adapter_model.safetensors"))
+    return torch.optim.AdamW([torch.nn.Parameter(torch.zeros_like(t)) for t in tensors.values()])
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+def tamper_state(key, value):
+    def apply(c):
+        state = json.load(open(c / "state.json"))
+        (c / "state.json").write_text(json.dumps({**state, key: value}) if value is not ... else
+                                      json.dumps({k: v for k, v in state.items() if k != key}))
+    return apply
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: (c / "state.json").write_text("{garbage"), "state.json: not valid JSON"),
+    (lambda c: (c / "state.json").write_text("[" * 100_000), "state.json: not a valid file (JSON nested too deep)"),
+    (tamper_state("scaler", ...), "no valid 'scaler' entry"),
+    (tamper_state("step", -3), "no valid 'step' entry"),
+    (tamper_state("step", True), "no valid 'step' entry"),
+    (tamper_state("step", 10**12), "no valid 'step' entry"),
+    (lambda c: (c / "state.json").write_text((c / "state.json").read_text().replace('"best_cider": -1.0',
+                                                                                     '"best_cider": NaN')),
+     "no valid 'best_cider' entry"),
+    (lambda c: os.truncate(c / "optimizer.pt", 0), "optimizer.pt: unreadable"),  # what a full disk leaves
+    (lambda c: os.truncate(c / "optimizer.pt", 100), "optimizer.pt: unreadable"),
+    (lambda c: torch.save({"state": Payload(), "param_groups": []}, c / "optimizer.pt"),
+     "optimizer.pt: holds more than tensors"),
+    (lambda c: torch.save({"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3),
+                                         "exp_avg_sq": torch.zeros(3)}}, "param_groups": []}, c / "optimizer.pt"),
+     "exp_avg of parameter 0 does not fit its shape"),
+    (lambda c: os.remove(c / "rng.safetensors"), "rng.safetensors: unreadable (FileNotFoundError"),
+])
+def test_a_damaged_or_tampered_checkpoint_is_one_line_naming_the_file(trained, tmp_path, damage, message, capfd):
+    import shutil
+    copy = shutil.copytree(trained, tmp_path / "checkpoint")
+    damage(copy)
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(message)) as error:
+        state = checkpoint.read_state(str(copy))
+        checkpoint.restore(str(copy), state, optimizer_for(copy), torch.amp.GradScaler("cpu", enabled=False), "cpu")
+    assert "\n" not in str(error.value) and "weights_only" not in str(error.value)
+    assert "this ran while loading" not in capfd.readouterr().out  # the pickled code was never run
+
+
+def test_a_damaged_checkpoint_stops_train_py_with_one_line(trained, tmp_path):
+    import shutil
+    shutil.copytree(trained, tmp_path / "checkpoint")
+    (tmp_path / "checkpoint" / "state.json").write_bytes(b"\xff\xfe not json")
+    code, _, err = run_main("train", "config/demo.py", f"--out_dir={tmp_path}", "--max_steps=3",
+                            "--checkpoint_interval=2", "--eval_interval=0", "--final_eval=False")
+    assert code == 1 and err == (f"error: {tmp_path / 'checkpoint' / 'state.json'}: not UTF-8 text (byte 0); delete "
+                                 f"{tmp_path / 'checkpoint'} to train this run afresh\n")
+
+
+def adapter_copy(demo_run, tmp_path):
+    import shutil
+    return shutil.copytree(os.path.join(demo_run[0], "adapter"), tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("caption_settings.json", {"num_beams": 1_000_000}, "num_beams=1000000 must be a whole number from 1 to 32"),
+    ("caption_settings.json", {"max_new_tokens": 10**9}, "max_new_tokens=1000000000 must be a whole number"),
+    ("caption_settings.json", {"prompt": "x" * 1_000_000}, "prompt must be text of at most 1000 characters"),
+    ("caption_settings.json", {"min_new_tokens": 40, "max_new_tokens": 30}, "min_new_tokens=40 is more than"),
+    ("caption_settings.json", "[" * 100_000, "not a valid file (JSON nested too deep)"),
+    ("adapter_config.json", "[" * 100_000, "not a valid file (JSON nested too deep)"),
+    ("adapter_config.json", '{"r": ' + "1" * 5000 + "}", "not valid JSON (ValueError: Exceeds the limit"),
+])
+def test_settings_read_back_from_an_adapter_are_checked(demo_run, tmp_path, file, content, message):
+    adapter = adapter_copy(demo_run, tmp_path)
+    if isinstance(content, dict):
+        content = json.dumps({**json.load(open(adapter / file)), **content})
+    (adapter / file).write_text(content)
+    code, _, err = run_main("caption", "--adapter", adapter, "x.jpg")
+    assert code == 1 and err.count("\n") == 1 and str(adapter / file) in err and message in err
+
+
+def test_a_nan_adapter_is_refused_and_a_merge_that_overflows_is_one_line(demo_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+    adapter = adapter_copy(demo_run, tmp_path)
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    save_file({k: v * 1e30 for k, v in tensors.items()}, adapter / "adapter_model.safetensors")  # finite, yet B A = inf
+    code, _, err = run_main("caption", "--adapter", adapter, "--export-merged", tmp_path / "merged")
+    assert code == 1 and "gives non-finite weights; nothing was changed" in err and not (tmp_path / "merged").exists()
+    save_file({k: v * float("nan") for k, v in tensors.items()}, adapter / "adapter_model.safetensors")
+    code, _, err = run_main("caption", "--adapter", adapter, "x.jpg")
+    assert code == 1 and "is not finite (NaN or infinity)" in err
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("metadata.csv", "file_name,text\na.jpg,caf\xe9\n".encode("latin-1"), "not UTF-8 text"),
+    ("metadata.csv", b"file_name,text,text\na.jpg,x,y\n", "column 'text' appears twice in the header"),
+    ("metadata.jsonl", b"[" * 100_000, "line 1: JSON nested too deep"),
+    ("dataset_flickr30k.json", b"[" * 100_000, "not a valid file (JSON nested too deep)"),
+])
+def test_a_malformed_caption_file_is_one_line(tmp_path, name, content, message):
+    write_images(tmp_path, ["a.jpg"])
+    (tmp_path / name).write_bytes(content)
+    code, _, err = run_main("data", tmp_path)
+    assert code == 1 and err.count("\n") == 1 and message in err
+
+
+def test_captions_and_names_that_are_not_valid_unicode_are_skipped(tmp_path):
+    """JSON can hold a lone surrogate ('\\ud800'), which no tokenizer or terminal accepts: such rows are skipped."""
+    write_images(tmp_path, ["a.jpg", "b.jpg"])
+    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.jpg", "text": "fine"}\n'
+                                             '{"file_name": "b.jpg", "text": "bad \\ud800 caption"}\n'
+                                             '{"file_name": "\\udc80.jpg", "text": "bad name"}\n')
+    report = data_report(tmp_path)
+    assert report["splits"]["train"]["captions"] == 1
+    assert {r["reason"] for r in report["skipped"]} == {"no caption", "file_name is missing or leaves the "
+                                                        "collection's folder"}
 
 
 def fake_png(path, width, height):
@@ -49,38 +312,21 @@ def fake_png(path, width, height):
     return str(path)
 
 
-def test_a_huge_image_is_one_line_and_the_rest_are_still_captioned(demo_world, tmp_path):
-    """14000 x 14000 is over Pillow's own bomb limit (an error type nobody caught); 30000 x 30000 is over ours."""
-    from data import load_rgb
-    over_ours = fake_png(tmp_path / "panorama.png", 30_000, 30_000)
-    with pytest.raises(ValueError, match="over the 576,000,000 this project reads"):
-        load_rgb(over_ours)
-    over_pillows = fake_png(tmp_path / "big.png", 14_000, 14_000)
+def test_a_huge_image_is_refused_before_decoding_and_the_rest_are_still_captioned(demo_world, tmp_path):
+    """24,000 x 24,000 is refused from its header (decoding it would take a minute and gigabytes); a broken image
+    under the limit is one line; the good image is captioned."""
+    from images import UnreadableImage, load_image
+    bomb = fake_png(tmp_path / "bomb.png", 24_000, 24_000)
+    with pytest.raises(UnreadableImage, match="24000 x 24000 pixels is over the 100,000,000 this project decodes"):
+        load_image(bomb)
+    broken = fake_png(tmp_path / "big.png", 9_000, 9_000)
     good = os.path.join(demo_world[0], "Flicker8k_Dataset", sorted(os.listdir(os.path.join(demo_world[0],
                                                                                        "Flicker8k_Dataset")))[0])
-    result = run_script("caption.py", "--adapter", "none", "--model", demo_world[1], "--num-beams", "1",
-                        over_ours, over_pillows, good)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert [line.split("\t")[0] for line in result.stdout.splitlines()] == [good]
-    assert sum("panorama.png" in line for line in result.stderr.splitlines()) == 1
-    assert sum("big.png" in line for line in result.stderr.splitlines()) == 1
-
-
-@pytest.mark.parametrize("change, message", [
-    ({"r": "8"}, "r has an invalid value '8'"),
-    ({"r": 8.0}, "r has an invalid value 8.0"),
-    ({"lora_alpha": None}, "lora_alpha has an invalid value None"),
-    ({"target_modules": [1]}, "target_modules has an invalid value [1]"),
-])
-def test_an_adapter_config_with_wrong_types_is_one_line(demo_run, tmp_path, change, message, capsys):
-    import shutil
-    import caption
-    adapter = shutil.copytree(os.path.join(demo_run[0], "adapter"), tmp_path / "adapter")
-    config = json.load(open(adapter / "adapter_config.json"))
-    (adapter / "adapter_config.json").write_text(json.dumps({**config, **change}))
-    assert caption.main(["--adapter", str(adapter), "x.jpg"]) == 1
-    assert last_error(capsys) == f"error: {adapter / 'adapter_config.json'}: {message} (r: a positive integer, " \
-                                 "lora_alpha: a positive number, target_modules: a list of module names)"
+    code, out, err = run_main("caption", "--adapter", "none", "--model", demo_world[1], "--num-beams", "1", bomb,
+                              broken, good)
+    assert code == 1 and [line.split("\t")[0] for line in out.splitlines()] == [good]
+    assert sum("bomb.png" in line for line in err.splitlines()) == 1
+    assert sum("big.png" in line for line in err.splitlines()) == 1
 
 
 def test_a_model_folder_with_only_pickle_weights_is_refused_without_loading_it(demo_world, tmp_path):
@@ -92,28 +338,44 @@ def test_a_model_folder_with_only_pickle_weights_is_refused_without_loading_it(d
         load_blip2(str(folder))
 
 
-def test_a_prompt_holding_the_image_token_is_one_line(demo_world, capsys):
-    import caption
-    assert caption.main(["--adapter", "none", "--model", demo_world[1], "--prompt", "<image> a photo of", "x.jpg"]) == 1
-    assert "contains the image token '<image>'" in last_error(capsys)
+def test_a_prompt_holding_the_image_token_is_one_line(demo_world):
+    code, _, err = run_main("caption", "--adapter", "none", "--model", demo_world[1], "--prompt", "<image> a photo of",
+                            "x.jpg")
+    assert code == 1 and "contains the image token '<image>'" in err
 
 
-def test_evaluate_refuses_an_out_path_that_is_a_directory_before_any_work(tmp_path, capsys):
-    import evaluate
-    assert evaluate.main(["--adapter", "none", "--model", "data/demo/blip2-tiny", "--out", str(tmp_path)]) == 1
-    assert last_error(capsys) == f"error: {tmp_path}: is a directory; give a file name, e.g. {tmp_path / 'scores.json'}"
+def test_evaluate_refuses_an_out_path_that_is_a_directory_before_any_work(tmp_path):
+    code, _, err = run_main("evaluate", "--adapter", "none", "--model", "data/demo/blip2-tiny", "--out", tmp_path)
+    assert code == 1
+    assert err == f"error: {tmp_path}: is a directory; give a file name, e.g. {tmp_path / 'scores.json'}\n"
     assert os.listdir(tmp_path) == []
 
 
-def test_predictions_that_are_not_utf8_name_the_file(demo_world, tmp_path, capsys):
-    import evaluate
+def test_predictions_that_are_not_utf8_name_the_file(demo_world, tmp_path):
     predictions = tmp_path / "predictions.json"
     predictions.write_bytes(b'{"a.jpg": "caf\xe9"}')
-    assert evaluate.main(["--adapter", "none", "--model", demo_world[1], "--predictions", str(predictions)]) == 1
-    assert last_error(capsys).startswith(f"error: {predictions}: cannot read predictions")
+    code, _, err = run_main("evaluate", "--adapter", "none", "--model", demo_world[1], "--predictions", predictions)
+    assert code == 1 and err.startswith(f"error: {predictions}: not UTF-8 text")
+
+
+@pytest.mark.parametrize("script", ["caption", "evaluate"])
+def test_ctrl_c_in_caption_and_evaluate_is_one_line_and_exit_130(demo_world, script, monkeypatch):
+    import captioning
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+        yield
+    monkeypatch.setattr(captioning, "caption_stream", interrupted)
+    monkeypatch.setattr(__import__(script), "caption_stream" if script == "caption" else "caption_items",
+                        interrupted if script == "caption" else lambda *a, **k: dict(interrupted()))
+    image = os.path.join(demo_world[0], "Flicker8k_Dataset", sorted(os.listdir(os.path.join(demo_world[0],
+                                                                                        "Flicker8k_Dataset")))[0])
+    code, _, err = run_main(script, "--adapter", "none", "--model", demo_world[1],
+                            *([image] if script == "caption" else ["--data", demo_world[0]]))
+    assert code == 130 and err.strip().splitlines()[-1] == "interrupted"
 
 
 def test_scoring_nothing_says_so():
-    from evaluate import ScoringError, score_captions
+    from scoring import ScoringError, score_captions
     with pytest.raises(ScoringError, match="no captions to score"):
         score_captions({}, {})

@@ -1,4 +1,5 @@
-"""train.py as a user runs it: the demo end to end, exact resume after a crash, DDP, the NaN guard, settings errors."""
+"""train.py as a user runs it: the demo end to end, exact resume after a kill, Ctrl-C or SIGTERM, DDP, the NaN
+guard, compile, the vision cache found, one spelling for options, settings errors."""
 import json
 import os
 import re
@@ -6,75 +7,81 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import ROOT, run_script
+import settings
+import train
+from conftest import ROOT, adapter_tensors, run_main, run_script, same_tensors
 
 SHORT = ["config/demo.py", "--max_steps=8", "--checkpoint_interval=2", "--eval_interval=0", "--final_eval=False",
          "--lora_dropout=0.1"]  # dropout on: a resumed run must also restore the random state
 
 
-def adapter(out_dir):
-    return load_file(os.path.join(out_dir, "adapter", "adapter_model.safetensors"))
-
-
 def test_demo_end_to_end(demo_run):
     out_dir, result = demo_run
     results = json.load(open(os.path.join(out_dir, "results.json")))
+    assert results["scale"].startswith("x100") and results["images"] == 50
     for name in ("zero_shot", "fine_tuned"):
         assert set(results[name]) >= {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
-    assert results["fine_tuned"]["CIDEr"] >= 1.0
+    assert results["fine_tuned"]["CIDEr"] >= 100.0  # on the papers' scale, like every score shown
     assert results["fine_tuned"]["CIDEr"] >= 2 * results["zero_shot"]["CIDEr"]
-    assert "zero-shot" in result.stdout and "fine-tuned" in result.stdout and "CIDEr" in result.stdout
+    assert "zero-shot" in result.stdout and "fine-tuned" in result.stdout and "scores x100" in result.stdout
     records = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
     steps = [r for r in records if "loss" in r]
     assert steps and {"step", "loss", "lr", "ms_per_step", "captions_per_s"} <= set(steps[0])
     assert steps[-1]["loss"] < steps[0]["loss"]
     val = [r["val_CIDEr"] for r in records if "val_CIDEr" in r]
-    assert max(val) > val[0]  # training improves val CIDEr; the best adapter is the one kept
+    assert max(val) > val[0] and max(val) > 100  # training improves val CIDEr (x100 in the log too)
+    assert f"val CIDEr {val[-1]:.1f}" in result.stdout
     assert os.path.isfile(os.path.join(out_dir, "adapter", "adapter_config.json"))
+
+
+def test_the_demo_writes_a_report_with_both_captions_worst_first(demo_run):
+    out_dir, result = demo_run
+    page = open(os.path.join(out_dir, "report.html")).read()
+    assert f"report: {os.path.join(out_dir, 'report.html')}" in result.stdout
+    assert page.count("<img src='data:image/jpeg;base64,") == 50 and page.count("zero-shot: ") == 50
+    ciders = [float(c) for c in re.findall(r"<td class='[a-z]*'>([0-9.]+)</td>", page)]
+    assert len(ciders) == 50 and ciders == sorted(ciders) and max(ciders) > 100
+    assert f"adapter: {os.path.join(out_dir, 'adapter')} (step " in page and "collection: data/demo/flickr8k" in page
 
 
 def test_a_finished_run_is_not_trained_again(demo_run):
     out_dir, _ = demo_run
-    before = adapter(out_dir)
-    result = run_script("train.py", "config/demo.py", f"--out_dir={out_dir}")
-    assert result.returncode == 0 and "has finished" in result.stdout
-    assert not any(line.startswith("step ") for line in result.stdout.splitlines())
-    after = adapter(out_dir)
-    assert all(torch.equal(before[k], after[k]) for k in before)
+    before = adapter_tensors(out_dir)
+    code, out, _ = run_main("train", "config/demo.py", f"--out_dir={out_dir}")
+    assert code == 0 and "has finished" in out and "CIDEr" in out
+    assert not any(line.startswith("step ") for line in out.splitlines())
+    assert same_tensors(before, adapter_tensors(out_dir))
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(demo_world, tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("uninterrupted"))
-    result = run_script("train.py", *SHORT, f"--out_dir={out_dir}")
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, _, err = run_main("train", *SHORT, f"--out_dir={out_dir}")
+    assert code == 0, err[-2000:]
     return out_dir
 
 
 CRASHING_RUN = """
-import os, sys
+import os, sys, tempfile
 sys.path.insert(0, {root!r})
-import train
-real_save, calls = train.save_checkpoint, []
+import checkpoint, train
+real_save, calls = checkpoint.save, []
 
 def save_then_die(path, *args, **kwargs):
     calls.append(path)
     if len(calls) < 2:
         return real_save(path, *args, **kwargs)
+    tmp = tempfile.mkdtemp(prefix=".checkpoint.", suffix=".tmp", dir=os.path.dirname(path))
     if {where!r} == "writing":       # half of the new checkpoint written, then kill -9
-        os.makedirs(path + ".tmp", exist_ok=True)
-        open(os.path.join(path + ".tmp", "adapter_model.safetensors"), "wb").write(b"half a file")
+        open(os.path.join(tmp, "adapter_model.safetensors"), "wb").write(b"half a file")
     else:                            # killed between the two renames: only checkpoint.old is left
-        real_save(path + ".tmp_full", *args, **kwargs)
+        real_save(tmp, *args, **kwargs)
         os.replace(path, path + ".old")
-        os.replace(path + ".tmp_full", path + ".tmp")
     os._exit(137)
 
-train.save_checkpoint = save_then_die
-sys.argv = ["train.py"] + {args!r}
-train.main()
+checkpoint.save = save_then_die
+train.main({args!r})
 """
 
 
@@ -84,12 +91,10 @@ def test_resume_after_a_kill_during_a_save_gives_the_identical_adapter(uninterru
     crashed = run_script("-c", CRASHING_RUN.format(root=ROOT, where=where, args=args))
     assert crashed.returncode == 137
     assert not os.path.isdir(tmp_path / "adapter")  # it really died before finishing
-    resumed = run_script("train.py", *args)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming from" in resumed.stdout and "at step 2" in resumed.stdout
-    expected, got = adapter(uninterrupted), adapter(tmp_path)
-    assert expected.keys() == got.keys()
-    assert all(torch.equal(expected[k], got[k]) for k in expected)  # bit-identical on CPU
+    code, out, err = run_main("train", *args)
+    assert code == 0, err[-2000:]
+    assert "resuming from" in out and "at step 2" in out
+    assert same_tensors(adapter_tensors(uninterrupted), adapter_tensors(tmp_path))  # bit-identical on CPU
 
 
 SLOW_STEPS = """
@@ -97,141 +102,174 @@ import runpy, signal, sys, time, torch
 signal.signal(signal.SIGINT, signal.default_int_handler)  # a shell's background job starts with Ctrl-C ignored
 real_step = torch.optim.AdamW.step
 
-def slow_step(self, *args, **kwargs):  # 0.3 s a step: Ctrl-C lands mid-run however busy the machine is
+def slow_step(self, *args, **kwargs):  # 0.3 s a step: the signal lands mid-run however busy the machine is
     result = real_step(self, *args, **kwargs)
     time.sleep(0.3)
     return result
 
 torch.optim.AdamW.step = slow_step
 sys.argv = ["train.py"] + {args!r}
-runpy.run_path("train.py", run_name="__main__")  # train.py as a script: its own Ctrl-C handling
+runpy.run_path("train.py", run_name="__main__")  # train.py as a script: its own signal handling
 """
 
 
-def test_ctrl_c_says_how_to_resume_and_the_same_settings_end_as_an_uninterrupted_run(uninterrupted, tmp_path):
-    import signal
+def interrupt_at_step_4(args, signal_number):
     import subprocess
-    args = SHORT + [f"--out_dir={tmp_path}", "--log_interval=1"]
     run = subprocess.Popen([sys.executable, "-c", SLOW_STEPS.format(args=args)], cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in run.stdout:
         if line.startswith("step 4 "):  # checkpoint 2 is written; 4 more steps to go
-            run.send_signal(signal.SIGINT)
+            run.send_signal(signal_number)
             break
     _, stderr = run.communicate(timeout=120)
-    assert run.returncode == 130 and "Traceback" not in stderr
+    return run.returncode, stderr
+
+
+def test_ctrl_c_says_how_to_resume_and_the_same_settings_end_as_an_uninterrupted_run(uninterrupted, tmp_path):
+    import signal
+    args = SHORT + [f"--out_dir={tmp_path}", "--log_interval=1"]
+    code, stderr = interrupt_at_step_4(args, signal.SIGINT)
+    assert code == 130 and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1].startswith("interrupted: run the same command again to resume from")
-    changed = run_script("train.py", *args, "--batch_images=4")  # the data order would no longer be the run's
-    assert changed.returncode == 1 and "Traceback" not in changed.stderr
-    assert "batch_images=8, this run has batch_images=4" in changed.stderr.strip().splitlines()[-1]
-    resumed = run_script("train.py", *args)
-    assert resumed.returncode == 0 and "resuming from" in resumed.stdout, resumed.stderr[-2000:]
-    expected, got = adapter(uninterrupted), adapter(tmp_path)
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    code, _, err = run_main("train", *args, "--batch_images=4")  # the data order would no longer be the run's
+    assert code == 1 and "batch_images=8, this run has batch_images=4" in err.strip().splitlines()[-1]
+    code, out, err = run_main("train", *args)
+    assert code == 0 and "resuming from" in out, err[-2000:]
+    assert same_tensors(adapter_tensors(uninterrupted), adapter_tensors(tmp_path))
+
+
+def test_sigterm_saves_the_step_and_resuming_gives_the_uninterrupted_adapter(uninterrupted, tmp_path):
+    """What a cluster scheduler, a preemptible VM or docker stop sends: the current step ends, a checkpoint is
+    written (no steps are lost), and the same command ends exactly as a run that was never stopped."""
+    import signal
+    args = SHORT + [f"--out_dir={tmp_path}", "--log_interval=1"]
+    code, stderr = interrupt_at_step_4(args, signal.SIGTERM)
+    assert code == 143 and "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"stopped by SIGTERM: checkpoint saved at step [45]; run the same command again to resume",
+                        last), last
+    saved_at = int(re.search(r"step (\d)", last).group(1))
+    assert json.load(open(tmp_path / "checkpoint" / "state.json"))["step"] == saved_at  # not step 2: nothing lost
+    code, out, err = run_main("train", *args)
+    assert code == 0 and f"at step {saved_at}" in out, err[-2000:]
+    assert same_tensors(adapter_tensors(uninterrupted), adapter_tensors(tmp_path))
 
 
 def test_two_processes_match_one_with_the_same_global_batch(demo_world, tmp_path):
     common = ["config/demo.py", "--max_steps=3", "--batch_images=4", "--eval_interval=0", "--final_eval=False",
               "--lora_dropout=0.0"]
-    single = run_script("train.py", *common, "--grad_accum=2", f"--out_dir={tmp_path / 'one'}")
-    assert single.returncode == 0, single.stderr[-2000:]
+    code, _, err = run_main("train", *common, "--grad_accum=2", f"--out_dir={tmp_path / 'one'}")
+    assert code == 0, err[-2000:]
     ddp = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *common,
                      "--grad_accum=1", f"--out_dir={tmp_path / 'two'}", env={"OMP_NUM_THREADS": "1"})
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one, two = adapter(tmp_path / "one"), adapter(tmp_path / "two")
+    one, two = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
     assert any(t.abs().max() > 0 for k, t in one.items() if "lora_B" in k)  # it trained
     for k in one:
         assert torch.allclose(one[k], two[k], atol=1e-6, rtol=1e-4), k
     assert sum(line.startswith("step 3 ") for line in ddp.stdout.splitlines()) == 1  # only rank 0 logs
 
 
-NAN_AT_STEP_3 = """
-import sys
-sys.path.insert(0, {root!r})
-import model, train
-real_loss, calls = model.grouped_caption_loss, []
+def test_a_non_finite_loss_stops_and_keeps_a_checkpoint_whose_loss_was_finite(demo_world, tmp_path, monkeypatch):
+    real_loss, calls = train.grouped_caption_loss, []
 
-def nan_at_step_3(*args, **kwargs):
-    loss, tokens = real_loss(*args, **kwargs)
-    calls.append(1)
-    return (loss * float("nan") if len(calls) == 4 else loss), tokens
-
-model.grouped_caption_loss = nan_at_step_3
-sys.argv = ["train.py"] + {args!r}
-train.main()
-"""
-
-
-def test_a_non_finite_loss_stops_and_keeps_a_checkpoint_whose_loss_was_finite(demo_world, tmp_path):
+    def nan_at_step_3(*args, **kwargs):
+        loss, tokens = real_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 4 else loss), tokens
+    monkeypatch.setattr(train, "grouped_caption_loss", nan_at_step_3)
     args = ["config/demo.py", "--max_steps=6", "--checkpoint_interval=1", "--eval_interval=0", "--final_eval=False",
             f"--out_dir={tmp_path}"]
-    result = run_script("-c", NAN_AT_STEP_3.format(root=ROOT, args=args))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "the loss became nan at step 3" in result.stderr and "step 2) is kept" in result.stderr
+    code, _, err = run_main("train", *args)
+    assert code == 1 and err.count("\n") == 1
+    assert "the loss became nan at step 3" in err and "step 2) is kept" in err
     state = json.load(open(tmp_path / "checkpoint" / "state.json"))
     assert state["step"] == 2 and not state["finished"]  # not step 3: those weights are the ones that gave the NaN
-    fixed = run_script("train.py", *args, "--learning_rate=0.005")
-    assert fixed.returncode == 0, fixed.stderr[-2000:]  # as the message says: fix the setting, run again, resume
-    assert "resuming with changed settings: learning_rate 0.01 -> 0.005" in fixed.stdout
-    assert "at step 2" in fixed.stdout
+    monkeypatch.setattr(train, "grouped_caption_loss", real_loss)
+    code, out, err = run_main("train", *args, "--learning_rate=0.005")
+    assert code == 0, err[-2000:]  # as the message says: fix the setting, run again, resume
+    assert "resuming with changed settings: learning_rate 0.01 -> 0.005" in out and "at step 2" in out
 
 
 def test_a_diverging_learning_rate_is_stopped_with_one_line(demo_world, tmp_path):
-    result = run_script("train.py", "config/demo.py", "--learning_rate=1e30", "--warmup_steps=0", "--max_steps=6",
-                        "--eval_interval=0", "--final_eval=False", f"--out_dir={tmp_path}")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: the loss became")
-    assert "Lower learning_rate (now 1e+30)" in result.stderr
+    code, _, err = run_main("train", "config/demo.py", "--learning_rate=10", "--lora_alpha=100000",
+                            "--warmup_steps=0", "--max_steps=6", "--eval_interval=0", "--final_eval=False",
+                            f"--out_dir={tmp_path}")
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error: the loss became")
+    assert "Lower learning_rate (now 10)" in err
 
 
 @pytest.mark.parametrize("args, message", [
     (["--lerning_rate=1e-3"], "unknown setting 'lerning_rate'"),
     (["--max_steps=ten"], "max_steps must be int"),
     (["--final_eval=1"], "final_eval must be bool"),
-    (["--learning_rate"], "write settings as --key=value"),
+    (["--learning_rate"], "give a value: --key=value or --key value"),
+    (["-lr=3"], "settings are written --key=value"),
     (["config/missing.py"], "cannot read config file"),
-    (["--batch_images=0"], "batch_images=0: must be at least 1"),
+    (["--batch_images=0"], "batch_images=0: must be between 1 and 100000"),
     (["--checkpoint_interval=0"], "checkpoint_interval=0: must be at least 1"),
     (["--lora_dropout=1.5"], "lora_dropout=1.5: must be between 0.0 and 0.99"),
-    (["--learning_rate=-1"], "learning_rate=-1.0: must be at least 0.0"),
+    (["--learning_rate=-1"], "learning_rate=-1.0: must be between 0.0 and 10.0"),
+    (["--learning_rate=1e400"], "learning_rate=inf: must be between"),
+    (["--lora_r=100000000000"], "lora_r=100000000000: must be between 1 and 1024"),
     (["--lora_targets=[]"], "lora_targets=[]: must be a non-empty list"),
     (["--lora_targets=[1,2]"], "lora_targets=[1, 2]: must be a non-empty list"),
     (["--device=foo"], "device='foo': use auto, cpu, cuda or cuda:N"),
+    (["--base_bits=2"], "base_bits=2: use 16, 8, 4"),
     pytest.param(["--device=cuda"], "device='cuda': torch sees no CUDA GPU here",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
     (["--seed=99999999999999999999"], "seed=99999999999999999999: must be between 0 and 4294967295"),
     (["--out_dir="], "out_dir is empty"),
     (["--out_dir=README.md"], "out_dir='README.md' is a file, not a folder"),
+    (["--num_beams=1000000"], "num_beams=1000000: must be between 1 and 32"),
+    (["--min_new_tokens=40", "--max_new_tokens=30"], "min_new_tokens=40 is more than max_new_tokens=30"),
+    (["--prompt=" + "x" * 2000], "prompt must be text of at most 1000 characters"),
 ])
 def test_a_settings_mistake_is_refused_before_any_work(args, message):
-    import train
-    with pytest.raises(train.SettingsError, match=re.escape(message)):
-        train.apply_settings(args, train.default_settings())
+    with pytest.raises(settings.SettingsError, match=re.escape(message)):
+        settings.apply(args, train.SETTINGS)
 
 
-def test_a_settings_mistake_is_one_line_on_stderr():
-    result = run_script("train.py", "--lerning_rate=1e-3")
-    assert result.returncode == 1 and result.stderr == (
-        "error: --lerning_rate=1e-3: unknown setting 'lerning_rate' (settings are listed at the top of train.py)\n")
-
-
-def test_a_config_file_may_only_assign_literals(tmp_path):
+def test_a_settings_mistake_is_one_line_and_a_usage_error(tmp_path):
+    code, out, err = run_main("train", "--lerning_rate=1e-3")
+    assert code == 2 and out == "" and err == (
+        "error: --lerning_rate=1e-3: unknown setting 'lerning_rate' (python train.py --help lists them)\n")
     config = tmp_path / "bad.py"
     config.write_text("import os\nout_dir = os.getcwd()\n")
-    result = run_script("train.py", str(config))
-    assert result.returncode == 1 and "bad.py:1: only 'key = value' lines" in result.stderr
+    assert run_main("train", config)[2] == f"error: {config}:1: only 'key = value' lines are allowed\n"
+    latin1 = tmp_path / "latin1.py"
+    latin1.write_bytes('prompt = "une photo de caf\xe9"\n'.encode("latin-1"))
+    code, _, err = run_main("train", latin1)
+    assert code == 2 and err == f"error: {latin1}: not UTF-8 text (byte 26); save the config file as UTF-8\n"
+
+
+def test_options_are_spelled_as_in_the_other_scripts(demo_world, tmp_path):
+    """--key value, - or _ in a key, and --data (evaluate.py's name) for data_dir, all mean the same."""
+    code, out, err = run_main("train", "--max-steps", "4", "--data", "data/demo/flickr8k", "--model",
+                              "data/demo/blip2-tiny", "--batch-images", "8", "--eval-interval", "0", "--final_eval",
+                              "false", "--num_workers=0", "--out-dir", tmp_path)
+    assert code == 0, err[-2000:]
+    assert "flickr8k-text: train 200 images" in out and "step 4 " in out
+    state = json.load(open(tmp_path / "checkpoint" / "state.json"))
+    assert state["settings"]["data_dir"] == "data/demo/flickr8k" and state["settings"]["max_steps"] == 4
 
 
 def test_a_missing_model_says_what_to_download(tmp_path):
-    result = run_script("train.py", f"--model={tmp_path / 'no-such-model'}", "--data_dir=data/demo/flickr8k")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "hf download Salesforce/blip2-flan-t5-xl" in result.stderr and "config/demo.py" in result.stderr
+    code, _, err = run_main("train", f"--model={tmp_path / 'no-such-model'}", "--data_dir=data/demo/flickr8k",
+                            f"--out_dir={tmp_path / 'out'}")
+    assert code == 1 and err.count("\n") == 1
+    assert "hf download Salesforce/blip2-flan-t5-xl" in err and "config/demo.py" in err
+
+
+def test_the_default_hub_model_offline_is_one_line_at_once(demo_world, tmp_path):
+    """HF_HUB_OFFLINE=1 (set for every test): the hub id is not in the cache, so no download is tried."""
+    code, _, err = run_main("train", "--data_dir=data/demo/flickr8k", f"--out_dir={tmp_path}")
+    assert code == 1 and "not in the local cache and HF_HUB_OFFLINE is set" in err and err.count("\n") == 1
 
 
 def test_missing_data_says_where_to_put_it(tmp_path):
-    result = run_script("train.py", f"--data_dir={tmp_path / 'flickr8k'}")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "no such directory" in result.stderr and "config/demo.py" in result.stderr
+    code, _, err = run_main("train", f"--data_dir={tmp_path / 'flickr8k'}", f"--out_dir={tmp_path / 'out'}")
+    assert code == 1 and "no such directory" in err and "config/demo.py" in err
 
 
 def test_without_val_images_the_final_adapter_is_kept(demo_world, tmp_path):
@@ -239,35 +277,41 @@ def test_without_val_images_the_final_adapter_is_kept(demo_world, tmp_path):
     data = tmp_path / "flickr8k"
     shutil.copytree(demo_world[0], data)
     (data / "Flickr_8k.devImages.txt").write_text("")  # a dataset of one's own, with no val split
-    result = run_script("train.py", "config/demo.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}",
-                        "--max_steps=2", "--eval_interval=1", "--final_eval=False")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "no val images" in result.stdout
+    code, out, err = run_main("train", "config/demo.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}",
+                              "--max_steps=2", "--eval_interval=1", "--final_eval=False")
+    assert code == 0, err[-2000:]
+    assert "no val images" in out
     assert os.path.isfile(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
 
 
-def test_torch_compile_trains_like_eager(demo_world, tmp_path):
-    """torch_compile=True (captions padded to a fixed length, the loss compiled) follows the eager run."""
+def test_torch_compile_trains_like_eager(demo_world, tmp_path, monkeypatch):
+    """torch_compile=True pads captions to a fixed length and compiles the loss as one graph: the losses follow the
+    eager run's (padding only changes float rounding), and compiling changes nothing at all beyond rounding. The graph
+    is compiled with the aot_eager backend here (dynamo and autograd as on a GPU, without generating CPU kernels,
+    which takes minutes on 2 cores); test_fast.py checks that the loss is one graph."""
+    import functools
     common = ["config/demo.py", "--max_steps=3", "--eval_interval=0", "--final_eval=False", "--lora_dropout=0.0",
               "--log_interval=1"]
-    eager = run_script("train.py", *common, f"--out_dir={tmp_path / 'eager'}")
-    compiled = run_script("train.py", *common, "--torch_compile=True", f"--out_dir={tmp_path / 'compiled'}",
-                          timeout=600)
-    assert eager.returncode == 0 and compiled.returncode == 0, compiled.stderr[-3000:]
-    losses = [[json.loads(line)["loss"] for line in open(tmp_path / run / "log.jsonl")] for run in ("eager", "compiled")]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
-    a, b = adapter(tmp_path / "eager"), adapter(tmp_path / "compiled")
-    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    real_compile, runs = torch.compile, {}
+    for run, compile_with in (("eager", None), ("padded", lambda fn, **kwargs: fn),
+                              ("compiled", functools.partial(real_compile, backend="aot_eager"))):
+        monkeypatch.setattr(torch, "compile", compile_with or real_compile)
+        code, _, err = run_main("train", *common, f"--torch_compile={compile_with is not None}",
+                                f"--out_dir={tmp_path / run}")
+        assert code == 0, err[-3000:]
+        runs[run] = [json.loads(line)["loss"] for line in open(tmp_path / run / "log.jsonl")]
+    assert runs["padded"] == pytest.approx(runs["eager"], rel=1e-4)
+    assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-4)
+    padded, compiled = adapter_tensors(tmp_path / "padded"), adapter_tensors(tmp_path / "compiled")
+    assert all(torch.allclose(padded[k], compiled[k], atol=1e-5) for k in padded)
 
 
-def test_missing_java_is_said_before_training(demo_world, tmp_path):
-    bin_dir = tmp_path / "bin"  # a PATH with python but no java
-    bin_dir.mkdir()
-    (bin_dir / "python").symlink_to(sys.executable)
-    result = run_script("train.py", "config/demo.py", f"--out_dir={tmp_path / 'out'}",
-                        env={"PATH": str(bin_dir)})
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "java is not installed" in result.stderr
+def test_missing_java_is_said_before_training(demo_world, tmp_path, monkeypatch):
+    import shutil
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "java" else real_which(name, *a, **k))
+    code, _, err = run_main("train", "config/demo.py", f"--out_dir={tmp_path / 'out'}")
+    assert code == 1 and "java is not installed" in err
     assert not os.path.isdir(tmp_path / "out" / "checkpoint")  # it stopped before the first step
 
 
@@ -280,67 +324,17 @@ def test_a_run_that_finds_the_vision_cache_trains_like_the_run_that_built_it(uni
     if cache == "found truncated":
         (bin_file,) = (tmp_path / "vision_cache").glob("*/vision.bin")
         os.truncate(bin_file, os.path.getsize(bin_file) // 3)
-    result = run_script("train.py", *SHORT, f"--out_dir={tmp_path}")
-    assert result.returncode == 0, result.stderr[-2000:]
-    rebuilt = "cannot be used (vision.bin has" in result.stdout
-    assert rebuilt == (cache == "found truncated")
-    expected, got = adapter(uninterrupted), adapter(tmp_path)
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
-
-
-@pytest.fixture
-def checkpoint_copy(uninterrupted, tmp_path):
-    import shutil
-    return shutil.copytree(os.path.join(uninterrupted, "checkpoint"), tmp_path / "checkpoint")
-
-
-def optimizer_for(checkpoint):
-    """An AdamW over as many tensors as the checkpoint's adapter has: what restore() loads into."""
-    count = len(load_file(os.path.join(checkpoint, "adapter_model.safetensors")))
-    return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1)) for _ in range(count)])
-
-
-class Payload:
-    def __reduce__(self):
-        return (print, ("this ran while loading",))
-
-
-@pytest.mark.parametrize("damage, message", [
-    (lambda c: (c / "state.json").write_text("{garbage"), "state.json: unreadable (JSONDecodeError)"),
-    (lambda c: (c / "state.json").write_text(json.dumps({k: v for k, v in json.load(open(c / "state.json")).items()
-                                                         if k != "scaler"})), "no valid 'scaler' entry"),
-    (lambda c: os.truncate(c / "optimizer.pt", 100), "optimizer.pt: unreadable"),
-    (lambda c: torch.save({"state": Payload(), "param_groups": []}, c / "optimizer.pt"),
-     "optimizer.pt: holds more than tensors"),
-    (lambda c: os.remove(c / "rng.safetensors"), "rng.safetensors: unreadable (FileNotFoundError"),
-])
-def test_a_damaged_checkpoint_is_one_line_naming_the_file(checkpoint_copy, damage, message, capfd):
-    import train
-    damage(checkpoint_copy)
-    with pytest.raises(train.CheckpointError, match=re.escape(message)) as error:
-        state = train.read_state(str(checkpoint_copy))
-        train.restore(str(checkpoint_copy), state, optimizer_for(checkpoint_copy),
-                      torch.amp.GradScaler("cpu", enabled=False), "cpu")
-    assert "\n" not in str(error.value) and "weights_only" not in str(error.value)
-    assert "this ran while loading" not in capfd.readouterr().out  # the pickled code was never run
-
-
-def test_a_damaged_checkpoint_stops_train_py_with_one_line(uninterrupted, tmp_path):
-    import shutil
-    shutil.copytree(os.path.join(uninterrupted, "checkpoint"), tmp_path / "checkpoint")
-    (tmp_path / "checkpoint" / "state.json").write_bytes(b"\xff\xfe not json")
-    result = run_script("train.py", *SHORT, f"--out_dir={tmp_path}")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'checkpoint' / 'state.json'}: unreadable (UnicodeDecodeError); "
-        f"delete {tmp_path / 'checkpoint'} to train this run afresh"]
+    code, out, err = run_main("train", *SHORT, f"--out_dir={tmp_path}")
+    assert code == 0, err[-2000:]
+    assert ("cannot be used (vision.bin has" in out) == (cache == "found truncated")
+    assert same_tensors(adapter_tensors(uninterrupted), adapter_tensors(tmp_path))
 
 
 def test_a_finished_run_with_other_data_is_refused_not_reported_as_finished(demo_run, tmp_path):
     out_dir, _ = demo_run
-    result = run_script("train.py", "config/demo.py", f"--out_dir={out_dir}", f"--data_dir={tmp_path}")
-    assert result.returncode == 1 and "has finished" not in result.stdout
-    assert "was written with data_dir='data/demo/flickr8k'" in result.stderr
+    code, out, err = run_main("train", "config/demo.py", f"--out_dir={out_dir}", f"--data_dir={tmp_path}")
+    assert code == 1 and "has finished" not in out
+    assert "was written with data_dir='data/demo/flickr8k'" in err
 
 
 def test_a_second_run_into_the_same_out_dir_is_refused_while_the_first_holds_it(tmp_path):
@@ -349,34 +343,34 @@ def test_a_second_run_into_the_same_out_dir_is_refused_while_the_first_holds_it(
         held.write("4242\n")
         held.flush()
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running train.py holds it
-        result = run_script("train.py", "config/demo.py", f"--out_dir={tmp_path}")
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == (f"error: {tmp_path} is in use by another train.py (process 4242): wait for it "
-                                     "to end, or give this run another out_dir")
-
-
-def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
-    config = tmp_path / "latin1.py"
-    config.write_bytes('prompt = "une photo de caf\xe9"\n'.encode("latin-1"))
-    result = run_script("train.py", str(config))
-    assert result.returncode == 1 and result.stderr.strip() == (
-        f"error: {config}: not UTF-8 text (byte 26); save the config file as UTF-8")
+        code, _, err = run_main("train", "config/demo.py", f"--out_dir={tmp_path}")
+    assert code == 1 and err.strip() == (f"error: {tmp_path} is in use by another train.py (process 4242): wait for "
+                                         "it to end, or give this run another out_dir")
 
 
 def test_help_lists_every_setting_with_its_default_and_comment():
-    import train
-    result = run_script("train.py", "--help")
-    assert result.returncode == 0 and result.stderr == ""
-    for name, default in train.default_settings().items():
-        assert f"  --{name}={default!r}" in result.stdout, name
-    assert "  --lora_r=8" in result.stdout and "the rank r of each update B @ A" in result.stdout
-    assert run_script("train.py", "-h").stdout == result.stdout
+    code, out, err = run_main("train", "--help")
+    assert code == 0 and err == ""
+    for name, default in train.SETTINGS.items():
+        assert f"  --{name}={default!r}" in out, name
+    assert "  --lora_r=8" in out and "the rank r of each update B @ A" in out
+    assert run_main("train", "-h")[1] == out
+    assert set(train.SETTINGS) >= {"base_bits", "gradient_checkpointing", "vision_on_gpu", "image_column"}
+    assert not any(name.isupper() or name.startswith("_") for name in train.SETTINGS)  # only the block's names
 
 
-def test_the_demo_writes_a_report_with_both_captions_worst_first(demo_run):
-    out_dir, result = demo_run
-    page = open(os.path.join(out_dir, "report.html")).read()
-    assert f"report: {os.path.join(out_dir, 'report.html')}" in result.stdout
-    assert page.count("<img src='data:image/jpeg;base64,") == 50 and page.count("zero-shot: ") == 50
-    ciders = [float(c) for c in re.findall(r"<td class='[a-z]*'>([0-9.]+)</td>", page)]
-    assert len(ciders) == 50 and ciders == sorted(ciders)
+def test_a_lora_target_inside_the_frozen_vit_is_refused(demo_world, tmp_path):
+    code, _, err = run_main("train", "config/demo.py", "--lora_targets=['self_attn.qkv','SelfAttention.q']",
+                            f"--out_dir={tmp_path}")
+    assert code == 2 and "'self_attn.qkv' matches layers inside the ViT" in err and err.count("\n") == 1
+
+
+def test_out_of_memory_is_one_line_naming_the_batch_and_the_levers(demo_world, tmp_path, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(train, "grouped_caption_loss", no_memory)
+    code, _, err = run_main("train", "config/demo.py", f"--out_dir={tmp_path}")
+    assert code == 1 and err.count("\n") == 1
+    for lever in ("batch_images=8", "--batch_images=4", "--gradient_checkpointing=True", "--base_bits=4",
+                  "bench.py --model full --memory"):
+        assert lever in err

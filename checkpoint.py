@@ -1,0 +1,202 @@
+"""
+train.py's out_dir: checkpoints that let a run continue exactly, an OS lock so that two runs never share the folder,
+and the promise that train.py changes only what it wrote itself.
+
+    out_dir/checkpoint/   adapter (peft layout) + caption_settings.json, optimizer.pt (tensors only), rng.safetensors,
+                          state.json (step, best val CIDEr, val history, settings, loss scaler)
+    out_dir/.lock         held by the running train.py (fcntl.flock); released by the OS however the process ends
+
+A checkpoint is written into a new folder beside the old one and renamed over it, so a kill at any moment leaves a
+complete one (checkpoint/, or checkpoint.old/ if the kill fell between the two renames). Everything read back is
+checked (types, ranges, tensor shapes): a damaged checkpoint is one line naming the file, never a traceback, and a
+pickle holding code is refused, never run.
+"""
+import json
+import math
+import os
+import pickle
+import shutil
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from captioning import CAPTION_SETTINGS_FILE
+from files import UserError, first_line, make_temp_dir, read_json, user_permissions_tree, write_json
+from scoring import is_our_report
+
+# Settings a resumed run must keep: they define the adapter's shape and meaning, the inputs, and the data order.
+# Others (learning rate after a NaN, evaluation, logging, memory levers) may change; the log says which did.
+FIXED_ON_RESUME = {"model", "data_dir", "caption_column", "image_column", "prompt", "lora_r", "lora_alpha",
+                   "lora_targets", "batch_images", "grad_accum", "max_caption_tokens", "seed"}
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def rng_state():
+    """The random state dropout draws from: CPU and every GPU."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return rng
+
+
+def save(path, state, save_adapter, optimizer, scaler, rng):
+    """Everything needed to continue exactly, into a new folder then renamed: a kill mid-save leaves the old one."""
+    tmp, old = make_temp_dir(path), path + ".old"
+    try:
+        save_adapter(tmp)  # the adapter, as out_dir/adapter holds it
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))  # tensors only: loads with weights_only
+        save_file(rng, os.path.join(tmp, "rng.safetensors"))
+        write_json(os.path.join(tmp, "state.json"), {**state, "scaler": scaler.state_dict()})
+        user_permissions_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk or a kill leaves nothing half-written behind
+        raise
+    if os.path.isdir(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find(path):
+    """The checkpoint to resume from, if any: a crash between the two renames leaves only path.old."""
+    for candidate in (path, path + ".old"):
+        if os.path.isfile(os.path.join(candidate, "state.json")):
+            return candidate
+    return None
+
+
+def _number(value, low, high=math.inf):
+    return type(value) in (int, float) and math.isfinite(value) and low <= value <= high
+
+
+STATE_CHECKS = {
+    "step": lambda v: type(v) is int and 0 <= v <= 10**9,
+    "best_cider": lambda v: _number(v, -1.0),
+    "history": lambda v: isinstance(v, list) and all(isinstance(h, dict) and type(h.get("step")) is int and
+                                                     _number(h.get("val_CIDEr"), 0.0) for h in v),
+    "finished": lambda v: type(v) is bool,
+    "settings": lambda v: isinstance(v, dict),
+    "scaler": lambda v: isinstance(v, dict) and all(_number(x, 0.0) for x in v.values()),
+}
+
+
+def read_state(path):
+    """A checkpoint's state.json, checked: a damaged or tampered file is a one-line CheckpointError."""
+    file = os.path.join(path, "state.json")
+    try:
+        state = read_json(file)
+    except UserError as e:
+        raise CheckpointError(str(e)) from None
+    for key, valid in STATE_CHECKS.items():
+        if not isinstance(state, dict) or key not in state or not valid(state[key]):
+            raise CheckpointError(f"{file}: no valid {key!r} entry")
+    return state
+
+
+def restore(path, state, optimizer, scaler, device):
+    """Load the optimizer, loss scaler and random state of a checkpoint, each file checked (CheckpointError)."""
+    file = os.path.join(path, "optimizer.pt")
+    try:
+        # weights_only: tensors and plain containers only; a file holding code is refused, never run
+        saved = torch.load(file, weights_only=True, map_location=device)
+        _check_optimizer_state(saved, optimizer)
+        optimizer.load_state_dict(saved)
+    except pickle.UnpicklingError:  # (torch's own message would suggest weights_only=False: never do that here)
+        raise CheckpointError(f"{file}: holds more than tensors (code, or another program's data): not loaded")
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{file}: unreadable ({first_line(e)})") from None
+    file = os.path.join(path, "rng.safetensors")
+    try:
+        scaler.load_state_dict(state["scaler"])
+        rng = load_file(file)
+        torch.set_rng_state(rng["cpu"])
+        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            if f"cuda{i}" in rng:
+                torch.cuda.set_rng_state(rng[f"cuda{i}"], i)
+    except (OSError, RuntimeError, KeyError, SafetensorError) as e:
+        raise CheckpointError(f"{file}: unreadable ({first_line(e)})") from None
+
+
+def _check_optimizer_state(saved, optimizer):
+    """An AdamW state that fits these parameters: one (step, exp_avg, exp_avg_sq) per LoRA tensor, each of its shape.
+    load_state_dict would take a wrong one without a word and the first step would crash."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = saved.get("state") if isinstance(saved, dict) else None
+    if not isinstance(state, dict) or not isinstance(saved.get("param_groups"), list):
+        raise ValueError("not an optimizer state")
+    for index, entry in state.items():
+        if type(index) is not int or not 0 <= index < len(params) or not isinstance(entry, dict):
+            raise ValueError(f"state entry {index!r} fits no parameter")
+        for name in ("exp_avg", "exp_avg_sq"):
+            tensor = entry.get(name)
+            if not torch.is_tensor(tensor) or tensor.shape != params[index].shape or not tensor.is_floating_point():
+                raise ValueError(f"{name} of parameter {index} does not fit its shape {tuple(params[index].shape)}")
+
+
+_held_locks = []  # open lock files: a lock lasts while its file stays open
+
+
+def lock_out_dir(path):
+    """An OS lock on out_dir/.lock for the life of the process: a second run into the same folder stops with one
+    line instead of overwriting the first run's checkpoint. The OS releases it on any exit, kill -9 included."""
+    import fcntl
+    os.makedirs(path, exist_ok=True)
+    try:
+        handle = open(os.path.join(path, ".lock"), "a+")
+    except OSError as e:
+        raise CheckpointError(f"{os.path.join(path, '.lock')}: cannot open this run's lock file ({e.strerror}); "
+                              "out_dir must be a folder you can write to") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        raise CheckpointError(f"{path} is in use by another train.py (process {handle.read().strip() or '?'}): wait "
+                              "for it to end, or give this run another out_dir") from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")  # for the second run's message
+    handle.flush()
+    _held_locks.append(handle)
+
+
+def unlock_out_dir():
+    """Release this process's out_dir locks (at the end of train.main; the OS would do it at exit anyway)."""
+    while _held_locks:
+        _held_locks.pop().close()
+
+
+def _ours(path, kind):
+    """Whether an existing out_dir entry was written by train.py (each kind carries a mark of it)."""
+    if kind == "checkpoint":
+        return os.path.isdir(path) and (find(path) == path or not os.listdir(path))
+    if kind == "adapter":
+        marked = os.path.isfile(os.path.join(path, CAPTION_SETTINGS_FILE))
+        return os.path.isdir(path) and (marked or not os.listdir(path))
+    if kind == "results":
+        try:
+            return isinstance(json.loads(open(path, "rb").read().decode("utf-8")).get("fine_tuned"), dict)
+        except (OSError, ValueError, AttributeError, RecursionError):
+            return False
+    return os.path.isfile(path) and is_our_report(path)
+
+
+def check_out_dir(out_dir):
+    """Before any work: everything train.py will write into out_dir is either absent or its own. A folder of the
+    user's called checkpoint/, a results.json or report.html from elsewhere, or a project path of the wrong type
+    (a file where a folder goes, a folder where a file goes) is one line, and nothing is touched."""
+    for name, kind in (("checkpoint", "checkpoint"), ("checkpoint.old", "checkpoint"), ("adapter", "adapter"),
+                       ("results.json", "results"), ("report.html", "report")):
+        path = os.path.join(out_dir, name)
+        if os.path.lexists(path) and not _ours(path, kind):
+            raise CheckpointError(f"{path}: exists and was not written by train.py; move it away or choose "
+                                  "another out_dir (nothing was changed)")
+    for name, folder in (("vision_cache", True), ("log.jsonl", False), (".lock", False)):
+        path = os.path.join(out_dir, name)
+        if os.path.lexists(path) and os.path.isdir(path) != folder:
+            raise CheckpointError(f"{path}: is a {'file' if folder else 'folder'}, where train.py keeps its "
+                                  f"{'vision cache folder' if folder else name + ' file'}; move it away or choose "
+                                  "another out_dir")

@@ -1,0 +1,111 @@
+"""
+How this project writes and reads back its own files, done one way everywhere (train.py, evaluate.py, caption.py,
+lora.py and the vision cache all come here):
+
+- atomic_write(path, data): into a uniquely named temporary file beside the target, then renamed over it. A reader,
+  or a kill at any moment, sees the old file or the new one, never half of one; two writers never share a temporary
+  name; a full disk leaves no temporary file behind. Permissions follow the user's umask, as any file they make.
+- read_json(path): the whole file, or one UserError line for everything that can be wrong with it: missing, a folder,
+  not UTF-8, not JSON, nested absurdly deep, numbers too long to read.
+- UserError: the base of every error that is the user's to fix (a setting, a file, a folder). The scripts print it
+  as one `error:` line, never a traceback.
+"""
+import json
+import os
+import tempfile
+
+
+class UserError(Exception):
+    """A problem with the user's input, files or machine, reported in one line without a traceback."""
+
+
+def first_line(error):
+    """An exception's message as one line (some have none, e.g. what a 0-byte file gives)."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0][:200]}" if text else type(error).__name__
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def user_permissions(path, directory=False):
+    """Give a file or folder made by tempfile (0600 / 0700) the permissions the user's umask gives new ones."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def user_permissions_tree(folder):
+    """user_permissions for a folder and everything in it (some writers, safetensors among them, make files 0600)."""
+    user_permissions(folder, directory=True)
+    for parent, dirs, names in os.walk(folder):
+        for name in dirs:
+            user_permissions(os.path.join(parent, name), directory=True)
+        for name in names:
+            user_permissions(os.path.join(parent, name))
+
+
+def make_temp_dir(beside):
+    """A new, uniquely named folder beside `beside` (same disk, so a rename can replace it), with normal permissions."""
+    parent = os.path.dirname(os.path.abspath(beside))
+    os.makedirs(parent, exist_ok=True)
+    path = tempfile.mkdtemp(prefix=f".{os.path.basename(beside)}.", suffix=".tmp", dir=parent)
+    user_permissions(path, directory=True)
+    return path
+
+
+def atomic_write(path, data):
+    """Write str or bytes to path through a unique temporary file in the same folder, then rename it over path.
+    `data` may also be a function that writes a file at the path it is given (e.g. safetensors' save_file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            if not callable(data):
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        if callable(data):
+            data(tmp)
+        user_permissions(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # a full disk or a Ctrl-C leaves nothing behind
+        raise
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=1) + "\n")
+
+
+def read_json(path, what="file"):
+    """The JSON in path; a UserError naming the file for anything wrong with it."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig")
+        return json.loads(text)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a folder, not a {what}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not a valid {what} (JSON nested too deep)") from None
+    except ValueError as e:  # not JSON, or a number of over 4,300 digits
+        raise UserError(f"{path}: not valid JSON ({first_line(e)})") from None
+
+
+def require_writable_folder(folder, what="output"):
+    """Say now, before hours of work, that results cannot be written into folder (read-only, or not a folder)."""
+    folder = folder or "."
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{folder}: is a file, not a folder; name another place for the {what}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write the {what} there ({e.strerror})") from None
