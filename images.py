@@ -69,6 +69,17 @@ def source_key(source):
         return f"{where}\tmissing"
 
 
+def list_folder(folder):
+    """{name: 'file' | 'link' | 'other'} for a folder's entries, from one scandir (no stat per file: fast for COCO's
+    123,287 images); {} if it is not a folder."""
+    try:
+        with os.scandir(folder) as entries:
+            return {e.name: "link" if e.is_symlink() else "file" if e.is_file(follow_symlinks=False) else "other"
+                    for e in entries}
+    except OSError:
+        return {}
+
+
 def _open_regular_file(path):
     """A readable file object, or UnreadableImage: never blocks on a FIFO or reads a device."""
     try:

@@ -140,7 +140,7 @@ def test_data_py_says_a_malformed_file_in_one_line(tmp_path):
 def test_coco_scale_index_reads_with_exact_counts(tmp_path, monkeypatch):
     """dataset_coco.json at full size (123,287 images, 616k captions): exact counts and an epoch's batches. The folder
     listing is given (123,287 empty files would only test the file system)."""
-    import data
+    import images
     layout = [("train2014", "train", 82_783), ("val2014", "restval", 30_504), ("val2014", "val", 5_000),
               ("val2014", "test", 5_000)]
     entries, listing, i = [], {"train2014": {}, "val2014": {}}, 0
@@ -153,8 +153,8 @@ def test_coco_scale_index_reads_with_exact_counts(tmp_path, monkeypatch):
                             "sentences": [{"raw": "A man riding a wave on top of a surfboard ."}] * 5})
             i += 1
     write_karpathy(tmp_path, "coco", entries)
-    real_listing = data._list_folder
-    monkeypatch.setattr(data, "_list_folder", lambda folder: listing.get(os.path.basename(folder)) or
+    real_listing = images.list_folder
+    monkeypatch.setattr(images, "list_folder", lambda folder: listing.get(os.path.basename(folder)) or
                         real_listing(folder))
     collection = read_captions(str(tmp_path))
     assert {s: len(v) for s, v in collection.splits.items()} == {"train": 113_287, "val": 5_000, "test": 5_000}
@@ -240,3 +240,126 @@ def test_a_vision_cache_that_does_not_fit_on_the_disk_is_refused_before_building
                            "out_dir on a disk with room")
     assert "vision cache: computing ViT outputs of 300 images once (1.3 MB in" in out  # the size is said first
     assert not os.path.exists(tmp_path / "checkpoint")
+
+
+# ------------------------------------------------------------------ datasets as the Hugging Face hub ships them
+
+HF_FEATURES = {"image": {"_type": "Image"}, "text": {"dtype": "string", "_type": "Value"}}
+
+
+def demo_image_bytes(demo_world, count):
+    folder = os.path.join(demo_world[0], "Flicker8k_Dataset")
+    return [open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))[:count]]
+
+
+def image_table(images, paths, columns):
+    """A table as `datasets` writes one: an `image` struct {bytes, path} marked as an Image feature, then columns."""
+    import pyarrow as pa
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({"image": pa.array([{"bytes": b, "path": p} for b, p in zip(images, paths)], type=image_type),
+                      **columns})
+    return table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": HF_FEATURES}})})
+
+
+@pytest.fixture(scope="module")
+def hub_datasets(demo_world, tmp_path_factory):
+    """Four datasets as people download them from the hub, each holding 30 demo images, 20/5/5 train/val/test."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    root, images = tmp_path_factory.mktemp("hub"), demo_image_bytes(demo_world, 30)
+    captions = read_captions(demo_world[0]).splits
+    texts = [i.captions for s in ("train", "val", "test") for i in captions[s]][:30]
+    splits = [("train", slice(0, 10)), ("train", slice(10, 20)), ("validation", slice(20, 25)), ("test", slice(25, 30))]
+    # 1. one caption per row, split by the shard names, two train shards (hf download ... --local-dir DIR)
+    os.makedirs(root / "hub" / "data")
+    for shard, (split, rows) in enumerate(splits):
+        name = f"{split}-0000{shard % 2 if split == 'train' else 0}-of-0000{2 if split == 'train' else 1}.parquet"
+        pq.write_table(image_table(images[rows], [f"{i:03d}.jpg" for i in range(30)][rows],
+                                   {"text": [t[0] for t in texts[rows]]}), root / "hub" / "data" / name)
+    # 2. a Flickr30k copy: five captions a row as a list, and a split column, in one file
+    os.makedirs(root / "flickr30k" / "data")
+    pq.write_table(image_table(images, [f"{i}.jpg" for i in range(30)], {
+        "caption": [t[:5] for t in texts], "split": ["train"] * 20 + ["val"] * 5 + ["test"] * 5}),
+        root / "flickr30k" / "data" / "flickr30k-00000-of-00001.parquet")
+    # 3. a Flickr8k copy: one column per caption, images without a path
+    os.makedirs(root / "columns" / "data")
+    for split, rows in (("train", slice(0, 20)), ("validation", slice(20, 25)), ("test", slice(25, 30))):
+        pq.write_table(image_table(images[rows], [None] * 30, {f"caption_{k}": [t[k] for t in texts[rows]]
+                                                               for k in range(5)}),
+                       root / "columns" / "data" / f"{split}-00000-of-00001.parquet")
+    # 4. save_to_disk: dataset_dict.json, and per split an Arrow IPC stream with its state.json
+    (root / "saved").mkdir()
+    (root / "saved" / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "validation", "test"]}))
+    for split, rows in (("train", slice(0, 20)), ("validation", slice(20, 25)), ("test", slice(25, 30))):
+        (root / "saved" / split).mkdir()
+        table = image_table(images[rows], [f"{i:03d}.jpg" for i in range(30)][rows],
+                            {"text": [t[1] for t in texts[rows]]})
+        with pa.OSFile(str(root / "saved" / split / "data-00000-of-00001.arrow"), "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+        (root / "saved" / split / "state.json").write_text(json.dumps({"_data_files": [
+            {"filename": "data-00000-of-00001.arrow"}]}))
+    return root
+
+
+@pytest.mark.parametrize("name, layout, split_source, captions_each", [
+    ("hub", "parquet", "the file names", 1), ("flickr30k", "parquet", "the split column", 5),
+    ("columns", "parquet", "the file names", 5), ("saved", "arrow", "the file names", 1)])
+def test_hub_datasets_read_with_exact_counts_and_train(hub_datasets, tmp_path, name, layout, split_source,
+                                                       captions_each):
+    got = report(hub_datasets / name)
+    assert (got["layout"], got["split_source"], got["rows"]) == (layout, split_source, 30)
+    assert counts(got) == {"train": (20, 20 * captions_each), "val": (5, 5 * captions_each),
+                           "test": (5, 5 * captions_each)} and got["skipped"] == []
+    code, out, err = run_main("train", "--model=data/demo/blip2-tiny", f"--data_dir={hub_datasets / name}",
+                              "--max_steps=4", "--eval_interval=0", "--final_eval=False", "--batch_images=4",
+                              f"--out_dir={tmp_path}")
+    assert code == 0, err[-2000:]
+    assert f"{layout}: train 20 images, val 5 images, test 5 images" in out and "step 4 " in out
+    assert os.path.isfile(tmp_path / "adapter" / "adapter_model.safetensors")
+
+
+def test_evaluate_html_shows_the_images_held_inside_a_parquet_dataset(hub_datasets, tmp_path):
+    page = tmp_path / "report.html"
+    code, out, err = run_main("evaluate", "--adapter", "none", "--model", "data/demo/blip2-tiny", "--data",
+                              hub_datasets / "hub", "--num-beams", "1", "--html", page)
+    assert code == 0, err[-2000:]
+    html = page.read_text()
+    assert html.count("<img src='data:image/jpeg;base64,") == 5 and "<div>test/025.jpg</div>" in html
+
+
+def test_damaged_hub_datasets_are_one_line_or_one_skipped_image(demo_world, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    images = demo_image_bytes(demo_world, 12)
+    images[3] = b"\x89PNG but not really"
+    os.makedirs(tmp_path / "damaged" / "data")
+    pq.write_table(image_table(images, [f"{i}.jpg" for i in range(12)], {"text": ["a small circle"] * 12}),
+                   tmp_path / "damaged" / "data" / "train-00000-of-00001.parquet")
+    code, out, err = run_main("train", "--model=data/demo/blip2-tiny", f"--data_dir={tmp_path / 'damaged'}",
+                              "--max_steps=2", "--eval_interval=0", "--final_eval=False", "--batch_images=4",
+                              "--num_workers=0", f"--out_dir={tmp_path / 'out'}")  # workers: their own stderr
+    assert code == 0, err[-2000:]
+    (line,) = [line for line in err.splitlines() if "row 3" in line]  # one line for the damaged image
+    assert line.startswith(f"warning: skipping an unreadable image: {tmp_path / 'damaged' / 'data'} "[:-1])
+    assert "train-00000-of-00001.parquet row 3: not a readable image" in line
+    assert "1 unreadable images are left out" in out
+    for table, message in ((pa.table({"picture": [b"x"], "text": ["a"]}), "no image column 'image'"),
+                           (image_table([images[0]], ["a.jpg"], {"text": [5]}), "caption column 'text' holds int64")):
+        folder = tmp_path / message.split()[0]
+        os.makedirs(folder)
+        pq.write_table(table, folder / "train-00000-of-00001.parquet")
+        code, _, err = run_main("data", folder)
+        assert code == 1 and err.count("\n") == 1 and message in err
+
+
+def test_imagefolder_split_folders_as_datasets_reads_them(tmp_path):
+    """evaluation/ is a test split; train-2024/ is a train split (a split word, then a separator); images_2024/ is no
+    split, and the report says it was not read."""
+    for folder in ("train-2024", "evaluation", "images_2024"):
+        write_images(tmp_path / folder, ["a.jpg", "b.jpg"])
+        write_jsonl(tmp_path / folder / "metadata.jsonl", [{"file_name": n, "text": "x"} for n in ("a.jpg", "b.jpg")])
+    got = report(tmp_path)
+    assert counts(got) == {"train": (2, 2), "val": (0, 0), "test": (2, 2)}
+    assert got["skipped"] == [{"item": "images_2024/", "reason": "a folder with a metadata file whose name is not a "
+                                                                 "split (train, validation, test, ...): not read"}]
