@@ -1,9 +1,14 @@
 """
-How fast is a fine-tuning step, three ways? Random weights, no download, one run:
+How fast is a fine-tuning step, three ways, and how much GPU memory does it need? Random weights, no download:
 
     python bench.py --model small                       # CPU: the architecture scaled down (257 vision tokens)
     python bench.py --model full --device cuda --dtype bfloat16 --batch-images 16,32,64 --json   # blip2-flan-t5-xl
     python bench.py --model full --device cuda --dtype bfloat16 --batch-images 16,32,64 --compile --json
+    python bench.py --model full --memory --batch-images 8,16 --json      # peak GPU memory, predicted on the CPU
+    python bench.py --model full --memory --batch-images 8,16 --base_bits 16,4 --gradient_checkpointing False,True
+
+--memory runs train.py's step on fake tensors (memory.py) for every batch size and every combination of the levers
+given (named as train.py's settings) and prints each run's predicted peak with its breakdown; nothing is timed.
 
 (a) per_pair       one full BLIP-2 forward + backward per (image, caption) pair: the usual loop
 (b) grouped        ViT, Q-Former and T5 encoder once per image, the decoder once per caption (train.py's step)
@@ -24,7 +29,7 @@ import torch
 from lora import inject_lora
 from train import SETTINGS  # its settings block: the LoRA and clipping defaults a training run uses
 from model import (autocast_context, cast_frozen_qformer, generate_captions, grouped_caption_loss,
-                   per_pair_caption_loss, train_mode, vision_embeds)
+                   per_pair_caption_loss, train_mode, use_fused_gelu, vision_embeds)
 
 CAPTIONS_PER_IMAGE, CAPTION_TOKENS, PROMPT_TOKENS = 5, 16, 4  # Flickr8k: 5 captions, ~15 words; "a photo of" + EOS
 EPOCH_CAPTIONS = 30_000  # Flickr8k's train split: 6,000 images x 5 captions
@@ -59,6 +64,7 @@ def build(size, device, dtype):
     model.to(dtype)
     model.qformer.float()  # as from_pretrained does (_keep_in_fp32_modules): the Q-Former stays float32
     model.query_tokens.data = model.query_tokens.data.float()
+    use_fused_gelu(model)  # as load_blip2 does
     inject_lora(model, SETTINGS["lora_targets"], SETTINGS["lora_r"], SETTINGS["lora_alpha"], SETTINGS["lora_dropout"])
     cast_frozen_qformer(model, dtype)  # as train.py: under bf16 autocast, the frozen Q-Former's Linears in bf16
     train_mode(model)  # as train.py: adapters train (dropout on), the frozen base runs in eval mode
@@ -242,6 +248,54 @@ def print_run(run):
         print(f"one Flickr8k epoch ({EPOCH_CAPTIONS:,} captions), grouped_cached: {run['epoch_seconds_projected']} s")
 
 
+def choices(kind, allowed):
+    """An option that takes one value or several separated by commas: every combination is predicted."""
+    def parse(text):
+        values = [kind(v) for v in text.split(",")]
+        if not values or any(v not in allowed for v in values):
+            raise argparse.ArgumentTypeError(f"expected {', '.join(map(str, allowed))}, got {text!r}")
+        return values
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def boolean(text):
+    if text.lower() not in ("true", "false"):
+        raise ValueError(text)
+    return text.lower() == "true"
+
+
+def predict_memory(args, dtype):
+    """--memory: the predicted peak of each batch size and lever combination, in GB (1e9 bytes)."""
+    import itertools
+    import memory
+    from train import SETTINGS
+    config = blip2_config(args.model)
+    runs = []
+    for batch_images, bits, checkpointing, vision_on_gpu in itertools.product(
+            args.batch_images or [16], args.base_bits, args.gradient_checkpointing, args.vision_on_gpu):
+        shapes = type("Shapes", (), {"config": config})()
+        batch, _ = make_batch(shapes, batch_images, "cpu")
+        batch.pop("pixel_values")  # train.py's default step reads the ViT's outputs from the vision cache
+        levers = memory.Levers(bits, checkpointing, vision_on_gpu)
+        counted = memory.predict(config, batch, dtype, levers, SETTINGS, eval_batch=args.eval_batch)
+        runs.append({"batch_images": batch_images, "base_bits": bits, "gradient_checkpointing": checkpointing,
+                     "vision_on_gpu": vision_on_gpu, "eval_batch": args.eval_batch,
+                     **{f"{k}_gb": round(v / 1e9, 4) for k, v in counted.items() if k != "seconds"},
+                     "seconds": counted["seconds"]})
+        if not args.json:
+            print_memory_run(runs[-1])
+    return runs
+
+
+def print_memory_run(run):
+    print(f"batch {run['batch_images']:3d}  base_bits {run['base_bits']:2d}  gradient_checkpointing "
+          f"{str(run['gradient_checkpointing']):5s}  vision_on_gpu {str(run['vision_on_gpu']):5s}:  peak "
+          f"{run['predicted_peak_gb']:6.2f} GB = weights {run['frozen_weights_gb']:.2f} + LoRA, grads, AdamW "
+          f"{run['lora_weights_grads_adamw_gb']:.2f} + activations {run['activations_peak_gb']:.2f};  beam-5 "
+          f"generation at batch {run['eval_batch']}: {run['generation_peak_gb']:.2f} GB  ({run['seconds']} s)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("tiny", "small", "full"), default="small")
@@ -255,11 +309,26 @@ def main(argv=None):
     parser.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
                         help="torch.compile mode; reduce-overhead adds CUDA graphs")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--memory", action="store_true", help="predict the peak GPU memory on the CPU (memory.py) "
+                        "instead of timing; bf16 unless --dtype says otherwise")
+    parser.add_argument("--base_bits", "--base-bits", type=choices(int, (16, 8, 4)), default=[16])
+    parser.add_argument("--gradient_checkpointing", "--gradient-checkpointing", type=choices(boolean, (False, True)),
+                        default=[False])
+    parser.add_argument("--vision_on_gpu", "--vision-on-gpu", type=choices(boolean, (False, True)), default=[False])
+    parser.add_argument("--eval-batch", type=int, default=32, help="--memory: images per beam-search batch")
     args = parser.parse_args(argv)
     device = args.device
-    cuda = device.startswith("cuda")
+    cuda = device.startswith("cuda") or args.memory  # a memory prediction is for a GPU: bf16 by default
     dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    if args.memory:
+        report = {"model": args.model, "dtype": str(dtype).replace("torch.", ""), **provenance(),
+                  "counted_by": "memory.py: train.py's step on fake tensors, live tensor storages counted once each",
+                  "not_counted": "the CUDA context, allocator rounding and fragmentation, cuBLAS workspaces"}
+        report["runs"] = predict_memory(args, dtype)
+        if args.json:
+            print(json.dumps(report))
+        return
     repeats = args.repeats or (10 if cuda else 5)
     torch.manual_seed(0)
     model = build(args.model, device, dtype)

@@ -88,6 +88,7 @@ def load_blip2(name_or_path, device="cpu", dtype=torch.float32, base_bits=16, lo
     if model.config.text_config.is_encoder_decoder is not True:
         raise ModelError(f"{name_or_path}: this project fine-tunes BLIP-2 with a T5 language model; "
                          f"found {model.config.text_config.model_type}")
+    use_fused_gelu(model)
     return (model if base_bits < 16 else model.to(device)).eval(), processor
 
 
@@ -104,6 +105,17 @@ def quantization_config(base_bits, compute_dtype):
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=keep)
+
+
+def use_fused_gelu(model):
+    """Flan-T5's feed-forward activation, gelu_new, is written as seven element-wise operations, and autograd keeps
+    the output of each for the backward pass: about 2 GB at the default batch. GELUTanh (F.gelu(approximate="tanh"))
+    computes the same function (transformers' own `gelu_pytorch_tanh`; 2e-7 apart in float32) in one operation that
+    keeps only its input. Fewer kernels, too."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+    for module in model.language_model.modules():
+        if isinstance(getattr(module, "act", None), NewGELUActivation):
+            module.act = GELUTanh()
 
 
 def autocast_dtype(device):

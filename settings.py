@@ -26,8 +26,8 @@ LIMITS = {"learning_rate": (0.0, 10.0), "seed": (0, 2**32 - 1), "lora_r": (1, MA
           "lora_dropout": (0.0, 0.99), "batch_images": (1, 100_000), "grad_accum": (1, 100_000), "epochs": (1, 100_000),
           "max_steps": (0, 10**9), "min_lr_ratio": (0.0, 1.0), "warmup_steps": (0, 10**9), "weight_decay": (0.0, 10.0),
           "grad_clip": (0.0, None), "max_caption_tokens": (2, 4096), "num_workers": (0, 256),
-          "eval_interval": (0, None), "eval_images": (0, None), "checkpoint_interval": (1, None),
-          "log_interval": (1, None), **GENERATION_LIMITS}
+          "eval_interval": (0, None), "eval_images": (0, None), "eval_batch": (1, 4096),
+          "checkpoint_interval": (1, None), "log_interval": (1, None), **GENERATION_LIMITS}
 CHOICES = {"device": "auto, cpu, cuda or cuda:N", "dtype": ("auto", "bfloat16", "float16", "float32"),
            "torch_compile": ("auto", True, False), "base_bits": (16, 8, 4)}
 

@@ -89,6 +89,7 @@ num_workers = 4                        # image-decoding processes (only when ima
 # evaluation, checkpoints, logs
 eval_interval = 500                    # steps between val CIDEr evaluations (and at each epoch end); 0 = none
 eval_images = 500                      # val images used for that (0 = all)
+eval_batch = 32                        # images per beam-search batch in evaluations (memory: README "Which GPU")
 final_eval = True                      # score zero-shot and fine-tuned on the test split at the end
 num_beams = GENERATION_DEFAULTS["num_beams"]            # beam search in evaluations (saved with the adapter)
 max_new_tokens = GENERATION_DEFAULTS["max_new_tokens"]  # longest generated caption in tokens (saved, as above)
@@ -656,8 +657,8 @@ def evaluate_val(cfg, p, t, run):
     if p.master:
         t.model.eval()
         predictions = caption_items(t.model, t.processor, t.val_items, t.prompt_ids, p.device, p.autocast, t.cache,
-                                    num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
-                                    min_new_tokens=cfg.min_new_tokens)
+                                    batch_size=cfg.eval_batch, num_beams=cfg.num_beams,
+                                    max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens)
         cider = score_captions(predictions, {i.name: i.captions for i in t.val_items}, metrics=("CIDEr",))["CIDEr"]
         run.history.append({"step": run.step, "val_CIDEr": cider})
         run.record({"step": run.step, "val_CIDEr": cider})
@@ -681,7 +682,8 @@ def final_evaluation(cfg, p, t, run):
     t.model.eval()
     load_adapter(t.model, adapter)  # the best one by val CIDEr, or the final one
     kept_step = read_json(os.path.join(adapter, "caption_settings.json"))["trained_on"]["step"]
-    generation = dict(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens)
+    generation = dict(batch_size=cfg.eval_batch, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
+                      min_new_tokens=cfg.min_new_tokens)
     args = (t.model, t.processor, t.test_items, t.prompt_ids, p.device, p.autocast, t.cache)
     fine_tuned = caption_items(*args, **generation)
     zero_shot = captions_without_adapter(*args, **generation)

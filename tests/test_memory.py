@@ -1,0 +1,139 @@
+"""Fits the GPU you have: the peak-memory prediction is a count of real tensors, the memory levers do what they
+say, and a 4-bit base still fine-tunes into an adapter the 16-bit base (and peft) can use."""
+import json
+import os
+
+import pytest
+import torch
+
+import memory
+from conftest import run_main
+from train import SETTINGS
+
+
+def shapes_batch(config, images):
+    import bench
+    batch, _ = bench.make_batch(type("Shapes", (), {"config": config})(), images, "cpu")
+    batch.pop("pixel_values")  # the step reads the ViT's outputs from the vision cache
+    return batch
+
+
+@pytest.mark.parametrize("levers", [memory.Levers(), memory.Levers(gradient_checkpointing=True),
+                                    memory.Levers(vision_on_gpu=True)])
+def test_the_prediction_is_the_count_of_real_tensors(levers):
+    """The same step, counted the same way, on fake tensors and on real ones (bench.py's small model, bf16): the
+    weights to the byte; the step and generation peaks within 1%. (Libraries take other code paths for fake tensors
+    in a few places: transformers builds attention masks explicitly, clip_grad_norm_ uses no foreach kernel; here
+    that is a fraction of a percent.)"""
+    import bench
+    config, batch = bench.blip2_config("small"), None
+    batch = shapes_batch(config, 2)
+    fake = memory.predict(config, batch, torch.bfloat16, levers, SETTINGS, eval_batch=2)
+    real = memory.predict(config, batch, torch.bfloat16, levers, SETTINGS, eval_batch=2, fake=False)
+    assert fake["frozen_weights"] == real["frozen_weights"] and fake["language_model_weights"] == real[
+        "language_model_weights"]
+    assert fake["predicted_peak"] == pytest.approx(real["predicted_peak"], rel=0.01)
+    assert fake["generation_peak"] == pytest.approx(real["generation_peak"], rel=0.01)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_quantized_base_is_predicted_as_bitsandbytes_holds_it(demo_world, bits):
+    """The 4/8-bit base is emulated in the prediction; counted with bitsandbytes' real layers (they run on the CPU)
+    the same step agrees within 5%: an independent count."""
+    from transformers import Blip2Config
+    from lora import inject_lora
+    from model import cast_frozen_qformer, load_blip2, train_mode
+    config = Blip2Config.from_pretrained(demo_world[1])
+    batch, levers = shapes_batch(config, 4), memory.Levers(base_bits=bits)
+    predicted = memory.predict(config, batch, torch.bfloat16, levers, SETTINGS, eval_batch=4)
+    model, _ = load_blip2(demo_world[1], "cpu", dtype=torch.bfloat16, base_bits=bits, log=lambda *a: None)
+    inject_lora(model, SETTINGS["lora_targets"], SETTINGS["lora_r"], SETTINGS["lora_alpha"], SETTINGS["lora_dropout"])
+    cast_frozen_qformer(model, torch.bfloat16)
+    train_mode(model)
+    counted = memory.predict(config, batch, torch.bfloat16, levers, SETTINGS, eval_batch=4, model=model)
+    for key in ("language_model_weights", "predicted_peak", "generation_peak"):
+        assert predicted[key] == pytest.approx(counted[key], rel=0.05), key
+
+
+def test_bench_memory_gives_each_lever_combination_its_peak():
+    code, out, err = run_main("bench", "--model", "tiny", "--memory", "--batch-images", "1,4", "--base_bits", "16,4",
+                              "--gradient_checkpointing", "False,True", "--eval-batch", "2", "--json")
+    assert code in (0, None), err[-2000:]
+    report = json.loads(out)
+    runs = {(r["batch_images"], r["base_bits"], r["gradient_checkpointing"]): r for r in report["runs"]}
+    assert len(runs) == 8 and all(r["vision_on_gpu"] is False and r["predicted_peak_gb"] > 0 for r in runs.values())
+    for r in runs.values():  # the breakdown adds up to the peak (each rounded to 0.0001 GB)
+        parts = r["frozen_weights_gb"] + r["lora_weights_grads_adamw_gb"] + r["activations_peak_gb"]
+        assert parts == pytest.approx(r["predicted_peak_gb"], abs=0.0003)
+    assert report["dtype"] == "bfloat16" and "CUDA context" in report["not_counted"]
+
+
+def test_the_levers_lower_the_full_models_predicted_peak():
+    """On blip2-flan-t5-xl (fake tensors: seconds, no memory): checkpointing at least halves the activations, 4-bit
+    at least halves the language model's weights, and keeping the ViT on the GPU costs its 2 GB."""
+    import bench
+    config = bench.blip2_config("full")
+    batch = shapes_batch(config, 4)
+    plain = memory.predict(config, batch, torch.bfloat16, memory.Levers(), SETTINGS, eval_batch=1)
+    levers = memory.predict(config, batch, torch.bfloat16, memory.Levers(4, True, True), SETTINGS, eval_batch=1)
+    assert levers["activations_peak"] < plain["activations_peak"] / 2
+    assert levers["language_model_weights"] < plain["language_model_weights"] / 2
+    rest = [r["frozen_weights"] - r["language_model_weights"] for r in (plain, levers)]
+    assert rest[1] - rest[0] > 1.9e9  # ViT-g: 986M parameters in bf16
+
+
+def test_float16_is_the_precision_on_gpus_without_bfloat16(monkeypatch):
+    from model import autocast_dtype
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a T4 or a V100
+    assert autocast_dtype("cuda") == torch.float16 and autocast_dtype("cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert autocast_dtype("cuda:0") == torch.bfloat16
+
+
+def test_a_4bit_base_gives_nearly_the_16bit_loss_and_without_bitsandbytes_says_what_to_install(demo_world,
+                                                                                                 monkeypatch):
+    """NF4 rounds every T5 weight, so the loss is not the same; on the demo base it stays within 5%."""
+    import builtins
+    from data import CaptionCollator, ImageCaptionDataset, encoder_prompt_ids, read_captions
+    from model import ModelError, grouped_caption_loss, load_blip2, vision_embeds
+    losses = []
+    for bits in (16, 4):
+        model, processor = load_blip2(demo_world[1], base_bits=bits, log=lambda *a: None)
+        items = read_captions(demo_world[0]).splits["train"][:8]
+        ids = encoder_prompt_ids(processor.tokenizer, "a photo of", model.config.num_query_tokens,
+                                 model.config.image_token_id)
+        dataset = ImageCaptionDataset(items, processor.image_processor)
+        batch = CaptionCollator(items, processor.tokenizer, ids)([dataset[i] for i in range(8)])
+        with torch.no_grad():
+            loss, tokens = grouped_caption_loss(model, batch, vision_embeds(model, batch["pixel_values"]))
+        losses.append((loss / tokens).item())
+    assert losses[1] == pytest.approx(losses[0], rel=0.05) and losses[1] != losses[0]
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "bitsandbytes" else real_import(name, *a, **k))
+    with pytest.raises(ModelError, match="base_bits=4 needs bitsandbytes: pip install bitsandbytes"):
+        load_blip2(demo_world[1], base_bits=4)
+
+
+def test_the_demo_on_a_4bit_base_learns_and_its_adapter_loads_on_the_16bit_base(demo_world, tmp_path):
+    """python train.py config/demo.py --base_bits=4 --gradient_checkpointing=True: the base's T5 in NF4, its blocks
+    recomputed in the backward pass; the adapter is the usual file, which peft loads on the 16-bit base."""
+    peft = pytest.importorskip("peft")
+    from transformers import Blip2ForConditionalGeneration
+    from lora import load_adapter
+    out = tmp_path / "demo4"
+    code, stdout, err = run_main("train", "config/demo.py", "--base_bits=4", "--gradient_checkpointing=True",
+                                 "--epochs=2", "--eval_interval=0", f"--out_dir={out}")
+    assert code == 0, err[-2000:]
+    results = json.load(open(out / "results.json"))
+    assert results["fine_tuned"]["CIDEr"] > 100 and results["fine_tuned"]["CIDEr"] > 10 * results["zero_shot"]["CIDEr"]
+    ours = Blip2ForConditionalGeneration.from_pretrained(demo_world[1]).eval()
+    load_adapter(ours, str(out / "adapter"))
+    theirs = peft.PeftModel.from_pretrained(Blip2ForConditionalGeneration.from_pretrained(demo_world[1]),
+                                            str(out / "adapter")).eval()
+    config = ours.config
+    x = {"pixel_values": torch.randn(2, 3, 48, 48), "decoder_input_ids": torch.tensor([[0, 7, 9]] * 2),
+         "input_ids": torch.tensor([[config.image_token_id] * 8 + [5, 1]] * 2)}
+    with torch.no_grad():
+        assert torch.allclose(ours(**x).logits, theirs(**x).logits, atol=1e-5)
+    assert os.path.isfile(out / "report.html")
