@@ -6,6 +6,7 @@ How fast is a fine-tuning step, three ways, and how much GPU memory does it need
     python bench.py --model full --device cuda --dtype bfloat16 --batch-images 16,32,64 --compile --json
     python bench.py --model full --memory --batch-images 8,16 --json      # peak GPU memory, predicted on the CPU
     python bench.py --model full --memory --batch-images 8,16 --base_bits 16,4 --gradient_checkpointing False,True
+    python bench.py --model full --make-world /tmp/world --images 2000 --device cuda   # for train.py at full size
 
 --memory runs train.py's step on fake tensors (memory.py) for every batch size and every combination of the levers
 given (named as train.py's settings) and prints each run's predicted peak with its breakdown; nothing is timed.
@@ -22,6 +23,7 @@ torch and transformers versions.
 """
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -69,6 +71,28 @@ def build(size, device, dtype):
     cast_frozen_qformer(model, dtype)  # as train.py: under bf16 autocast, the frozen Q-Former's Linears in bf16
     train_mode(model)  # as train.py: adapters train (dropout on), the frozen base runs in eval mode
     return model
+
+
+def make_world(root, size, images, device):
+    """A collection and a model folder for running train.py itself at `size` (bench_results/gpu_run.sh): random
+    weights in the real architecture saved with save_pretrained, the demo's tokenizer and drawings at the ViT's
+    image size, `images` images with five captions each (90/5/5 train/val/test). Measures speed, not quality."""
+    import random
+    import demo
+    from transformers import Blip2ForConditionalGeneration
+    config = blip2_config(size)
+    processor = demo.build_processor(config.vision_config.image_size, config.num_query_tokens)
+    config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    config.vision_config.initializer_range = 0.02  # random weights with signal (the default is 1e-10)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Blip2ForConditionalGeneration(config).to(torch.bfloat16 if size == "full" else torch.float32)
+    model.save_pretrained(os.path.join(root, f"blip2-{size}"))
+    processor.save_pretrained(os.path.join(root, f"blip2-{size}"))
+    held_out = max(1, images // 20)
+    demo.build_dataset(os.path.join(root, "flickr8k"), random.Random(8), images,
+                       (images - 2 * held_out, held_out, held_out))
+    print(f"{root}: blip2-{size}/ (random weights) and flickr8k/ ({images} images)")
 
 
 def make_batch(model, batch_images, device):
@@ -308,6 +332,8 @@ def main(argv=None):
                         "CUDA); compiling is in grouped's first_step_s, not in the timings")
     parser.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
                         help="torch.compile mode; reduce-overhead adds CUDA graphs")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: a quick "
+                        "check that compiling works, as gpu_run.sh --dry-run does)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--memory", action="store_true", help="predict the peak GPU memory on the CPU (memory.py) "
                         "instead of timing; bf16 unless --dtype says otherwise")
@@ -316,7 +342,12 @@ def main(argv=None):
                         default=[False])
     parser.add_argument("--vision_on_gpu", "--vision-on-gpu", type=choices(boolean, (False, True)), default=[False])
     parser.add_argument("--eval-batch", type=int, default=32, help="--memory: images per beam-search batch")
+    parser.add_argument("--make-world", metavar="DIR", help="write a random-weight model of --model's size and a "
+                        "generated collection into DIR, for timing train.py itself; then exit")
+    parser.add_argument("--images", type=int, default=2000, help="--make-world: how many images")
     args = parser.parse_args(argv)
+    if args.make_world:
+        return make_world(args.make_world, args.model, args.images, args.device)
     device = args.device
     cuda = device.startswith("cuda") or args.memory  # a memory prediction is for a GPU: bf16 by default
     dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "bfloat16": torch.bfloat16,
@@ -332,8 +363,9 @@ def main(argv=None):
     repeats = args.repeats or (10 if cuda else 5)
     torch.manual_seed(0)
     model = build(args.model, device, dtype)
-    grouped_loss = (torch.compile(grouped_caption_loss, fullgraph=True, mode=args.compile_mode) if args.compile
-                    else grouped_caption_loss)
+    mode = {"mode": args.compile_mode} if args.compile_backend == "inductor" else {}
+    grouped_loss = (torch.compile(grouped_caption_loss, fullgraph=True, backend=args.compile_backend, **mode)
+                    if args.compile else grouped_caption_loss)
     report = {"model": args.model, "device": torch.cuda.get_device_name() if cuda else "cpu",
               "dtype": str(dtype).replace("torch.", ""), "compiled": args.compile,
               "compile_mode": args.compile_mode if args.compile else None, **provenance(),

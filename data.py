@@ -330,11 +330,14 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    if args.json:
-        print(json.dumps(data.report(), ensure_ascii=False, default=str).encode("utf-8", "backslashreplace")
-              .decode("utf-8"))
-    else:
-        print_report(data)
+    try:
+        if args.json:
+            print(json.dumps(data.report(), ensure_ascii=False, default=str).encode("utf-8", "backslashreplace")
+                  .decode("utf-8"))
+        else:
+            print_report(data)
+    except BrokenPipeError:  # python data.py DIR | head: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -88,7 +88,7 @@ def build_dataset(root, rng, num_images=300, split=(200, 50, 50)):
             f.write("\n".join(names[a:b]) + "\n")
 
 
-def build_processor():
+def build_processor(image_pixels=MODEL_PIXELS, num_query_tokens=NUM_QUERY_TOKENS):
     """A word-level tokenizer over every word the demo uses, with T5's special ids, inside a Blip2Processor."""
     words = set("a photo of . backdrop".split())
     for text in CAPTION_TEMPLATES + (PRETRAIN_TEMPLATE,):
@@ -105,8 +105,8 @@ def build_processor():
     core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
                                         unk_token="<unk>")
-    image_processor = BlipImageProcessorPil(size={"height": MODEL_PIXELS, "width": MODEL_PIXELS})
-    return Blip2Processor(image_processor, tokenizer, num_query_tokens=NUM_QUERY_TOKENS)
+    image_processor = BlipImageProcessorPil(size={"height": image_pixels, "width": image_pixels})
+    return Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)
 
 
 def tiny_config(vocab_size, image_token_id):

@@ -47,9 +47,10 @@ def require_java():
                            "(Debian/Ubuntu: apt-get install -y default-jre-headless)")
 
 
-def score_captions(predictions, references, metrics=METRICS, spice=False, log=print, per_image=None):
+def score_captions(predictions, references, metrics=METRICS, spice=False, log=print, per_image=None, meteor=None):
     """predictions {image: caption}, references {image: [captions]} -> {metric: score x100}.
-    per_image: a dict to fill with each image's CIDEr x100 (the report orders images by it)."""
+    per_image: a dict to fill with each image's CIDEr x100 (the report orders images by it). meteor: a running
+    METEOR (from meteor_process) to reuse; else one is started for this call."""
     require_java()
     if not predictions:
         raise ScoringError("no captions to score: none of the split's images could be captioned")
@@ -66,7 +67,11 @@ def score_captions(predictions, references, metrics=METRICS, spice=False, log=pr
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
         scores.update({f"Bleu_{i + 1}": b for i, b in enumerate(bleu) if f"Bleu_{i + 1}" in metrics})
     if "METEOR" in metrics:
-        scores["METEOR"] = _meteor(gts, res)
+        if meteor is None:
+            with meteor_process() as meteor:
+                scores["METEOR"] = meteor.compute_score(gts, res)[0]
+        else:
+            scores["METEOR"] = meteor.compute_score(gts, res)[0]
     if "ROUGE_L" in metrics:
         scores["ROUGE_L"] = Rouge().compute_score(gts, res)[0]
     if "CIDEr" in metrics:
@@ -84,11 +89,13 @@ def score_captions(predictions, references, metrics=METRICS, spice=False, log=pr
     return {k: 100 * float(v) for k, v in scores.items()}
 
 
-def _meteor(gts, res):
+@contextmanager
+def meteor_process():
+    """One METEOR Java process (it loads a paraphrase table for seconds), stopped however the block ends."""
     from pycocoevalcap.meteor.meteor import Meteor
-    meteor = Meteor()  # one Java process for all images
+    meteor = Meteor()
     try:
-        return meteor.compute_score(gts, res)[0]
+        yield meteor
     finally:
         # Meteor.__del__ waits for the lock compute_score takes; if compute_score was cut short (Ctrl-C, Java
         # died) it still holds it, and the process would hang when the object is collected.
@@ -103,9 +110,13 @@ def score_split(items, captions, label, zero_shot=None, spice=False, log=print):
     evaluation and evaluate.py share. Returns (columns {label: metrics} for print_table and write_html, rows)."""
     references = {i.name: i.captions for i in items if i.name in captions}  # unreadable images were skipped
     per_image = {}
-    columns = {label: score_captions(captions, references, spice=spice, log=log, per_image=per_image)}
-    if zero_shot is not None:
-        columns["zero-shot"] = score_captions(zero_shot, {n: references[n] for n in zero_shot}, spice=spice, log=log)
+    require_java()
+    with meteor_process() as meteor:  # one for both columns
+        columns = {label: score_captions(captions, references, spice=spice, log=log, per_image=per_image,
+                                         meteor=meteor)}
+        if zero_shot is not None:
+            columns["zero-shot"] = score_captions(zero_shot, {n: references[n] for n in zero_shot}, spice=spice,
+                                                  log=log, meteor=meteor)
     rows = [{"image": i.name, "source": i.image, "caption": captions[i.name], "references": i.captions,
              "cider": per_image[i.name], "zero_shot": (zero_shot or {}).get(i.name)} for i in items
             if i.name in captions]

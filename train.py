@@ -16,7 +16,7 @@ What a run does, top to bottom:
   ranks), so long and short captions weigh the same however the batch is split.
 - Linear warmup then cosine decay; gradient clipping; bf16 autocast on GPUs that have it, fp16 + GradScaler on those
   that do not, float32 on the CPU; on CUDA the loss is compiled (torch_compile). A non-finite loss stops the run.
-- Every eval_interval steps and at each epoch end: CIDEr on the val split; the best adapter goes to out_dir/adapter
+- Every eval_interval steps and at the last step: CIDEr on the val split; the best adapter goes to out_dir/adapter
   (with a val split too small to choose by, the last one), with the prompt and generation settings and what it was
   trained on (caption.py and evaluate.py use them).
 - Every checkpoint_interval steps, and on SIGTERM: out_dir/checkpoint. Running the same command again resumes from it
@@ -87,7 +87,7 @@ torch_compile = "auto"                 # compile the grouped loss: far fewer ker
                                        # auto = on CUDA, off on CPU; True or False to force
 num_workers = 4                        # image-decoding processes (only when images are read: cache build, no cache)
 # evaluation, checkpoints, logs
-eval_interval = 500                    # steps between val CIDEr evaluations (and at each epoch end); 0 = none
+eval_interval = 500                    # steps between val CIDEr evaluations (and at the last step); 0 = none
 eval_images = 500                      # val images used for that (0 = all)
 eval_batch = 32                        # images per beam-search batch in evaluations (memory: README "Which GPU")
 final_eval = True                      # score zero-shot and fine-tuned on the test split at the end
@@ -205,8 +205,7 @@ def train_steps(cfg, p, t, run, stop):
             if p.compiling and run.step == resumed_at + 1:
                 p.log(f"torch.compile: the first step took {time.time() - started:.0f} s, compiling included")
             speed.update(epoch, loss, lr, sum(b["labels"].shape[0] for b in step_batches), skipped)
-            if t.evaluating and (run.step % cfg.eval_interval == 0 or run.step % t.steps_per_epoch == 0
-                                 or run.step == t.total_steps):
+            if t.evaluating and (run.step % cfg.eval_interval == 0 or run.step == t.total_steps):
                 speed.pause(lambda: evaluate_val(cfg, p, t, run))
             if stop.requested(p):  # SIGTERM: the step is whole; keep it, and say how to go on
                 run.checkpoint(t, checkpoint.rng_state())
