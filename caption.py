@@ -19,8 +19,8 @@ import sys
 
 from captioning import (CAPTION_SETTINGS_FILE, GENERATION_DEFAULTS, add_generation_arguments, caption_stream,
                         load_for_captioning, read_caption_settings, resolve_generation, resolve_model)
-from data import ImageCaptions, encoder_prompt_ids, printable
-from files import UserError, make_temp_dir, read_json, user_permissions_tree, write_json
+from data import ImageCaptions, encoder_prompt_ids
+from files import UserError, make_temp_dir, one_line_errors, printable, read_json, user_permissions_tree, write_json
 from images import IMAGE_SUFFIXES
 from lora import merge_lora
 from model import autocast_context, autocast_dtype
@@ -38,18 +38,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.images and not args.export_merged:
         parser.error("give image files or directories (or --export-merged DIR)")
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"error: {printable(str(e))}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # python caption.py DIR | head: the reader has seen enough
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-
+    return one_line_errors(lambda: run(args))
 
 def run(args):
     notes = []  # said once the model has loaded: an error is then the only line

@@ -11,7 +11,6 @@ complete one (checkpoint/, or checkpoint.old/ if the kill fell between the two r
 checked (types, ranges, tensor shapes): a damaged checkpoint is one line naming the file, never a traceback, and a
 pickle holding code is refused, never run.
 """
-import json
 import math
 import os
 import pickle
@@ -178,8 +177,8 @@ def _ours(path, kind):
         return os.path.isdir(path) and (marked or not os.listdir(path))
     if kind == "results":
         try:
-            return isinstance(json.loads(open(path, "rb").read().decode("utf-8")).get("fine_tuned"), dict)
-        except (OSError, ValueError, AttributeError, RecursionError):
+            return isinstance(read_json(path).get("fine_tuned"), dict)
+        except (UserError, AttributeError):
             return False
     return os.path.isfile(path) and is_our_report(path)
 

@@ -25,12 +25,12 @@ import json
 import os
 import posixpath
 import sys
-import unicodedata
 from dataclasses import dataclass, field
 
 import torch
 
 import images
+from files import one_line_errors, printable
 from images import IMAGE_SUFFIXES, DatasetImage, UnreadableImage, load_image
 from layouts import CAPTION_COLUMNS, LAYOUTS, SPLITS, DataError, Options, clean_relative_path
 
@@ -184,12 +184,6 @@ def _locate(root, found, options):
     return images
 
 
-def printable(name):
-    """A name as one line: control characters (newline, tab, ...) and undecodable bytes written as escapes, so a file
-    name can never forge a line or a column of the output."""
-    return "".join(repr(ch)[1:-1] if unicodedata.category(ch) in ("Cc", "Cs") else ch for ch in name)
-
-
 # --------------------------------------------------------------------------------------------------- model batches
 
 def clean_caption(caption):
@@ -322,22 +316,16 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     add_collection_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        data = read_captions(args.dir, args.caption_column, args.image_column, args.symlinks_out)
-    except DataError as e:
-        print(f"error: {printable(str(e))}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    try:
-        if args.json:
-            print(json.dumps(data.report(), ensure_ascii=False, default=str).encode("utf-8", "backslashreplace")
-                  .decode("utf-8"))
-        else:
-            print_report(data)
-    except BrokenPipeError:  # python data.py DIR | head: the reader has seen enough
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return one_line_errors(lambda: report(args))
+
+
+def report(args):
+    data = read_captions(args.dir, args.caption_column, args.image_column, args.symlinks_out)
+    if args.json:
+        print(json.dumps(data.report(), ensure_ascii=False, default=str).encode("utf-8", "backslashreplace")
+              .decode("utf-8"))
+    else:
+        print_report(data)
     return 0
 
 

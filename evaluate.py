@@ -20,8 +20,8 @@ import sys
 import demo
 from captioning import (add_generation_arguments, caption_items, captions_without_adapter,
                         load_for_captioning, read_caption_settings, resolve_generation, resolve_model)
-from data import add_collection_arguments, encoder_prompt_ids, printable, read_captions
-from files import UserError, read_json, require_writable_folder, write_json
+from data import add_collection_arguments, encoder_prompt_ids, read_captions
+from files import one_line_errors, read_json, require_writable_folder, write_json
 from model import autocast_context, autocast_dtype
 from scoring import SCALE, ScoringError, print_table, score_split, write_html
 
@@ -44,15 +44,7 @@ def main(argv=None):
                         help="with an adapter: also caption with the zero-shot base and show both, a second "
                         "captioning pass (default: on with --html, off otherwise)")
     args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"error: {printable(str(e))}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
+    return one_line_errors(lambda: run(args))
 
 def run(args):
     for path in filter(None, (args.out, args.html)):  # now, not after the captioning

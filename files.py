@@ -7,16 +7,44 @@ lora.py and the vision cache all come here):
   name; a full disk leaves no temporary file behind. Permissions follow the user's umask, as any file they make.
 - read_json(path): the whole file, or one UserError line for everything that can be wrong with it: missing, a folder,
   not UTF-8, not JSON, nested absurdly deep, numbers too long to read.
-- UserError: the base of every error that is the user's to fix (a setting, a file, a folder). The scripts print it
-  as one `error:` line, never a traceback.
+- UserError: the base of every error that is the user's to fix (a setting, a file, a folder). The scripts run their
+  work through one_line_errors, which prints it as one `error:` line, never a traceback.
 """
 import json
 import os
+import sys
 import tempfile
+import unicodedata
 
 
 class UserError(Exception):
     """A problem with the user's input, files or machine, reported in one line without a traceback."""
+
+
+def one_line_errors(work):
+    """Run a command's work; what is the user's to fix becomes one line on stderr and an exit code: a UserError (1, or
+    its exit_code), an OSError such as a full disk (1), Ctrl-C (130). A closed output pipe (`caption.py DIR | head`)
+    ends quietly: the reader has seen enough."""
+    try:
+        return work()
+    except UserError as e:
+        print(f"error: {printable(str(e))}", file=sys.stderr)
+        return getattr(e, "exit_code", 1)
+    except OSError as e:
+        if isinstance(e, BrokenPipeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        print(f"error: {printable(str(e.filename or ''))}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def printable(name):
+    """Text as one line: control characters (newline, tab, ...) and undecodable bytes written as escapes, so a file
+    name can never forge a line or a column of the output."""
+    return "".join(repr(ch)[1:-1] if unicodedata.category(ch) in ("Cc", "Cs") else ch for ch in name)
 
 
 def first_line(error):

@@ -464,10 +464,10 @@ def check_resume(cfg, p):
 
 def print_results(path):
     try:
-        results = json.load(open(path))
+        results = read_json(path)
         print(f"test split (scores {results.get('scale', SCALE).split(':')[0]}):")
         print_table({"zero-shot": results["zero_shot"], "fine-tuned": results["fine_tuned"]})
-    except (ValueError, KeyError, TypeError):
+    except (UserError, KeyError, TypeError, AttributeError, ValueError):
         print(f"({path} could not be read)")
 
 
