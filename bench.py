@@ -320,7 +320,7 @@ def print_memory_run(run):
           f"generation at batch {run['eval_batch']}: {run['generation_peak_gb']:.2f} GB  ({run['seconds']} s)")
 
 
-def main(argv=None):
+def parse_arguments(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("tiny", "small", "full"), default="small")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -345,7 +345,11 @@ def main(argv=None):
     parser.add_argument("--make-world", metavar="DIR", help="write a random-weight model of --model's size and a "
                         "generated collection into DIR, for timing train.py itself; then exit")
     parser.add_argument("--images", type=int, default=2000, help="--make-world: how many images")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
     if args.make_world:
         return make_world(args.make_world, args.model, args.images, args.device)
     device = args.device

@@ -44,7 +44,7 @@ import settings
 from captioning import GENERATION_DEFAULTS, base_model_reference, caption_items, captions_without_adapter
 from captioning import save_caption_settings
 from data import CaptionCollator, ImageCaptionDataset, caption_token_stats, encoder_prompt_ids, read_captions
-from files import UserError, read_json, require_writable_folder, write_json
+from files import UserError, printable, read_json, require_writable_folder, write_json
 from lora import DEFAULT_TARGETS, inject_lora, load_adapter, lora_summary, save_adapter
 from model import (DEFAULT_MODEL, VisionCache, autocast_context, autocast_dtype, cast_frozen_qformer,
                    grouped_caption_loss, keep_wo_in_float32, load_blip2, move_vision, train_mode,
@@ -122,10 +122,11 @@ def main(argv=None):
         cfg = Settings(**settings.apply(argv, SETTINGS))
         train(cfg, stop)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(str(e))}", file=sys.stderr)
         return getattr(e, "exit_code", 1)
     except OSError as e:  # a full disk, a folder that cannot be written: the files are atomic, so nothing is half
-        print(f"error: {e.filename or cfg.out_dir}: {e.strerror or e}; nothing was left half-written", file=sys.stderr)
+        where = printable(str(e.filename or (cfg.out_dir if cfg else "")))
+        print(f"error: {where}: {e.strerror or e}; nothing was left half-written", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: checkpoints are written atomically, so only the steps since the last are lost
         print("\ninterrupted: " + resume_hint(cfg), file=sys.stderr)
@@ -680,7 +681,7 @@ def final_evaluation(cfg, p, t, run):
     adapter = os.path.join(cfg.out_dir, "adapter")
     t.model.eval()
     load_adapter(t.model, adapter)  # the best one by val CIDEr, or the final one
-    kept_step = read_json(os.path.join(adapter, "caption_settings.json"))["trained_on"]["step"]
+    kept_step = read_json(os.path.join(adapter, "caption_settings.json")).get("trained_on", {}).get("step", "?")
     generation = dict(batch_size=cfg.eval_batch, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
                       min_new_tokens=cfg.min_new_tokens)
     args = (t.model, t.processor, t.test_items, t.prompt_ids, p.device, p.autocast, t.cache)

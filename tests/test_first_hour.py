@@ -76,7 +76,8 @@ def test_captions_in_words_the_tokenizer_does_not_know_are_reported(collections,
     shutil.copytree(collections / "flat", folder)
     rows = list(csv.reader(open(folder / "metadata.csv")))
     with open(folder / "metadata.csv", "w", newline="") as f:
-        csv.writer(f).writerows([rows[0]] + [[name, "three stars over a quiet harbour at dusk"] for name, _ in rows[1:]])
+        other_words = [[name, "three stars over a quiet harbour at dusk"] for name, _ in rows[1:]]
+        csv.writer(f).writerows([rows[0]] + other_words)
     code, out, err = run_main("train", "--model=data/demo/blip2-tiny", f"--data_dir={folder}", "--max_steps=1",
                               "--batch_images=8", "--eval_interval=0", "--final_eval=False", "--num_workers=0",
                               f"--out_dir={tmp_path / 'out'}")

@@ -66,6 +66,10 @@ def test_karpathy_and_flickr_token_paths_that_leave_the_collection_are_skipped(o
     write_images(token / "Flicker8k_Dataset", ["b.jpg"])
     (token / "Flickr8k.token.txt").write_text("b.jpg#0\tfine\n../../secret.jpg#0\tout\n")
     assert reasons(data_report(token))["../../secret.jpg"].startswith("its path leaves the collection's folder")
+    kaggle = outside.parent / "kaggle"
+    write_images(kaggle / "Images", ["c.jpg"])
+    (kaggle / "captions.txt").write_text(f"image,caption\nc.jpg,fine\n{outside.parent / 'secret.jpg'},absolute\n")
+    assert reasons(data_report(kaggle))[str(outside.parent / "secret.jpg")].startswith("its path leaves")
 
 
 def test_data_py_lists_a_backslash_escape_a_symlink_out_and_an_absolute_path_as_skipped(outside):
@@ -342,6 +346,22 @@ def test_a_prompt_holding_the_image_token_is_one_line(demo_world):
     code, _, err = run_main("caption", "--adapter", "none", "--model", demo_world[1], "--prompt", "<image> a photo of",
                             "x.jpg")
     assert code == 1 and "contains the image token '<image>'" in err
+
+
+def test_an_out_path_that_cannot_be_written_is_said_before_any_work(demo_world):
+    """(A read-only folder: as root, /proc is one; chmod would not stop root.)"""
+    code, _, err = run_main("evaluate", "--adapter", "none", "--model", demo_world[1], "--out",
+                            "/proc/blip2-test/scores.json")
+    assert code == 1 and err.startswith("error: /proc/blip2-test: cannot write the file /proc/blip2-test/scores.json")
+    assert "scoring" not in err  # nothing was captioned
+
+
+def test_a_collection_without_train_images_says_so(demo_world, tmp_path):
+    import shutil
+    data = shutil.copytree(demo_world[0], tmp_path / "flickr8k")
+    (data / "Flickr_8k.trainImages.txt").write_text("")
+    code, _, err = run_main("train", "config/demo.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}")
+    assert code == 1 and err == f"error: {data}: no train images\n"
 
 
 def test_evaluate_refuses_an_out_path_that_is_a_directory_before_any_work(tmp_path):

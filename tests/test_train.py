@@ -32,7 +32,10 @@ def test_demo_end_to_end(demo_run):
     val = [r["val_CIDEr"] for r in records if "val_CIDEr" in r]
     assert max(val) > val[0] and max(val) > 100  # training improves val CIDEr (x100 in the log too)
     assert f"val CIDEr {val[-1]:.1f}" in result.stdout
-    assert os.path.isfile(os.path.join(out_dir, "adapter", "adapter_config.json"))
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "caption_settings.json"):  # not tempfile's 0600
+        assert os.stat(os.path.join(out_dir, "adapter", name)).st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_the_demo_writes_a_report_with_both_captions_worst_first(demo_run):
