@@ -75,10 +75,10 @@ def read_captions(root, caption_column=None, image_column=None, symlinks_out=Fal
         raise DataError(f"{root}: no captions found (looked for Flickr8k.token.txt, dataset_*.json, captions.txt, "
                         "metadata.jsonl or metadata.csv, *.parquet, a save_to_disk folder; README: 'Your own "
                         "captions')")
-    images = _locate(root, found, options)
-    usable = {n for n in found.captions if n in images and found.captions[n]}
+    located = _locate(root, found, options)  # name -> file path or DatasetImage
+    usable = {n for n in found.captions if n in located and found.captions[n]}
     for name in found.captions:
-        if name in images and not found.captions[name]:
+        if name in located and not found.captions[name]:
             found.skipped.append({"item": name, "reason": "no captions"})
     split, split_source = found.split, found.split_source
     if split is None:  # the collection has no split: a deterministic one, and the report says so
@@ -87,11 +87,11 @@ def read_captions(root, caption_column=None, image_column=None, symlinks_out=Fal
         if len(usable) < MIN_IMAGES_TO_HOLD_OUT:
             split_source = (f"all {len(usable)} images in train: fewer than {MIN_IMAGES_TO_HOLD_OUT} are too few "
                             "to hold out val and test images (add a split column or split folders to evaluate)")
-    splits = _place(split, found, images, usable)
+    splits = _place(split, found, located, usable)
     return CaptionCollection(layout.name, split_source, splits, found.skipped, found.files, found.rows)
 
 
-def _place(split, found, images, usable):
+def _place(split, found, located, usable):
     """The split's names as ImageCaptions, each image once; names in no split are reported."""
     splits, placed = {}, set()
     for s in SPLITS:
@@ -99,7 +99,7 @@ def _place(split, found, images, usable):
         for name in split.get(s, []):
             if name in usable and name not in placed:
                 placed.add(name)
-                splits[s].append(ImageCaptions(name, images[name], found.captions[name]))
+                splits[s].append(ImageCaptions(name, located[name], found.captions[name]))
             elif name not in found.captions:  # (a name with captions but no image was reported already)
                 found.skipped.append({"item": name, "reason": f"listed in the {s} split but has no captions"})
     reported = {entry["item"] for entry in found.skipped}
@@ -163,25 +163,25 @@ class _Folders:
 
 def _locate(root, found, options):
     """{name: file path or DatasetImage} for every name whose image can be read; the rest are reported skipped."""
-    folders, images, why = _Folders(root, options.symlinks_out), {}, {}
+    folders, located, why = _Folders(root, options.symlinks_out), {}, {}
     for name, image in found.images.items():
         if isinstance(image, DatasetImage):
-            images[name] = image
+            located[name] = image
             continue
         path, reason = folders.why_not(image)
         if path:
-            images[name] = path
+            located[name] = path
         else:
             why[name] = reason
     for name in found.captions:
-        if name not in images:
+        if name not in located:
             why.setdefault(name, "no image file")
             found.skipped.append({"item": name, "reason": f"{why[name]} ({len(found.captions[name])} captions)"})
-    if found.captions and not images:
+    if found.captions and not located:
         first = next(iter(why))
         raise DataError(f"{root}: none of the {len(found.captions)} images named in {', '.join(found.files)} can be "
                         f"used ({printable(first)}: {why[first]}); python data.py {root} lists them all")
-    return images
+    return located
 
 
 # --------------------------------------------------------------------------------------------------- model batches

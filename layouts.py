@@ -79,7 +79,7 @@ def _image_folder(root, names):
     listings = {}
 
     def holds(folder, name):
-        path = clean_relative_path(posixpath.join(folder, name) if folder else name)
+        path = clean_relative_path(_in_folder(folder, name))
         if path is None:
             return False
         sub, _, base = posixpath.join(root, path).rpartition("/")
