@@ -31,7 +31,7 @@ import torch
 from lora import inject_lora
 from train import SETTINGS  # its settings block: the LoRA and clipping defaults a training run uses
 from model import (autocast_context, cast_frozen_qformer, generate_captions, grouped_caption_loss,
-                   per_pair_caption_loss, train_mode, use_fused_gelu, vision_embeds)
+                   per_pair_caption_loss, separate_lm_head, train_mode, use_fused_gelu, vision_embeds)
 
 CAPTIONS_PER_IMAGE, CAPTION_TOKENS, PROMPT_TOKENS = 5, 16, 4  # Flickr8k: 5 captions, ~15 words; "a photo of" + EOS
 EPOCH_CAPTIONS = 30_000  # Flickr8k's train split: 6,000 images x 5 captions
@@ -63,6 +63,8 @@ def build(size, device, dtype):
     config.vision_config.initializer_range = 0.02  # random weights with signal (the default is 1e-10)
     with torch.device(device):
         model = Blip2ForConditionalGeneration(config)
+        if size != "tiny":  # small and full stand for blip2-flan-t5-xl, whose checkpoint has its own lm_head
+            separate_lm_head(model)
     model.to(dtype)
     model.qformer.float()  # as from_pretrained does (_keep_in_fp32_modules): the Q-Former stays float32
     model.query_tokens.data = model.query_tokens.data.float()
@@ -87,6 +89,9 @@ def make_world(root, size, images, device):
     torch.manual_seed(0)
     with torch.device(device):
         model = Blip2ForConditionalGeneration(config).to(torch.bfloat16 if size == "full" else torch.float32)
+        if size != "tiny":  # an lm_head of its own, as blip2-flan-t5-xl's (other values: loading keeps it apart)
+            separate_lm_head(model)
+            torch.nn.init.normal_(model.language_model.lm_head.weight)
     model.save_pretrained(os.path.join(root, f"blip2-{size}"))
     processor.save_pretrained(os.path.join(root, f"blip2-{size}"))
     held_out = max(1, images // 20)
@@ -302,7 +307,8 @@ def predict_memory(args, dtype):
         batch, _ = make_batch(shapes, batch_images, "cpu")
         batch.pop("pixel_values")  # train.py's default step reads the ViT's outputs from the vision cache
         levers = memory.Levers(bits, checkpointing, vision_on_gpu)
-        counted = memory.predict(config, batch, dtype, levers, SETTINGS, eval_batch=args.eval_batch)
+        counted = memory.predict(config, batch, dtype, levers, SETTINGS, eval_batch=args.eval_batch,
+                                 own_lm_head=args.model != "tiny")
         runs.append({"batch_images": batch_images, "base_bits": bits, "gradient_checkpointing": checkpointing,
                      "vision_on_gpu": vision_on_gpu, "eval_batch": args.eval_batch,
                      **{f"{k}_gb": round(v / 1e9, 4) for k, v in counted.items() if k != "seconds"},

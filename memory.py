@@ -31,8 +31,8 @@ from torch.utils._pytree import tree_flatten
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from lora import inject_lora
-from model import (cast_frozen_qformer, encode_images, grouped_caption_loss, train_mode, use_fused_gelu,
-                   use_gradient_checkpointing)
+from model import (cast_frozen_qformer, encode_images, grouped_caption_loss, separate_lm_head, train_mode,
+                   use_fused_gelu, use_gradient_checkpointing)
 
 
 @dataclass
@@ -141,12 +141,15 @@ class _RealTensors:
         return tensor
 
 
-def prepared_model(config, dtype, levers, settings, fake=True):
+def prepared_model(config, dtype, levers, settings, fake=True, own_lm_head=True):
     """BLIP-2 as train.py prepares it (LoRA, dtypes, levers), with fake weights (or real, uninitialised ones, to
-    check the count on a small model); and the mode its tensors live in."""
+    check the count on a small model); and the mode its tensors live in. own_lm_head: as blip2-flan-t5-xl's
+    checkpoint has (the demo's has not)."""
     from transformers import Blip2ForConditionalGeneration
     with torch.device("meta"):
         model = Blip2ForConditionalGeneration(config)
+        if own_lm_head:
+            separate_lm_head(model)
     model.to(dtype)
     model.qformer.float()  # as from_pretrained does (_keep_in_fp32_modules)
     model.query_tokens.data = model.query_tokens.data.float()
@@ -162,6 +165,8 @@ def prepared_model(config, dtype, levers, settings, fake=True):
     with mode:
         model.to_empty(device="cpu")
         model.tie_weights()  # to_empty gives T5's shared embedding one tensor per module that uses it: one again
+        if own_lm_head:
+            separate_lm_head(model)
     return model, mode
 
 
@@ -171,13 +176,14 @@ def weights_on_gpu(model, levers):
     return [t for t in [*model.parameters(), *model.buffers()] if levers.vision_on_gpu or id(t) not in vision]
 
 
-def predict(config, batch, dtype, levers, settings, eval_batch=32, num_beams=5, new_tokens=30, fake=True, model=None):
+def predict(config, batch, dtype, levers, settings, eval_batch=32, num_beams=5, new_tokens=30, fake=True, model=None,
+            own_lm_head=True):
     """Bytes on the GPU during one training step (and during beam-search generation), with their breakdown.
     fake=False counts the same with real tensors (a small model only), or counts `model`, prepared elsewhere (say by
     bitsandbytes): the tests that the prediction is the count."""
     started = time.time()
     model, fake = (model, _RealTensors()) if model is not None else prepared_model(config, dtype, levers, settings,
-                                                                                   fake)
+                                                                                   fake, own_lm_head)
     counter = LiveBytes()
     for tensor in weights_on_gpu(model, levers):
         counter.track(tensor)

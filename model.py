@@ -118,6 +118,15 @@ def use_fused_gelu(model):
             module.act = GELUTanh()
 
 
+def separate_lm_head(model):
+    """T5 v1.1 checkpoints, Flan-T5's among them, hold an lm_head of their own; transformers 5 builds T5 from a config
+    with lm_head tied to the embeddings and unties it only when it loads such a checkpoint. A model built from a config
+    to stand for blip2-flan-t5-xl in measurements (bench.py, memory.py) gets its own lm_head here, as the real one."""
+    text = model.language_model
+    if text.lm_head.weight is text.shared.weight:
+        text.lm_head.weight = torch.nn.Parameter(text.shared.weight.detach().clone(), requires_grad=False)
+
+
 def autocast_dtype(device):
     """bf16 where the GPU supports it; float16 on GPUs without bf16 (T4, V100), with a GradScaler and T5's `wo`
     layers in float32 (keep_wo_in_float32); float32 on the CPU."""

@@ -45,7 +45,7 @@ def test_a_quantized_base_is_predicted_as_bitsandbytes_holds_it(demo_world, bits
     from model import cast_frozen_qformer, load_blip2, train_mode
     config = Blip2Config.from_pretrained(demo_world[1])
     batch, levers = shapes_batch(config, 4), memory.Levers(base_bits=bits)
-    predicted = memory.predict(config, batch, torch.bfloat16, levers, SETTINGS, eval_batch=4)
+    predicted = memory.predict(config, batch, torch.bfloat16, levers, SETTINGS, eval_batch=4, own_lm_head=False)
     model, _ = load_blip2(demo_world[1], "cpu", dtype=torch.bfloat16, base_bits=bits, log=lambda *a: None)
     inject_lora(model, SETTINGS["lora_targets"], SETTINGS["lora_r"], SETTINGS["lora_alpha"], SETTINGS["lora_dropout"])
     cast_frozen_qformer(model, torch.bfloat16)
