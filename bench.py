@@ -28,10 +28,10 @@ import time
 
 import torch
 
-from lora import inject_lora
+import memory
+from model import (autocast_context, generate_captions, grouped_caption_loss, per_pair_caption_loss,
+                   separate_lm_head, train_mode, vision_embeds)
 from train import SETTINGS  # its settings block: the LoRA and clipping defaults a training run uses
-from model import (autocast_context, cast_frozen_qformer, generate_captions, grouped_caption_loss,
-                   per_pair_caption_loss, separate_lm_head, train_mode, use_fused_gelu, vision_embeds)
 
 CAPTIONS_PER_IMAGE, CAPTION_TOKENS, PROMPT_TOKENS = 5, 16, 4  # Flickr8k: 5 captions, ~15 words; "a photo of" + EOS
 EPOCH_CAPTIONS = 30_000  # Flickr8k's train split: 6,000 images x 5 captions
@@ -58,21 +58,10 @@ def blip2_config(size):
 
 
 def build(size, device, dtype):
-    from transformers import Blip2ForConditionalGeneration
     config = blip2_config(size)
     config.vision_config.initializer_range = 0.02  # random weights with signal (the default is 1e-10)
-    with torch.device(device):
-        model = Blip2ForConditionalGeneration(config)
-        if size != "tiny":  # small and full stand for blip2-flan-t5-xl, whose checkpoint has its own lm_head
-            separate_lm_head(model)
-    model.to(dtype)
-    model.qformer.float()  # as from_pretrained does (_keep_in_fp32_modules): the Q-Former stays float32
-    model.query_tokens.data = model.query_tokens.data.float()
-    use_fused_gelu(model)  # as load_blip2 does
-    inject_lora(model, SETTINGS["lora_targets"], SETTINGS["lora_r"], SETTINGS["lora_alpha"], SETTINGS["lora_dropout"])
-    cast_frozen_qformer(model, dtype)  # as train.py: under bf16 autocast, the frozen Q-Former's Linears in bf16
-    train_mode(model)  # as train.py: adapters train (dropout on), the frozen base runs in eval mode
-    return model
+    # small and full stand for blip2-flan-t5-xl, whose checkpoint has its own lm_head; tiny is the demo's, which has not
+    return memory.train_ready(config, device, dtype, SETTINGS, own_lm_head=size != "tiny")
 
 
 def make_world(root, size, images, device):
@@ -297,8 +286,6 @@ def boolean(text):
 def predict_memory(args, dtype):
     """--memory: the predicted peak of each batch size and lever combination, in GB (1e9 bytes)."""
     import itertools
-    import memory
-    from train import SETTINGS
     config = blip2_config(args.model)
     runs = []
     for batch_images, bits, checkpointing, vision_on_gpu in itertools.product(

@@ -20,7 +20,8 @@ import sys
 from captioning import (CAPTION_SETTINGS_FILE, GENERATION_DEFAULTS, add_generation_arguments, caption_stream,
                         load_for_captioning, read_caption_settings, resolve_generation, resolve_model)
 from data import ImageCaptions, encoder_prompt_ids
-from files import UserError, make_temp_dir, one_line_errors, printable, read_json, user_permissions_tree, write_json
+from files import (UserError, inside, make_temp_dir, one_line_errors, printable, read_json, user_permissions_tree,
+                   write_json)
 from images import IMAGE_SUFFIXES
 from lora import merge_lora
 from model import autocast_context, autocast_dtype
@@ -97,12 +98,9 @@ def image_paths(arguments):
 def check_export_folder(out_dir, adapter, model_name):
     """An export writes a whole folder, so refuse any folder that could hold something of the user's: one that is
     neither new, empty nor an earlier export holding only what the export wrote, or one holding the adapter or base."""
-    target = os.path.realpath(out_dir)
     for what, path in (("the adapter", adapter), ("the base model", model_name)):
-        if path and os.path.exists(path):
-            held = os.path.realpath(path)
-            if held == target or held.startswith(target.rstrip(os.sep) + os.sep):
-                raise UserError(f"--export-merged {out_dir}: that folder holds {what} ({path}); name a new folder")
+        if path and os.path.exists(path) and inside(path, out_dir):
+            raise UserError(f"--export-merged {out_dir}: that folder holds {what} ({path}); name a new folder")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--export-merged {out_dir}: a file of that name exists; name a new folder")
     if not os.path.isdir(out_dir) or not os.listdir(out_dir):
@@ -111,7 +109,8 @@ def check_export_folder(out_dir, adapter, model_name):
     if not os.path.isfile(marker):
         raise UserError(f"--export-merged {out_dir}: the folder is not empty and is not an earlier export; name a "
                         "new folder (nothing was written)")
-    written = read_json(marker).get("files", []) if isinstance(read_json(marker), dict) else []
+    marked = read_json(marker)
+    written = marked.get("files", []) if isinstance(marked, dict) else []
     added = sorted(set(os.listdir(out_dir)) - set(written) - {EXPORT_MARKER})
     if added:
         raise UserError(f"--export-merged {out_dir}: an earlier export, but it now holds files the export did not "

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 import images
-from files import one_line_errors, printable
+from files import inside, one_line_errors, printable
 from images import IMAGE_SUFFIXES, DatasetImage, UnreadableImage, load_image
 from layouts import CAPTION_COLUMNS, LAYOUTS, SPLITS, DataError, Options, clean_relative_path
 
@@ -124,7 +124,7 @@ class _Folders:
     """Folder listings (one scandir per folder, fast for COCO's 123,287 files) and whether paths stay inside root."""
 
     def __init__(self, root, symlinks_out):
-        self.root, self.real_root, self.symlinks_out = root, os.path.realpath(root), symlinks_out
+        self.root, self.symlinks_out = root, symlinks_out
         self.listings, self.folder_inside = {}, {}
 
     def listing(self, folder):
@@ -132,15 +132,11 @@ class _Folders:
             self.listings[folder] = images.list_folder(folder)
         return self.listings[folder]
 
-    def inside(self, path):
-        real = os.path.realpath(path)
-        return real == self.real_root or real.startswith(self.real_root.rstrip(os.sep) + os.sep)
-
     def leaves(self, folder, path, entry):
         """Whether path (an entry of folder) resolves to outside root: a symbolic link, or a folder reached by one."""
         if folder not in self.folder_inside:
-            self.folder_inside[folder] = self.inside(folder)
-        return (entry == "link" or not self.folder_inside[folder]) and not self.inside(path)
+            self.folder_inside[folder] = inside(folder, self.root)
+        return (entry == "link" or not self.folder_inside[folder]) and not inside(path, self.root)
 
     def why_not(self, relative):
         """(root/relative, None) if it is an image file inside the collection, else (None, the reason it is not)."""

@@ -47,6 +47,12 @@ def printable(name):
     return "".join(repr(ch)[1:-1] if unicodedata.category(ch) in ("Cc", "Cs") else ch for ch in name)
 
 
+def inside(path, folder):
+    """Whether path, with every symbolic link resolved, is folder or lies within it."""
+    real, top = os.path.realpath(path), os.path.realpath(folder)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
 def first_line(error):
     """An exception's message as one line (some have none, e.g. what a 0-byte file gives)."""
     text = str(error).strip()

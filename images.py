@@ -15,6 +15,7 @@ MAX_IMAGE_PIXELS is refused before decoding; anything larger than MAX_SIDE is sh
 reads 224 pixels: an image processor given a 20,000-pixel image would first make a float copy of many GB).
 Whatever goes wrong, load_image raises UnreadableImage with a one-line reason.
 """
+import bisect
 import functools
 import io
 import os
@@ -173,7 +174,6 @@ def _arrow_table(path):
 
 
 def _dataset_cell(path, row, column):
-    import bisect
     try:
         if path.endswith(".arrow"):
             return _arrow_table(path).column(column)[row].as_py()

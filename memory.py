@@ -141,26 +141,33 @@ class _RealTensors:
         return tensor
 
 
-def prepared_model(config, dtype, levers, settings, fake=True, own_lm_head=True):
-    """BLIP-2 as train.py prepares it (LoRA, dtypes, levers), with fake weights (or real, uninitialised ones, to
-    check the count on a small model); and the mode its tensors live in. own_lm_head: as blip2-flan-t5-xl's
-    checkpoint has (the demo's has not)."""
+def train_ready(config, device, dtype, settings, levers=Levers(), own_lm_head=True):
+    """BLIP-2 built from a config on `device` and prepared as from_pretrained and train.py prepare it: dtypes (the
+    Q-Former float32), the fused GELU, the levers, LoRA with train.py's settings, train mode for the adapters only.
+    own_lm_head: as blip2-flan-t5-xl's checkpoint has (the demo's has not). bench.py times this model."""
     from transformers import Blip2ForConditionalGeneration
-    with torch.device("meta"):
+    with torch.device(device):
         model = Blip2ForConditionalGeneration(config)
         if own_lm_head:
             separate_lm_head(model)
     model.to(dtype)
     model.qformer.float()  # as from_pretrained does (_keep_in_fp32_modules)
     model.query_tokens.data = model.query_tokens.data.float()
-    use_fused_gelu(model)
+    use_fused_gelu(model)  # as load_blip2 does
     if levers.base_bits < 16:
         quantize_language_model(model, levers.base_bits)
     inject_lora(model, settings["lora_targets"], settings["lora_r"], settings["lora_alpha"], settings["lora_dropout"])
-    cast_frozen_qformer(model, dtype)
+    cast_frozen_qformer(model, dtype)  # as train.py: under bf16 autocast, the frozen Q-Former's Linears in bf16
     if levers.gradient_checkpointing:
         use_gradient_checkpointing(model)
-    train_mode(model)
+    train_mode(model)  # as train.py: adapters train (dropout on), the frozen base runs in eval mode
+    return model
+
+
+def prepared_model(config, dtype, levers, settings, fake=True, own_lm_head=True):
+    """train_ready's model with fake weights (or real, uninitialised ones, to check the count on a small model); and
+    the mode its tensors live in."""
+    model = train_ready(config, "meta", dtype, settings, levers, own_lm_head)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else _RealTensors()
     with mode:
         model.to_empty(device="cpu")
@@ -208,7 +215,7 @@ def predict(config, batch, dtype, levers, settings, eval_batch=32, num_beams=5, 
                                        settings["grad_clip"], dtype, counter)
                 generation_peak = count_generation(model, eval_batch, num_beams, new_tokens, dtype, counter)
     return {"frozen_weights": frozen, "language_model_weights": text,
-            "lora_weights_grads_adamw": lora_bytes * 2 + steady - frozen - lora_bytes,
+            "lora_weights_grads_adamw": steady - frozen + lora_bytes,  # weights and AdamW state, and the gradients
             "activations_peak": step_peak - steady - lora_bytes, "predicted_peak": step_peak,
             "generation_peak": generation_peak, "seconds": round(time.time() - started, 1)}
 
