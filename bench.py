@@ -1,18 +1,25 @@
 """
 How fast is a fine-tuning step, three ways, and how much GPU memory does it need? Random weights, no download:
 
-    python bench.py --model small                       # CPU: the architecture scaled down (257 vision tokens)
+    python bench.py --model small                       # CPU: blip2-flan-t5-xl's architecture scaled down
+    python bench.py --arch opt-2.7b --model small       # the same for blip2-opt-2.7b
     python bench.py --model full --device cuda --dtype bfloat16 --batch-images 16,32,64 --json   # blip2-flan-t5-xl
     python bench.py --model full --device cuda --dtype bfloat16 --batch-images 16,32,64 --compile --json
     python bench.py --model full --memory --batch-images 8,16 --json      # peak GPU memory, predicted on the CPU
     python bench.py --model full --memory --batch-images 8,16 --base_bits 16,4 --gradient_checkpointing False,True
+    python bench.py --arch opt-6.7b --model full --memory --data my_photos   # the step's shape from your captions
     python bench.py --model full --make-world /tmp/world --images 2000 --device cuda   # for train.py at full size
 
+--arch names the checkpoint whose architecture is built (flan-t5-xl, flan-t5-xxl, opt-2.7b, opt-6.7b): at --model full
+with its real configuration (t5.SIZES, opt.SIZES), at small and tiny scaled down in the same family.
 --memory runs train.py's step on fake tensors (memory.py) for every batch size and every combination of the levers
-given (named as train.py's settings) and prints each run's predicted peak with its breakdown; nothing is timed.
+given (named as train.py's settings) and prints each run's predicted peak with its breakdown and its FLOPs per
+caption; nothing is timed. The step's shape is Flickr8k's (5 captions of 16 tokens per image) unless --data DIR or
+--captions-per-image and --caption-tokens say otherwise.
 
 (a) per_pair       one full BLIP-2 forward + backward per (image, caption) pair: the usual loop
-(b) grouped        ViT, Q-Former and T5 encoder once per image, the decoder once per caption (train.py's step)
+(b) grouped        ViT, Q-Former and what depends only on the image (T5's encoder and cross-attention keys and
+                   values, OPT's prefix) once per image, the rest once per caption (train.py's step)
 (c) grouped_cached (b) with the frozen ViT's outputs read from a cache instead of computed (train.py's default)
 Each is one optimizer step as train.py takes it (its LoRA settings, frozen base in eval mode, gradient clipping,
 AdamW) over the same images x 5 captions of 16 tokens. Also: beam-5 caption generation, images/s; FLOPs per caption
@@ -25,82 +32,106 @@ import argparse
 import json
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
 import memory
-from model import (autocast_context, generate_captions, grouped_caption_loss, per_pair_caption_loss,
-                   separate_lm_head, train_mode, vision_embeds)
+import opt
+import t5
+from blip2 import autocast_context, train_mode, vision_embeds
+from data import add_collection_arguments
+from files import UserError, one_line_errors
+from model import generate_captions, grouped_caption_loss, per_pair_caption_loss
 from train import SETTINGS  # its settings block: the LoRA and clipping defaults a training run uses
 
-CAPTIONS_PER_IMAGE, CAPTION_TOKENS, PROMPT_TOKENS = 5, 16, 4  # Flickr8k: 5 captions, ~15 words; "a photo of" + EOS
+ARCHS = {"flan-t5-xl": (t5, "Salesforce/blip2-flan-t5-xl"), "flan-t5-xxl": (t5, "Salesforce/blip2-flan-t5-xxl"),
+         "opt-2.7b": (opt, "Salesforce/blip2-opt-2.7b"), "opt-6.7b": (opt, "Salesforce/blip2-opt-6.7b")}
+PROMPT_TOKENS = 4  # "a photo of" + T5's end token, or OPT's BOS + "a photo of"
 EPOCH_CAPTIONS = 30_000  # Flickr8k's train split: 6,000 images x 5 captions
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendors' datasheets
 
 
-def blip2_config(size):
-    from transformers import Blip2Config, T5Config
-    if size == "tiny":
-        import demo
-        return demo.tiny_config(vocab_size=64, image_token_id=63)
-    if size == "full":  # Salesforce/blip2-flan-t5-xl: ViT-g/14, Q-Former, Flan-T5-XL
+@dataclass
+class StepShape:
+    """How many captions each image has and how long they are, in tokens with the end token: what a step's cost and
+    memory grow with. Flickr8k's by default: 5 captions of about 15 words."""
+    captions_per_image: int = 5
+    caption_tokens: int = 16
+    source: str = "Flickr8k's (the default)"
+
+
+def blip2_config(size, arch="flan-t5-xl"):
+    """BLIP-2 with the language model of `arch`: at full size as released, else a stand-in of the same family."""
+    from transformers import Blip2Config
+    import demo
+    lm = ARCHS[arch][0]
+    if size == "tiny":  # the demo's base, with its processor's vocabulary
+        processor = demo.build_processor(lm=lm)
+        tokenizer = processor.tokenizer
+        end = tokenizer.convert_tokens_to_ids("\n") if lm is opt else None
+        return demo.tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), lm, end)
+    if size == "full":  # ViT-g/14 and the Q-Former with transformers' defaults, which are the released ones
         vision, qformer = {}, {}
-        text = T5Config(vocab_size=32128, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_decoder_layers=24,
-                        num_heads=32, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
     else:  # small: the same 257 vision tokens and 32 queries, widths and depths about a quarter
         vision = dict(hidden_size=352, intermediate_size=1536, num_hidden_layers=10, num_attention_heads=4)
         qformer = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=3, num_attention_heads=3)
-        text = T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=1280, num_layers=6, num_decoder_layers=6,
-                        num_heads=8, feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-    text.decoder_start_token_id, text.pad_token_id, text.eos_token_id = 0, 0, 1
+    text = lm.text_config(arch if size == "full" else "small")
     return Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=32,
-                       image_token_id=32100)
+                       image_token_id=lm.IMAGE_TOKEN_ID)
 
 
-def build(size, device, dtype):
-    config = blip2_config(size)
+def build(size, device, dtype, arch="flan-t5-xl"):
+    config = blip2_config(size, arch)
     config.vision_config.initializer_range = 0.02  # random weights with signal (the default is 1e-10)
-    # small and full stand for blip2-flan-t5-xl, whose checkpoint has its own lm_head; tiny is the demo's, which has not
-    return memory.train_ready(config, device, dtype, SETTINGS, own_lm_head=size != "tiny")
+    # small and full stand for a released checkpoint (t5.as_released: Flan-T5's own lm_head); tiny for the demo's base
+    return memory.train_ready(config, device, dtype, SETTINGS, released=size != "tiny")
 
 
-def make_world(root, size, images, device):
+def make_world(root, size, images, device, arch="flan-t5-xl"):
     """A collection and a model folder for running train.py itself at `size` (bench_results/gpu_run.sh): random
     weights in the real architecture saved with save_pretrained, the demo's tokenizer and drawings at the ViT's
     image size, `images` images with five captions each (90/5/5 train/val/test). Measures speed, not quality."""
     import random
     import demo
     from transformers import Blip2ForConditionalGeneration
-    config = blip2_config(size)
-    processor = demo.build_processor(config.vision_config.image_size, config.num_query_tokens)
+    lm = ARCHS[arch][0]
+    config = blip2_config(size, arch)
+    processor = demo.build_processor(config.vision_config.image_size, config.num_query_tokens, lm)
     config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    if lm is opt:
+        config.text_config.eos_token_id = processor.tokenizer.convert_tokens_to_ids("\n")
     config.vision_config.initializer_range = 0.02  # random weights with signal (the default is 1e-10)
     torch.manual_seed(0)
     with torch.device(device):
         model = Blip2ForConditionalGeneration(config).to(torch.bfloat16 if size == "full" else torch.float32)
-        if size != "tiny":  # an lm_head of its own, as blip2-flan-t5-xl's (other values: loading keeps it apart)
-            separate_lm_head(model)
+        if size != "tiny" and lm is t5:  # an lm_head of its own, as blip2-flan-t5-xl's (other values: loading keeps
+            lm.as_released(model)        # it apart)
             torch.nn.init.normal_(model.language_model.lm_head.weight)
-    model.save_pretrained(os.path.join(root, f"blip2-{size}"))
-    processor.save_pretrained(os.path.join(root, f"blip2-{size}"))
+    name = f"blip2-{size}" + ("" if arch == "flan-t5-xl" else f"-{arch}")
+    model.save_pretrained(os.path.join(root, name))
+    processor.save_pretrained(os.path.join(root, name))
     held_out = max(1, images // 20)
     demo.build_dataset(os.path.join(root, "flickr8k"), random.Random(8), images,
                        (images - 2 * held_out, held_out, held_out))
-    print(f"{root}: blip2-{size}/ (random weights) and flickr8k/ ({images} images)")
+    print(f"{root}: {name}/ (random weights) and flickr8k/ ({images} images)")
 
 
-def make_batch(model, batch_images, device):
-    config, g = model.config, torch.Generator().manual_seed(0)
+def make_batch(config, batch_images, device, shape=StepShape()):
+    """Random images and captions in the shape of a train.py batch: B images, each with shape.captions_per_image
+    captions of shape.caption_tokens tokens ending in the end token."""
+    g = torch.Generator().manual_seed(0)
     size, words = config.vision_config.image_size, min(1000, config.text_config.vocab_size - 1)
-    prompt = [config.image_token_id] * config.num_query_tokens + torch.randint(2, words, (PROMPT_TOKENS - 1,),
-                                                                                 generator=g).tolist() + [1]
-    n = batch_images * CAPTIONS_PER_IMAGE
-    labels = torch.randint(2, words, (n, CAPTION_TOKENS), generator=g)
-    labels[:, -1] = 1  # EOS
+    prompt = [config.image_token_id] * config.num_query_tokens + torch.randint(2, words, (PROMPT_TOKENS,),
+                                                                                 generator=g).tolist()
+    n = batch_images * shape.captions_per_image
+    labels = torch.randint(2, words, (n, shape.caption_tokens), generator=g)
+    labels[:, -1] = config.text_config.eos_token_id
     batch = {"pixel_values": torch.randn(batch_images, 3, size, size, generator=g),
              "input_ids": torch.tensor(prompt).expand(batch_images, -1).clone(),
              "attention_mask": torch.ones(batch_images, len(prompt), dtype=torch.long),
-             "labels": labels, "caption_image": torch.arange(batch_images).repeat_interleave(CAPTIONS_PER_IMAGE)}
+             "labels": labels,
+             "caption_image": torch.arange(batch_images).repeat_interleave(shape.captions_per_image)}
     return {k: v.to(device) for k, v in batch.items()}, prompt
 
 
@@ -184,7 +215,7 @@ def provenance():
 def measure(model, batch_images, device, dtype, repeats, grouped_loss):
     """One batch size: every mode's speed, memory, FLOPs and operation count, and beam-search generation."""
     cuda = device.startswith("cuda")
-    batch, prompt = make_batch(model, batch_images, device)
+    batch, prompt = make_batch(model.config, batch_images, device)
     autocast = autocast_context(device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=cuda)  # fused on CUDA, as train.py
@@ -193,8 +224,10 @@ def measure(model, batch_images, device, dtype, repeats, grouped_loss):
         cached = vision_embeds(model, batch["pixel_values"]).to("cpu")
     if cuda:
         cached = cached.pin_memory()
-    captions = batch_images * CAPTIONS_PER_IMAGE
-    run, flops = {"batch_images": batch_images, "captions_per_step": captions}, {}
+    shape = StepShape()
+    captions = batch_images * shape.captions_per_image
+    run = {"batch_images": batch_images, "captions_per_step": captions, "caption_tokens": shape.caption_tokens}
+    flops = {}
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None) if cuda else None
     for mode in ("per_pair", "grouped", "grouped_cached"):
         eager = step_fn(model, batch, mode, cached, optimizer, autocast)
@@ -246,7 +279,8 @@ def batch_list(text):
 
 
 def print_run(run):
-    print(f"\nbatch {run['batch_images']} images x {CAPTIONS_PER_IMAGE} captions of {CAPTION_TOKENS} tokens")
+    print(f"\nbatch {run['batch_images']} images, {run['captions_per_step']} captions of {run['caption_tokens']} "
+          "tokens")
     print(f"{'mode':16s}{'captions/s':>12s}{'ms/step':>10s}{'GFLOP/caption':>15s}{'ops/step':>10s}{'peak MB':>10s}"
           f"{'MFU':>7s}{'first step s':>14s}")
     for mode in ("per_pair", "grouped", "grouped_cached"):
@@ -283,23 +317,24 @@ def boolean(text):
     return text.lower() == "true"
 
 
-def predict_memory(args, dtype):
-    """--memory: the predicted peak of each batch size and lever combination, in GB (1e9 bytes)."""
+def predict_memory(args, dtype, shape):
+    """--memory: the predicted peak of each batch size and lever combination, in GB (1e9 bytes), and the step's
+    FLOPs per caption."""
     import itertools
-    config = blip2_config(args.model)
+    config = blip2_config(args.model, args.arch)
     runs = []
     for batch_images, bits, checkpointing, vision_on_gpu in itertools.product(
             args.batch_images or [16], args.base_bits, args.gradient_checkpointing, args.vision_on_gpu):
-        shapes = type("Shapes", (), {"config": config})()
-        batch, _ = make_batch(shapes, batch_images, "cpu")
+        batch, _ = make_batch(config, batch_images, "cpu", shape)
         batch.pop("pixel_values")  # train.py's default step reads the ViT's outputs from the vision cache
         levers = memory.Levers(bits, checkpointing, vision_on_gpu)
         counted = memory.predict(config, batch, dtype, levers, SETTINGS, eval_batch=args.eval_batch,
-                                 own_lm_head=args.model != "tiny")
+                                 released=args.model != "tiny", flops=True)
+        flops = counted.pop("step_flops")
         runs.append({"batch_images": batch_images, "base_bits": bits, "gradient_checkpointing": checkpointing,
                      "vision_on_gpu": vision_on_gpu, "eval_batch": args.eval_batch,
                      **{f"{k}_gb": round(v / 1e9, 4) for k, v in counted.items() if k != "seconds"},
-                     "seconds": counted["seconds"]})
+                     "gflops_per_caption": round(flops / 1e9 / len(batch["labels"]), 2), "seconds": counted["seconds"]})
         if not args.json:
             print_memory_run(runs[-1])
     return runs
@@ -310,12 +345,58 @@ def print_memory_run(run):
           f"{str(run['gradient_checkpointing']):5s}  vision_on_gpu {str(run['vision_on_gpu']):5s}:  peak "
           f"{run['predicted_peak_gb']:6.2f} GB = weights {run['frozen_weights_gb']:.2f} + LoRA, grads, AdamW "
           f"{run['lora_weights_grads_adamw_gb']:.2f} + activations {run['activations_peak_gb']:.2f};  beam-5 "
-          f"generation at batch {run['eval_batch']}: {run['generation_peak_gb']:.2f} GB  ({run['seconds']} s)")
+          f"generation at batch {run['eval_batch']}: {run['generation_peak_gb']:.2f} GB;  "
+          f"{run['gflops_per_caption']} GFLOP/caption  ({run['seconds']} s)")
+
+
+def step_shape(args):
+    """The step's shape for --memory: from a collection (--data), from --captions-per-image / --caption-tokens, or
+    Flickr8k's; a collection's caption lengths are its 95th percentile in tokens, cut at max_caption_tokens."""
+    if not args.data:
+        default = StepShape()
+        given = StepShape(args.captions_per_image or default.captions_per_image,
+                          args.caption_tokens or default.caption_tokens)
+        return default if given == default else StepShape(given.captions_per_image, given.caption_tokens,
+                                                           "--captions-per-image and --caption-tokens")
+    from data import clean_caption, read_captions
+    items = read_captions(args.data, args.caption_column, args.image_column, args.symlinks_out).splits["train"]
+    if not items:
+        raise UserError(f"{args.data}: no train images to take the step's shape from")
+    captions = [clean_caption(c) for item in items for c in item.captions]
+    per_image = max(1, round(len(captions) / len(items)))
+    lengths, how = caption_lengths(captions, args.arch, args.model)
+    longest = SETTINGS["max_caption_tokens"]
+    tokens = min(longest, sorted(lengths)[int(0.95 * (len(lengths) - 1))])
+    return StepShape(per_image, tokens, f"{args.data}: {per_image} captions per image (mean), {tokens} tokens (95th "
+                                        f"percentile, {how}, at most max_caption_tokens={longest})")
+
+
+def caption_lengths(captions, arch, size):
+    """Each caption's length in the arch's tokens with its end token: by its own tokenizer where one is at hand (the
+    demo's for tiny; the checkpoint's if it is in the local Hugging Face cache), else estimated from words."""
+    from model import caption_tokenizer
+    lm, hub_id = ARCHS[arch]
+    try:
+        if size == "tiny":
+            import demo
+            tokenizer = demo.build_processor(lm=lm).tokenizer
+        else:
+            from transformers import AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(hub_id, local_files_only=True)
+    except OSError:
+        # 1.3 tokens a word: Flan-T5's and OPT's tokenizers on English captions (Flickr8k: 11.8 words, 15.5 tokens)
+        return [round(1.3 * len(c.split())) + 1 for c in captions], "estimated as 1.3 tokens a word: no tokenizer " \
+            f"of {hub_id} in the local cache"
+    config = blip2_config("tiny" if size == "tiny" else "full", arch)
+    return [len(ids) for ids in caption_tokenizer(tokenizer, config)(captions)], "by its tokenizer"
 
 
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("tiny", "small", "full"), default="small")
+    parser.add_argument("--model", choices=("tiny", "small", "full"), default="small",
+                        help="full: the checkpoint's own architecture; small, tiny: scaled down in the same family")
+    parser.add_argument("--arch", choices=tuple(ARCHS), default="flan-t5-xl", help="the BLIP-2 checkpoint whose "
+                        "architecture is built: " + ", ".join(f"{k} ({v[1]})" for k, v in ARCHS.items()))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto")
     parser.add_argument("--batch-images", type=batch_list, default=None,
@@ -335,6 +416,12 @@ def parse_arguments(argv):
                         default=[False])
     parser.add_argument("--vision_on_gpu", "--vision-on-gpu", type=choices(boolean, (False, True)), default=[False])
     parser.add_argument("--eval-batch", type=int, default=32, help="--memory: images per beam-search batch")
+    parser.add_argument("--data", help="--memory: take the step's shape (captions per image, their length in tokens at "
+                        "the 95th percentile) from this collection's train split")
+    add_collection_arguments(parser)
+    parser.add_argument("--captions-per-image", type=int, help="--memory: captions per image (default 5, Flickr8k's)")
+    parser.add_argument("--caption-tokens", type=int, help="--memory: tokens per caption with its end token (default "
+                        "16, Flickr8k's)")
     parser.add_argument("--make-world", metavar="DIR", help="write a random-weight model of --model's size and a "
                         "generated collection into DIR, for timing train.py itself; then exit")
     parser.add_argument("--images", type=int, default=2000, help="--make-world: how many images")
@@ -344,32 +431,26 @@ def parse_arguments(argv):
 def main(argv=None):
     args = parse_arguments(argv)
     if args.make_world:
-        return make_world(args.make_world, args.model, args.images, args.device)
+        return make_world(args.make_world, args.model, args.images, args.device, args.arch)
     device = args.device
     cuda = device.startswith("cuda") or args.memory  # a memory prediction is for a GPU: bf16 by default
     dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16, "float32": torch.float32}[args.dtype]
     if args.memory:
-        report = {"model": args.model, "dtype": str(dtype).replace("torch.", ""), **provenance(),
-                  "counted_by": "memory.py: train.py's step on fake tensors, live tensor storages counted once each",
-                  "not_counted": "the CUDA context, allocator rounding and fragmentation, cuBLAS workspaces"}
-        report["runs"] = predict_memory(args, dtype)
-        if args.json:
-            print(json.dumps(report))
-        return
+        return one_line_errors(lambda: print_memory(args, dtype))
     repeats = args.repeats or (10 if cuda else 5)
     torch.manual_seed(0)
-    model = build(args.model, device, dtype)
+    model = build(args.model, device, dtype, args.arch)
     mode = {"mode": args.compile_mode} if args.compile_backend == "inductor" else {}
     grouped_loss = (torch.compile(grouped_caption_loss, fullgraph=True, backend=args.compile_backend, **mode)
                     if args.compile else grouped_caption_loss)
-    report = {"model": args.model, "device": torch.cuda.get_device_name() if cuda else "cpu",
+    report = {"model": args.model, "arch": args.arch, "device": torch.cuda.get_device_name() if cuda else "cpu",
               "dtype": str(dtype).replace("torch.", ""), "compiled": args.compile,
               "compile_mode": args.compile_mode if args.compile else None, **provenance(),
               "flops_counted_by": "torch.utils.flop_counter (forward + backward)",
               "ops_counted_by": "TorchDispatchMode: aten operations in one eager optimizer step"}
     if not args.json:
-        print(f"BLIP-2 {args.model} on {report['device']}, {report['dtype']}, LoRA on the default targets"
+        print(f"BLIP-2 {args.arch}, {args.model}, on {report['device']}, {report['dtype']}, LoRA on the default targets"
               + (f", grouped loss compiled ({args.compile_mode})" if args.compile else "")
               + f"; commit {report['commit']}, torch {report['torch']}, transformers {report['transformers']}")
     report["runs"] = []
@@ -379,6 +460,21 @@ def main(argv=None):
             print_run(report["runs"][-1])
     if args.json:
         print(json.dumps(report))
+
+
+def print_memory(args, dtype):
+    shape = step_shape(args)
+    report = {"model": args.model, "arch": args.arch, "dtype": str(dtype).replace("torch.", ""), **provenance(),
+              "step_shape": vars(shape),
+              "counted_by": "memory.py: train.py's step on fake tensors, live tensor storages counted once each",
+              "not_counted": "the CUDA context, allocator rounding and fragmentation, cuBLAS workspaces"}
+    if not args.json:
+        print(f"BLIP-2 {args.arch}, {args.model}, {report['dtype']}: {shape.captions_per_image} captions of "
+              f"{shape.caption_tokens} tokens per image, {shape.source}")
+    report["runs"] = predict_memory(args, dtype, shape)
+    if args.json:
+        print(json.dumps(report))
+    return 0
 
 
 if __name__ == "__main__":

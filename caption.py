@@ -19,12 +19,13 @@ import sys
 
 from captioning import (CAPTION_SETTINGS_FILE, GENERATION_DEFAULTS, add_generation_arguments, caption_stream,
                         load_for_captioning, read_caption_settings, resolve_generation, resolve_model)
-from data import ImageCaptions, encoder_prompt_ids
+from data import ImageCaptions, prompt_ids
 from files import (UserError, inside, make_temp_dir, one_line_errors, printable, read_json, user_permissions_tree,
                    write_json)
 from images import IMAGE_SUFFIXES
 from lora import merge_lora
-from model import autocast_context, autocast_dtype
+from blip2 import autocast_context, autocast_dtype
+from model import family
 
 EXPORT_MARKER = "merged_from.json"  # written into every export: how a folder is known to be an earlier export
 
@@ -53,8 +54,7 @@ def run(args):
                             "on a 4- or 8-bit base is the same file)")
         check_export_folder(args.export_merged, adapter, model_name)  # before any work
     model, processor = load_for_captioning(model_name, adapter, args.device, args.base_bits, log=notes.append)
-    prompt_ids = encoder_prompt_ids(processor.tokenizer, args.prompt, model.config.num_query_tokens,
-                                    model.config.image_token_id)  # refuses a prompt holding the image token
+    prompt = prompt_ids(processor.tokenizer, args.prompt, model.config)  # refuses a prompt holding the image token
     for note in notes:
         print(note, file=sys.stderr)
     if args.export_merged:
@@ -70,7 +70,7 @@ def run(args):
         errors.append(item.name)
         print(f"error: {printable(str(error))}", file=sys.stderr)
     items = [ImageCaptions(path, path, []) for path in paths]  # the name is the path as given
-    for item, text in caption_stream(model, processor, items, prompt_ids, args.device,
+    for item, text in caption_stream(model, processor, items, prompt, args.device,
                                      autocast_context(args.device, autocast_dtype(args.device)),
                                      batch_size=args.batch_size, on_unreadable=unreadable, num_beams=args.num_beams,
                                      max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens):
@@ -123,13 +123,11 @@ def export_merged(model, processor, args, adapter, model_name):
     then renamed; an earlier export there is replaced, nothing else."""
     merge_lora(model)
     generation = {k: getattr(args, k) for k in GENERATION_DEFAULTS}
-    text = model.config.text_config
-    # generate() without a prompt starts the encoder input with text_config.bos_token_id, which T5 has not: the end
-    # token is what an empty prompt tokenizes to, so a prompt-less generate is caption.py with --prompt ""
-    text.bos_token_id = text.eos_token_id
+    family(model.config).prepare_export(model)  # T5: a prompt-less generate() starts as --prompt "" does
+    text = model.config.text_config  # what the language model's own generation config starts from when loaded
     text.max_new_tokens, text.min_new_tokens = generation["max_new_tokens"], generation["min_new_tokens"]
     model.generation_config.update(num_beams=generation["num_beams"], max_new_tokens=generation["max_new_tokens"],
-                                   min_new_tokens=generation["min_new_tokens"], bos_token_id=text.eos_token_id)
+                                   min_new_tokens=generation["min_new_tokens"])
     tmp = make_temp_dir(args.export_merged)
     try:
         model.save_pretrained(tmp)

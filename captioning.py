@@ -18,8 +18,8 @@ from data import warn_unreadable
 from files import UserError, read_json, write_json
 from images import UnreadableImage, load_image
 from lora import load_adapter, lora_layers, read_adapter_config
-from model import DEFAULT_MODEL, autocast_dtype, generate_captions, load_blip2, looks_like_hub_id, move_vision
-from model import vision_embeds
+from blip2 import autocast_dtype, move_vision, vision_embeds
+from model import DEFAULT_MODEL, generate_captions, load_prepared, looks_like_hub_id
 
 DEFAULT_ADAPTER = "out/adapter"
 GENERATION_DEFAULTS = {"prompt": "a photo of", "num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
@@ -98,8 +98,10 @@ def resolve_model(adapter, model, log):
 
 
 def load_for_captioning(model_name, adapter, device, base_bits=16, log=print):
-    """The base model (bf16 on GPUs that have it, else float32) with the adapter loaded, in eval mode."""
-    model, processor = load_blip2(model_name, device, dtype=autocast_dtype(device), base_bits=base_bits, log=log)
+    """The base model with the adapter loaded, in eval mode, prepared as train.py prepares it (model.load_prepared):
+    its matmuls in bf16 on GPUs that have it, float16 on those that do not (T5's `wo` then in float32), float32 on
+    the CPU."""
+    model, processor = load_prepared(model_name, device, autocast_dtype(device), base_bits=base_bits, log=log)
     if adapter is not None:
         load_adapter(model, adapter)
     return model.eval(), processor

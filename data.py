@@ -15,9 +15,9 @@ a symbolic link to elsewhere) is skipped, never read; symlinks_out=True (train.p
 links out of the folder on purpose. Images held inside dataset files need no such check.
 
 A training batch (CaptionCollator) holds B images, each with ALL its captions, so the image side of the model can run
-once per image (train.py's grouped step). The encoder input is what Blip2Processor(images=..., text=prompt) gives:
-num_query_tokens image tokens, then the prompt. BLIP-2 writes its 32 image vectors into exactly those positions;
-without them it would train and caption blind, with no error (the "image-token trap").
+once per image (train.py's grouped step). The prompt is what Blip2Processor(images=..., text=prompt) gives:
+num_query_tokens image tokens, then the prompt's tokens. BLIP-2 writes its 32 image vectors into exactly those
+positions; without them it would train and caption blind, with no error (the "image-token trap").
 """
 import argparse
 import hashlib
@@ -187,30 +187,42 @@ def clean_caption(caption):
     return " ".join(caption.split()).rstrip(" .").lower()
 
 
-def caption_token_stats(items, tokenizer, max_tokens):
+def caption_token_stats(items, caption_ids, max_tokens, unknown_id):
     """What train.py says at the start about the train captions, tokenized once: how many are over max_tokens tokens
-    (EOS included; CaptionCollator cuts them), the longest, and the fraction of tokens the tokenizer does not know."""
+    (the end token included; CaptionCollator cuts them), the longest, and the fraction of tokens the tokenizer does
+    not know. caption_ids: captions -> token ids, as model.caption_tokenizer makes it."""
     captions = [clean_caption(c) for item in items for c in item.captions]
     lengths, unknown, tokens = [], 0, 0
     for start in range(0, len(captions), 4096):
-        for ids in tokenizer(captions[start:start + 4096]).input_ids:
+        for ids in caption_ids(captions[start:start + 4096]):
             lengths.append(len(ids))
             tokens += len(ids)
-            unknown += sum(i == tokenizer.unk_token_id for i in ids)
+            unknown += sum(i == unknown_id for i in ids)
     return {"too_long": sum(n > max_tokens for n in lengths), "longest": max(lengths, default=0),
             "unknown_fraction": unknown / max(tokens, 1)}
 
 
-def encoder_prompt_ids(tokenizer, prompt, num_query_tokens, image_token_id):
-    """num_query_tokens image tokens, then the tokenized prompt: the ids Blip2Processor(images, text=prompt) makes."""
-    prompt_ids = tokenizer(prompt).input_ids
-    # Checked here, once: then every encoder input holds exactly num_query_tokens image tokens, which
-    # model.encoder_inputs relies on (without a per-step check that would split a compiled graph).
-    if image_token_id in prompt_ids:
+def prompt_ids(tokenizer, prompt, config):
+    """The language model's input before the caption, as Blip2Processor(images, text=prompt) makes it:
+    config.num_query_tokens image tokens, then the tokenized prompt (T5: the prompt and </s>; OPT: BOS, the prompt)."""
+    ids = tokenizer(prompt).input_ids
+    # Checked here, once: then every input holds exactly num_query_tokens image tokens, which blip2.embed_prompt
+    # relies on (without a per-step check that would split a compiled graph).
+    if config.image_token_id in ids:
         raise DataError(f"prompt {prompt!r} contains the image token "
-                        f"{tokenizer.convert_ids_to_tokens(image_token_id)!r}: the image tokens are put before the "
-                        "prompt for you, so leave it out")
-    return [image_token_id] * num_query_tokens + prompt_ids
+                        f"{tokenizer.convert_ids_to_tokens(config.image_token_id)!r}: the image tokens are put before "
+                        "the prompt for you, so leave it out")
+    return [config.image_token_id] * config.num_query_tokens + ids
+
+
+def caption_labels(caption_ids, max_tokens, width=None):
+    """Token id lists (each ending in the end token) -> labels (N, T): cut to max_tokens keeping the end token, padded
+    with -100 (ignored by the loss) to the longest, or to `width`."""
+    cut = [ids if len(ids) <= max_tokens else ids[:max_tokens - 1] + ids[-1:] for ids in caption_ids]
+    labels = torch.full((len(cut), width or max(map(len, cut))), -100, dtype=torch.long)
+    for row, ids in zip(labels, cut):
+        row[:len(ids)] = torch.tensor(ids)
+    return labels
 
 
 def warn_unreadable(error):
@@ -243,18 +255,20 @@ class CaptionCollator:
 
     batch["pixel_values"]   (B, 3, H, W) float        (absent when images are not loaded: the vision cache has them)
     batch["image_index"]    (B,) long                 dataset index of each image
-    batch["input_ids"]      (B, Q + P) long            Q image tokens + P prompt tokens, the same for every image
-    batch["attention_mask"] (B, Q + P) long
-    batch["labels"]         (N, T) long                caption tokens + EOS, padding = -100 (ignored by the loss)
+    batch["input_ids"]      (B, L) long               Q image tokens + the prompt's tokens, the same for every image
+    batch["attention_mask"] (B, L) long
+    batch["labels"]         (N, T) long               caption tokens + the end token, padding = -100 (ignored)
     batch["caption_image"]  (N,) long                 which of the B images each caption describes (sorted)
     batch["skipped"]        number of unreadable images dropped from this batch
+
+    caption_ids: captions -> token ids as the language model learns them (model.caption_tokenizer).
     """
 
-    def __init__(self, items, tokenizer, prompt_ids, max_caption_tokens=40, load_images=True, fixed_length=False):
-        self.items, self.tokenizer, self.prompt_ids = items, tokenizer, prompt_ids
+    def __init__(self, items, caption_ids, prompt_ids, max_caption_tokens=40, load_images=True, fixed_length=False):
+        self.items, self.caption_ids, self.prompt_ids = items, caption_ids, prompt_ids
         self.max_caption_tokens, self.load_images = max_caption_tokens, load_images
         # fixed_length: pad every caption to max_caption_tokens, so that a compiled step sees one shape only
-        self.padding = "max_length" if fixed_length else "longest"
+        self.width = max_caption_tokens if fixed_length else None
 
     def __call__(self, samples):
         good = [(i, px) for i, px in samples if px is not None or not self.load_images]
@@ -272,9 +286,7 @@ class CaptionCollator:
         prompt = torch.tensor(self.prompt_ids, dtype=torch.long)
         batch["input_ids"] = prompt.expand(len(good), -1).clone()
         batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-        tokens = self.tokenizer(captions, padding=self.padding, truncation=True, max_length=self.max_caption_tokens,
-                                return_tensors="pt")
-        batch["labels"] = tokens.input_ids.masked_fill(tokens.attention_mask == 0, -100)
+        batch["labels"] = caption_labels(self.caption_ids(captions), self.max_caption_tokens, self.width)
         batch["caption_image"] = torch.tensor(caption_image, dtype=torch.long)
         return batch
 

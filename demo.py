@@ -1,16 +1,17 @@
 """
 The offline demo world: a synthetic Flickr8k and a tiny pretrained BLIP-2, so that everything runs with no download.
 
-    python demo.py            # builds data/demo/ if missing (about 40 s on 2 CPU cores); train.py does it too
+    python demo.py            # builds data/demo/ if missing (about a minute on 2 CPU cores); train.py does it too
 
-Only this and `python train.py config/demo.py` build the world; caption.py and evaluate.py never do (a missing
-base or collection is one error line there).
+Only this and `python train.py config/demo.py` (or config/demo_opt.py) build the world, train.py only the parts its
+settings name; caption.py and evaluate.py never do (a missing base or collection is one error line there).
 
 data/demo/flickr8k/    300 images of a coloured circle on a plain background, in the ORIGINAL release layout
                        (Flicker8k_Dataset/, Flickr8k.token.txt with five captions per image, the three split files),
                        so data.py's real reader is what reads it.
 data/demo/blip2-tiny/  a BLIP-2 (ViT + Q-Former + T5) of 0.40M parameters, saved with save_pretrained with its
                        Blip2Processor, so it loads through the same from_pretrained code as Salesforce/blip2-flan-t5-xl.
+data/demo/blip2-opt-tiny/  the same with an OPT-style decoder, standing for Salesforce/blip2-opt-2.7b.
 
 The tiny model was first trained, all of its weights, on other images of the same kind described in a DIFFERENT
 style ("red dot . tiny . white backdrop"). Like the real BLIP-2 before it sees Flickr8k, it describes the demo
@@ -29,14 +30,17 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessorPil,
-                          PreTrainedTokenizerFast, T5Config)
+                          PreTrainedTokenizerFast)
 from transformers.utils import logging as hf_logging
 
-from data import encoder_prompt_ids
-from model import grouped_caption_loss, vision_embeds
+import opt
+import t5
+from blip2 import vision_embeds
+from data import caption_labels, prompt_ids
+from model import caption_tokenizer, grouped_caption_loss
 
 DEMO_ROOT = "data/demo"
-DEMO_DATA, DEMO_MODEL = "data/demo/flickr8k", "data/demo/blip2-tiny"
+DEMO_DATA, DEMO_MODEL, DEMO_OPT_MODEL = "data/demo/flickr8k", "data/demo/blip2-tiny", "data/demo/blip2-opt-tiny"
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 60, 220), "yellow": (240, 210, 30)}
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 SIZES = {"small": (14, 24), "big": (44, 60)}  # circle diameter in pixels of the 96 x 96 image
@@ -88,32 +92,43 @@ def build_dataset(root, rng, num_images=300, split=(200, 50, 50)):
             f.write("\n".join(names[a:b]) + "\n")
 
 
-def build_processor(image_pixels=MODEL_PIXELS, num_query_tokens=NUM_QUERY_TOKENS):
-    """A word-level tokenizer over every word the demo uses, with T5's special ids, inside a Blip2Processor."""
+def build_processor(image_pixels=MODEL_PIXELS, num_query_tokens=NUM_QUERY_TOKENS, lm=t5):
+    """A word-level tokenizer over every word the demo uses, with the special ids of the family's real tokenizer (T5:
+    pad 0, </s> 1 at the end of a text; OPT: pad 1, </s> 2 as BOS at the start, and "\n" to end a caption), inside a
+    Blip2Processor."""
     words = set("a photo of . backdrop".split())
     for text in CAPTION_TEMPLATES + (PRETRAIN_TEMPLATE,):
         words |= set(re.sub(r"\{\w+\}", " ", text).split())  # the template's own words, not its {fields}
     for group in (COLOURS, BACKGROUNDS, SIZES, PRETRAIN_WORDS.values()):
         words |= {w for phrase in group for w in phrase.split()}
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}  # T5's ids: pad 0 (also the decoder start), eos 1, unk 2
+    if lm is t5:
+        vocab, template, bos = {"<pad>": 0, "</s>": 1, "<unk>": 2}, "$A </s>", None
+    else:
+        vocab, template, bos = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "\n": 4}, "</s> $A", "</s>"
     for w in sorted(words):
         vocab[w] = len(vocab)
     vocab["<image>"] = len(vocab)
     core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
+    core.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("</s>", vocab["</s>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", bos_token=bos,
                                         unk_token="<unk>")
     image_processor = BlipImageProcessorPil(size={"height": image_pixels, "width": image_pixels})
     return Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)
 
 
-def tiny_config(vocab_size, image_token_id):
-    """BLIP-2's architecture at toy size: ViT 2x64 on 48-pixel images (16 patches), Q-Former 2x64, T5 2+2 x 64."""
-    text = T5Config(vocab_size=vocab_size, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
-                    num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
-                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+def tiny_config(vocab_size, image_token_id, lm=t5, eos_token_id=None):
+    """BLIP-2's architecture at toy size: ViT 2x64 on 48-pixel images (16 patches), Q-Former 2x64, and the family's
+    language model (t5.SIZES["tiny"]: 2 + 2 layers x 64; opt.SIZES["tiny"]: 2 x 128). eos_token_id: the caption's end
+    token (T5's default 1; OPT's "\n" has no fixed id in a toy vocabulary: vocab_size - 2, beside the image token, if
+    None)."""
+    end = {} if eos_token_id is None else {"eos_token_id": eos_token_id}
+    if lm is t5:
+        text = t5.text_config("tiny", vocab_size=vocab_size, dropout_rate=0.0, **end)
+    else:
+        text = opt.text_config("tiny", vocab_size=vocab_size, max_position_embeddings=128, dropout=0.0,
+                               **(end or {"eos_token_id": vocab_size - 2}))
     return Blip2Config(
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            image_size=MODEL_PIXELS, patch_size=12,
@@ -123,16 +138,24 @@ def tiny_config(vocab_size, image_token_id):
         text_config=text, num_query_tokens=NUM_QUERY_TOKENS, image_token_id=image_token_id)
 
 
-def pretrain_base(processor, rng, steps=600, batch_images=32, log=print):
+def pretrain_base(processor, rng, lm=t5, steps=600, batch_images=32, log=print):
     """Train every weight of a fresh tiny BLIP-2 on freshly drawn images with PRETRAIN_TEMPLATE captions."""
     torch.manual_seed(0)
     tokenizer = processor.tokenizer
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
-    model = Blip2ForConditionalGeneration(tiny_config(len(tokenizer), image_token_id))
+    end = tokenizer.convert_tokens_to_ids("\n") if lm is opt else None  # OPT's captions end in "\n"
+    model = Blip2ForConditionalGeneration(tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), lm,
+                                                      end))
     # transformers starts the queries at zero; the Q-Former's first LayerNorm of an all-zero input has a huge
     # gradient (1 / sqrt(eps)). BLIP-2's own pretraining draws them from N(0, 0.02), as here.
     torch.nn.init.normal_(model.query_tokens, std=0.02)
-    prompt_ids = encoder_prompt_ids(tokenizer, "a photo of", NUM_QUERY_TOKENS, image_token_id)
+    if lm is opt:
+        # Pretraining shows the base a dozen words; every other word keeps its initial embedding, which is also its
+        # output row (OPT ties them). At OPT's std of 0.02 those rows stay small beside the trained ones, and LoRA
+        # hardly makes the model say the demo's words (config/demo_opt.py: fine-tuned CIDEr 94, zero-shot 19); at
+        # 0.125 it does (276 to 374 over three seeds, zero-shot 34). A real OPT has trained its whole vocabulary.
+        torch.nn.init.normal_(model.get_input_embeddings().weight, std=0.125)
+    prompt = prompt_ids(processor.tokenizer, "a photo of", model.config)
+    caption_ids = caption_tokenizer(processor.tokenizer, model.config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     model.train()
@@ -140,10 +163,9 @@ def pretrain_base(processor, rng, steps=600, batch_images=32, log=print):
         attributes = [random_attributes(rng) for _ in range(batch_images)]
         pixels = processor.image_processor([draw(a, rng) for a in attributes], return_tensors="pt").pixel_values
         captions = [PRETRAIN_TEMPLATE.format(**{**a, "size": PRETRAIN_WORDS[a["size"]]}) for a in attributes]
-        tokens = tokenizer(captions, padding="longest", return_tensors="pt")
-        batch = {"input_ids": torch.tensor(prompt_ids).expand(batch_images, -1),
-                 "attention_mask": torch.ones(batch_images, len(prompt_ids), dtype=torch.long),
-                 "labels": tokens.input_ids.masked_fill(tokens.attention_mask == 0, -100),
+        batch = {"input_ids": torch.tensor(prompt).expand(batch_images, -1),
+                 "attention_mask": torch.ones(batch_images, len(prompt), dtype=torch.long),
+                 "labels": caption_labels(caption_ids(captions), max_tokens=64),
                  "caption_image": torch.arange(batch_images)}
         loss_sum, n_tokens = grouped_caption_loss(model, batch, vision_embeds(model, pixels))
         (loss_sum / n_tokens).backward()
@@ -157,20 +179,22 @@ def pretrain_base(processor, rng, steps=600, batch_images=32, log=print):
 
 
 def ensure_demo_world(path, log=print):
-    """Build the demo world if `path` points into it and is missing; any other path is left alone."""
-    if os.path.normpath(path) in (DEMO_DATA, DEMO_MODEL) and not os.path.isdir(path):
-        build_demo_world(log=log)
+    """Build the part of the demo world `path` names (the collection or one of the two bases) if it is missing; any
+    other path is left alone."""
+    part = os.path.relpath(os.path.normpath(path), DEMO_ROOT)
+    if part in PARTS and not os.path.isdir(path):
+        build_demo_world(log=log, parts=[part])
 
 
-def build_demo_world(root=DEMO_ROOT, log=print):
-    """Build whatever of data/demo/ is missing. Written under a temporary name, then renamed: never half a world.
-    The caller's random state and thread count are left as they were, so a training run that starts by building
-    the world trains exactly like one that finds it built."""
+def build_demo_world(root=DEMO_ROOT, log=print, parts=None):
+    """Build whatever of data/demo/ is missing (or of `parts`). Written under a temporary name, then renamed: never
+    half a world. The caller's random state and thread count are left as they were, so a training run that starts by
+    building the world trains exactly like one that finds it built."""
     t0, threads = time.time(), torch.get_num_threads()
     torch.set_num_threads(min(4, os.cpu_count() or 1))  # a fixed thread count: float sums can depend on it
     try:
         with torch.random.fork_rng():
-            for part, build in (("flickr8k", _build_flickr8k), ("blip2-tiny", _build_model)):
+            for part in parts or PARTS:
                 final = os.path.join(root, part)
                 if os.path.isdir(final):
                     continue
@@ -178,7 +202,7 @@ def build_demo_world(root=DEMO_ROOT, log=print):
                 tmp = final + ".tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
                 os.makedirs(os.path.dirname(tmp) or ".", exist_ok=True)
-                build(tmp, log)
+                PARTS[part](tmp, log)
                 os.replace(tmp, final)
     finally:
         torch.set_num_threads(threads)
@@ -189,17 +213,21 @@ def _build_flickr8k(path, log):
     build_dataset(path, random.Random(8))
 
 
-def _build_model(path, log):
-    processor = build_processor()
-    model = pretrain_base(processor, random.Random(1), log=log)
+def _build_model(path, log, lm=t5):
+    processor = build_processor(lm=lm)
+    model = pretrain_base(processor, random.Random(1), lm, log=log)
     hf_logging.disable_progress_bar()
     model.save_pretrained(path)
     processor.save_pretrained(path)
 
 
+PARTS = {"flickr8k": _build_flickr8k, "blip2-tiny": _build_model,
+         "blip2-opt-tiny": lambda path, log: _build_model(path, log, opt)}
+
+
 if __name__ == "__main__":
     import argparse
-    argparse.ArgumentParser(description="Build the offline demo world in data/demo/ (a synthetic Flickr8k and a tiny "
-                            "pretrained BLIP-2), if it is not there yet.").parse_args()
+    argparse.ArgumentParser(description="Build the offline demo world in data/demo/ (a synthetic Flickr8k and two tiny "
+                            "pretrained BLIP-2s, with T5 and with OPT), if it is not there yet.").parse_args()
     build_demo_world()
     sys.exit(0)

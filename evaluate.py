@@ -20,9 +20,9 @@ import sys
 import demo
 from captioning import (add_generation_arguments, caption_items, captions_without_adapter,
                         load_for_captioning, read_caption_settings, resolve_generation, resolve_model)
-from data import add_collection_arguments, encoder_prompt_ids, read_captions
+from data import add_collection_arguments, prompt_ids, read_captions
 from files import one_line_errors, read_json, require_writable_folder, write_json
-from model import autocast_context, autocast_dtype
+from blip2 import autocast_context, autocast_dtype
 from scoring import SCALE, ScoringError, print_table, score_split, write_html
 
 
@@ -93,7 +93,7 @@ def run(args):
 def choose_collection(args, trained_on, model_name):
     """The collection to score: --data; else the one the adapter was trained on; else the demo's for the demo base;
     else data/flickr8k. Column options likewise."""
-    demo_base = os.path.realpath(model_name) == os.path.realpath(demo.DEMO_MODEL)
+    demo_base = os.path.realpath(model_name) in map(os.path.realpath, (demo.DEMO_MODEL, demo.DEMO_OPT_MODEL))
     if args.data:
         data_dir, source = args.data, ""
     elif trained_on.get("data_dir"):
@@ -126,15 +126,14 @@ def caption_split(args, adapter, model_name, items, notes):
     model, processor = load_for_captioning(model_name, adapter, args.device, args.base_bits, log=notes.append)
     for note in notes:
         print(note, file=sys.stderr)
-    prompt_ids = encoder_prompt_ids(processor.tokenizer, args.prompt, model.config.num_query_tokens,
-                                    model.config.image_token_id)
+    prompt = prompt_ids(processor.tokenizer, args.prompt, model.config)
     generation = dict(batch_size=args.batch_size, progress=True, num_beams=args.num_beams,
                       max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens)
     autocast = autocast_context(args.device, autocast_dtype(args.device))
-    predictions = caption_items(model, processor, items, prompt_ids, args.device, autocast, **generation)
+    predictions = caption_items(model, processor, items, prompt, args.device, autocast, **generation)
     zero_shot = None
     if adapter is not None and (args.zero_shot_too if args.zero_shot_too is not None else bool(args.html)):
-        zero_shot = captions_without_adapter(model, processor, items, prompt_ids, args.device, autocast, **generation)
+        zero_shot = captions_without_adapter(model, processor, items, prompt, args.device, autocast, **generation)
     return predictions, zero_shot
 
 

@@ -39,7 +39,7 @@ then a bitsandbytes layer that dequantizes in its own forward, `base(x)` is all 
 float32. The adapter saved from such a run is the same file and loads on the 16-bit base.
 
 Public API (used by train.py, evaluate.py, caption.py, model.py, and your own code):
-    LoRALinear, DEFAULT_TARGETS, inject_lora, lora_layers, lora_state_dict, save_adapter, read_adapter_config,
+    LoRALinear, inject_lora, lora_layers, lora_state_dict, save_adapter, read_adapter_config,
     load_adapter, merge_lora, lora_summary, AdapterError
 
 Adapters are saved in the layout Hugging Face peft reads (`adapter_model.safetensors` + `adapter_config.json`), so
@@ -56,17 +56,6 @@ from safetensors.torch import load_file, save_file
 
 from files import UserError, atomic_write, first_line, read_json
 
-# Module-path suffixes that get LoRA. BLIP-2's trainable bridge (the Q-Former) and the T5 language model's attention:
-# - "attention.query/key/value" matches Q-Former self-attention (qformer.encoder.layer.N.attention.attention.query)
-#   and cross-attention to the image (qformer.encoder.layer.N.crossattention.attention.query);
-# - "SelfAttention.q/k/v/o" matches T5 encoder and decoder self-attention;
-# - "EncDecAttention.q/k/v/o" matches T5 decoder cross-attention to the encoder.
-# Nothing here is inside the vision transformer, so its outputs never change during training (train.py caches them).
-DEFAULT_TARGETS = (
-    "attention.query", "attention.key", "attention.value",
-    "SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o",
-    "EncDecAttention.q", "EncDecAttention.k", "EncDecAttention.v", "EncDecAttention.o",
-)
 MAX_RANK = 1024  # wider than most layers it would wrap: a larger r is a typo (and would not fit in memory)
 
 
@@ -135,8 +124,9 @@ def lora_layers(model):
     return [(path, m) for path, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
-def inject_lora(model, targets=DEFAULT_TARGETS, r=8, alpha=16, dropout=0.0):
-    """Wrap every nn.Linear whose path matches a target, freeze everything else, and return the wrapped paths."""
+def inject_lora(model, targets, r=8, alpha=16, dropout=0.0):
+    """Wrap every nn.Linear whose path matches a target (a module-path suffix: BLIP-2's are model.lora_targets), freeze
+    everything else, and return the wrapped paths."""
     if lora_layers(model):
         raise ValueError("the model already has LoRA layers: inject once (or merge_lora first)")
     targets = [targets] if isinstance(targets, str) else list(targets)

@@ -1,8 +1,9 @@
 """
-How much GPU memory does a training step of blip2-flan-t5-xl take? Predicted on the CPU, allocating nothing:
+How much GPU memory does a training step of a BLIP-2 checkpoint take? Predicted on the CPU, allocating nothing:
 
     python bench.py --model full --memory --batch-images 8,16 --json
     python bench.py --model full --memory --batch-images 16 --gradient_checkpointing=True --base_bits=4
+    python bench.py --arch opt-2.7b --model full --memory --data data/flickr8k     # the shape of your own captions
 
 The model is built on the meta device (shapes, no data) and moved into FakeTensorMode, where every operation runs for
 its output's shape and dtype only. train.py's step runs on it (the grouped loss on cached ViT outputs, backward,
@@ -15,6 +16,9 @@ workspaces. The CPU's autocast rules stand in for CUDA's (both run matmuls in bf
 as bitsandbytes stores and computes it: NF4 holds half a byte a weight plus its double-quantized scales, int8 a byte a
 weight plus a float32 scale a row, and the weight is dequantized into a temporary in the forward pass and again in
 the backward pass (nothing of it is kept in between).
+
+The same fake step is counted for FLOPs (torch.utils.flop_counter needs only shapes): full-size FLOPs per caption
+without full-size compute.
 """
 import math
 import time
@@ -28,11 +32,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from torch.utils.flop_counter import FlopCounterMode
 
+from blip2 import train_mode
 from lora import inject_lora
-from model import (cast_frozen_qformer, encode_images, grouped_caption_loss, separate_lm_head, train_mode,
-                   use_fused_gelu, use_gradient_checkpointing)
+from model import KEEP_UNQUANTIZED, family, grouped_caption_loss, lora_targets, prepare, use_gradient_checkpointing
 
 
 @dataclass
@@ -109,21 +113,25 @@ class EmulatedQuantLinear(nn.Linear):
             self.register_buffer("packed", torch.empty(count, dtype=torch.int8))
             self.register_buffer("scales", torch.empty(self.out_features, dtype=torch.float32))
         self.weight = torch.nn.Parameter(torch.empty(0, dtype=torch.bfloat16), requires_grad=False)  # T5 reads .dtype
-        self.bias = None
+        self.bias = linear.bias  # 16-bit, as bitsandbytes keeps it (OPT's layers have one)
 
     def dequantized(self, dtype):
         return self.packed.new_empty((self.out_features, self.in_features), dtype=dtype)
 
     def forward(self, x):
-        return _DequantizedMatmul.apply(x, self)
+        out = _DequantizedMatmul.apply(x, self)
+        return out if self.bias is None else out + self.bias
 
 
 def quantize_language_model(model, bits):
-    """Swap the T5 Linear layers bitsandbytes would quantize (all but `wo` and lm_head, as transformers does)."""
-    for name, module in list(model.language_model.named_modules()):
-        if isinstance(module, nn.Linear) and not name.endswith("wo") and name != "lm_head":
+    """Swap the language model's Linear layers that bitsandbytes quantizes: all but those model.KEEP_UNQUANTIZED and
+    the family keep, matched as transformers matches them (a whole path from the start, or a suffix)."""
+    keep = (*KEEP_UNQUANTIZED, *family(model.config).KEEP_UNQUANTIZED)
+    for name, module in list(model.named_modules()):
+        kept = any(name == k or name.startswith(k + ".") or name.endswith(k) for k in keep)
+        if isinstance(module, nn.Linear) and name.startswith("language_model.") and not kept:
             parent, _, child = name.rpartition(".")
-            setattr(model.language_model.get_submodule(parent), child, EmulatedQuantLinear(module, bits))
+            setattr(model.get_submodule(parent), child, EmulatedQuantLinear(module, bits))
 
 
 # ------------------------------------------------------------------------------ the prediction
@@ -141,39 +149,40 @@ class _RealTensors:
         return tensor
 
 
-def train_ready(config, device, dtype, settings, levers=Levers(), own_lm_head=True):
+def train_ready(config, device, dtype, settings, levers=Levers(), released=True):
     """BLIP-2 built from a config on `device` and prepared as from_pretrained and train.py prepare it: dtypes (the
-    Q-Former float32), the fused GELU, the levers, LoRA with train.py's settings, train mode for the adapters only.
-    own_lm_head: as blip2-flan-t5-xl's checkpoint has (the demo's has not). bench.py times this model."""
+    Q-Former float32), model.prepare, the levers, LoRA with train.py's settings, train mode for the adapters only.
+    released: hold the weights as the released checkpoint does (t5.as_released: Flan-T5's own lm_head; the demo's
+    tiny base has none). bench.py times this model."""
     from transformers import Blip2ForConditionalGeneration
     with torch.device(device):
         model = Blip2ForConditionalGeneration(config)
-        if own_lm_head:
-            separate_lm_head(model)
+        if released:
+            family(config).as_released(model)
     model.to(dtype)
     model.qformer.float()  # as from_pretrained does (_keep_in_fp32_modules)
     model.query_tokens.data = model.query_tokens.data.float()
-    use_fused_gelu(model)  # as load_blip2 does
     if levers.base_bits < 16:
         quantize_language_model(model, levers.base_bits)
-    inject_lora(model, settings["lora_targets"], settings["lora_r"], settings["lora_alpha"], settings["lora_dropout"])
-    cast_frozen_qformer(model, dtype)  # as train.py: under bf16 autocast, the frozen Q-Former's Linears in bf16
+    prepare(model, dtype)  # as train.py: under bf16 autocast, the frozen Q-Former's Linears in bf16; T5's fused GELU
+    inject_lora(model, settings["lora_targets"] or lora_targets(config), settings["lora_r"], settings["lora_alpha"],
+                settings["lora_dropout"])
     if levers.gradient_checkpointing:
         use_gradient_checkpointing(model)
     train_mode(model)  # as train.py: adapters train (dropout on), the frozen base runs in eval mode
     return model
 
 
-def prepared_model(config, dtype, levers, settings, fake=True, own_lm_head=True):
+def prepared_model(config, dtype, levers, settings, fake=True, released=True):
     """train_ready's model with fake weights (or real, uninitialised ones, to check the count on a small model); and
     the mode its tensors live in."""
-    model = train_ready(config, "meta", dtype, settings, levers, own_lm_head)
+    model = train_ready(config, "meta", dtype, settings, levers, released)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else _RealTensors()
     with mode:
         model.to_empty(device="cpu")
-        model.tie_weights()  # to_empty gives T5's shared embedding one tensor per module that uses it: one again
-        if own_lm_head:
-            separate_lm_head(model)
+        model.tie_weights()  # to_empty gives a shared embedding one tensor per module that uses it: one again
+        if released:
+            family(config).as_released(model)
     return model, mode
 
 
@@ -184,13 +193,14 @@ def weights_on_gpu(model, levers):
 
 
 def predict(config, batch, dtype, levers, settings, eval_batch=32, num_beams=5, new_tokens=30, fake=True, model=None,
-            own_lm_head=True):
-    """Bytes on the GPU during one training step (and during beam-search generation), with their breakdown.
-    fake=False counts the same with real tensors (a small model only), or counts `model`, prepared elsewhere (say by
-    bitsandbytes): the tests that the prediction is the count."""
+            released=True, flops=False):
+    """Bytes on the GPU during one training step (and during beam-search generation), with their breakdown; and with
+    flops=True the step's FLOPs (a second pass: count_flops). fake=False counts the same with real tensors (a small
+    model only), or counts `model`, prepared elsewhere (say by bitsandbytes): the tests that the prediction is the
+    count."""
     started = time.time()
     model, fake = (model, _RealTensors()) if model is not None else prepared_model(config, dtype, levers, settings,
-                                                                                   fake, own_lm_head)
+                                                                                   fake, released)
     counter = LiveBytes()
     for tensor in weights_on_gpu(model, levers):
         counter.track(tensor)
@@ -206,6 +216,10 @@ def predict(config, batch, dtype, levers, settings, eval_batch=32, num_beams=5, 
             p.grad = torch.zeros_like(p)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        step_flops = None
+        if flops:
+            with autocast:
+                step_flops = count_flops(model, {k: fake.from_tensor(v) for k, v in batch.items()}, dtype)
         with counter:
             for tensor in (t for state in optimizer.state.values() for t in state.values()):
                 counter.track(tensor)
@@ -217,7 +231,7 @@ def predict(config, batch, dtype, levers, settings, eval_batch=32, num_beams=5, 
     return {"frozen_weights": frozen, "language_model_weights": text,
             "lora_weights_grads_adamw": steady - frozen + lora_bytes,  # weights and AdamW state, and the gradients
             "activations_peak": step_peak - steady - lora_bytes, "predicted_peak": step_peak,
-            "generation_peak": generation_peak, "seconds": round(time.time() - started, 1)}
+            "generation_peak": generation_peak, "step_flops": step_flops, "seconds": round(time.time() - started, 1)}
 
 
 def vision_tokens(config):
@@ -238,27 +252,27 @@ def count_step(model, batch, optimizer, lora, grad_clip, dtype, counter):
     return counter.peak
 
 
+def count_flops(model, batch, dtype):
+    """The FLOPs of the step's forward and backward passes (matmuls and attention, as bench.py counts them), in a pass
+    of their own: FlopCounterMode runs the CPU's attention kernel as its decomposition, which keeps other tensors
+    than the step does (torch 2.13), so it must not run inside the memory count."""
+    embeds = torch.empty(batch["input_ids"].shape[0], *vision_tokens(model.config), dtype=dtype)
+    with FlopCounterMode(display=False) as flops:
+        loss, count = grouped_caption_loss(model, batch, embeds)
+        (loss / count).backward()
+    model.zero_grad(set_to_none=True)
+    return flops.get_total_flops()
+
+
 def count_generation(model, images, beams, new_tokens, dtype, counter):
-    """The peak of beam search at its last step (generation itself cannot run on fake tensors: it stops on their
-    values). The images' encoder states, repeated for each beam, the cross-attention keys and values of every decoder
-    layer, the self-attention cache of new_tokens positions, and the scores over the vocabulary."""
+    """The peak of beam search at its last step, as the family lays it out (t5.last_beam_step, opt.last_beam_step):
+    for `images` images with a prompt of 4 tokens after the image tokens."""
     counter.reset_peak()
     model.eval()
-    text, config = model.language_model, model.config
+    config = model.config
     ids = torch.full((images, config.num_query_tokens + 4), 1, dtype=torch.long)  # image tokens and a short prompt
     ids[:, :config.num_query_tokens] = config.image_token_id
-    rows, heads, width = images * beams, text.config.num_heads, text.config.d_kv
     with torch.no_grad():
-        encoded = encode_images(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                                torch.empty(images, *vision_tokens(config), dtype=dtype))
-        encoded = encoded.repeat_interleave(beams, dim=0)                                   # (rows, L, D)
-        own, cross = DynamicCache(), DynamicCache()
-        for i in range(text.config.num_decoder_layers):
-            own.update(torch.empty(rows, heads, new_tokens - 1, width, dtype=dtype),
-                       torch.empty(rows, heads, new_tokens - 1, width, dtype=dtype), i)
-            cross.update(torch.empty(rows, heads, ids.shape[1], width, dtype=dtype),
-                         torch.empty(rows, heads, ids.shape[1], width, dtype=dtype), i)
-        logits = text(encoder_outputs=(encoded,), decoder_input_ids=torch.zeros(rows, 1, dtype=torch.long),
-                      cache=EncoderDecoderCache(own, cross)).logits                         # (rows, 1, vocab)
-        torch.log_softmax(logits[:, -1].float(), dim=-1)
+        family(config).last_beam_step(model, ids, torch.empty(images, *vision_tokens(config), dtype=dtype), beams,
+                                      new_tokens)
     return counter.peak

@@ -133,9 +133,9 @@ def check(s):
     if s["device"].startswith("cuda") and not torch.cuda.is_available():
         raise SettingsError(f"device={s['device']!r}: torch sees no CUDA GPU here; use device=cpu (or auto)")
     targets = s["lora_targets"]
-    if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise SettingsError(f"lora_targets={targets!r}: must be a non-empty list of module-path suffixes, "
-                            "e.g. ['SelfAttention.q', 'SelfAttention.v'] (the defaults are in lora.py)")
+    if not all(isinstance(t, str) and t for t in targets):
+        raise SettingsError(f"lora_targets={targets!r}: must be a list of module-path suffixes, e.g. "
+                            "['SelfAttention.q', 'SelfAttention.v'], or [] for the defaults (model.lora_targets)")
     if not s["out_dir"].strip():
         raise SettingsError("out_dir is empty: name the folder for the checkpoint, adapter and vision cache")
     if os.path.exists(s["out_dir"]) and not os.path.isdir(s["out_dir"]):

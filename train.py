@@ -1,17 +1,20 @@
 """
-Fine-tune BLIP-2 (Salesforce/blip2-flan-t5-xl) on image captions with hand-written LoRA (lora.py).
+Fine-tune BLIP-2 (Salesforce/blip2-flan-t5-xl, or an OPT one) on image captions with hand-written LoRA (lora.py).
 
-    python train.py config/demo.py                              # offline demo: about 2 minutes on 2 CPU cores
+    python train.py config/demo.py                              # offline demo: under a minute on 2 CPU cores
+    python train.py config/demo_opt.py                          # the same with an OPT language model
     python train.py --model=models/blip2-flan-t5-xl --data_dir=data/flickr8k
+    python train.py --model=Salesforce/blip2-opt-2.7b --data_dir=data/flickr8k
     python train.py --data my_photos --prompt "a product photo of"        # your own captions (README)
     python train.py --data my_photos --base_bits=4 --gradient_checkpointing=True     # a 6-8 GB GPU (README)
     torchrun --standalone --nproc_per_node=4 train.py --data_dir=data/flickr8k       # several GPUs (or processes)
 
 What a run does, top to bottom:
-- LoRA on the Q-Former and T5 attention; everything else frozen; AdamW over the LoRA tensors only.
-- Grouped steps: a micro-batch is B images with all their captions; ViT, Q-Former and T5 encoder run once per image,
-  the decoder once per caption (model.grouped_caption_loss). The ViT is frozen, so its outputs are computed once and
-  memory-mapped from disk (model.VisionCache), and the ViT then leaves the GPU.
+- LoRA on the Q-Former and the language model's attention; everything else frozen; AdamW over the LoRA tensors only.
+- Grouped steps: a micro-batch is B images with all their captions; what depends only on the image runs once per
+  image (ViT, Q-Former, and T5's encoder or OPT's prefix), the rest once per caption (model.grouped_caption_loss:
+  t5.py, opt.py). The ViT is frozen, so its outputs are computed once and memory-mapped from disk (vision_cache.py),
+  and the ViT then leaves the GPU.
 - Loss = summed caption-token cross-entropy / caption tokens in the whole optimizer step (all micro-batches, all
   ranks), so long and short captions weigh the same however the batch is split.
 - Linear warmup then cosine decay; gradient clipping; bf16 autocast on GPUs that have it, fp16 + GradScaler on those
@@ -43,12 +46,13 @@ import demo
 import settings
 from captioning import GENERATION_DEFAULTS, base_model_reference, caption_items, captions_without_adapter
 from captioning import save_caption_settings
-from data import CaptionCollator, ImageCaptionDataset, caption_token_stats, encoder_prompt_ids, read_captions
+from blip2 import autocast_context, autocast_dtype, move_vision, train_mode, vision_embeds
+from data import CaptionCollator, ImageCaptionDataset, caption_token_stats, prompt_ids, read_captions
 from files import UserError, printable, read_json, require_writable_folder, write_json
-from lora import DEFAULT_TARGETS, inject_lora, load_adapter, lora_summary, save_adapter
-from model import (DEFAULT_MODEL, VisionCache, autocast_context, autocast_dtype, cast_frozen_qformer,
-                   grouped_caption_loss, keep_wo_in_float32, load_blip2, move_vision, train_mode,
-                   use_gradient_checkpointing, vision_embeds)
+from lora import inject_lora, load_adapter, lora_summary, save_adapter
+from model import DEFAULT_MODEL, caption_tokenizer, grouped_caption_loss, load_prepared, use_gradient_checkpointing
+from model import lora_targets as default_lora_targets  # (lora_targets is a setting's name)
+from vision_cache import VisionCache
 from scoring import SCALE, print_table, require_java, score_captions, score_split, write_html
 
 _names_before_the_settings = set(globals())
@@ -59,12 +63,13 @@ caption_column = ""                    # the caption column(s), comma-separated 
 image_column = ""                      # parquet/arrow datasets: the image column ("" = the one marked as images)
 symlinks_out = False                   # follow symbolic links that lead out of the collection's folder
 out_dir = "out"                        # checkpoint/, adapter/, vision_cache/, log.jsonl, results.json, report.html
-prompt = GENERATION_DEFAULTS["prompt"]  # T5 encoder prompt after the image tokens: "a photo of", as LAVIS's recipe
+prompt = GENERATION_DEFAULTS["prompt"]  # the text after the image tokens: "a photo of", as LAVIS's recipe
 # LoRA
 lora_r = 8                             # the rank r of each update B @ A
 lora_alpha = 16                        # the update is scaled by lora_alpha / lora_r
 lora_dropout = 0.05                    # dropout on the adapters' input (the frozen base has none)
-lora_targets = list(DEFAULT_TARGETS)   # module-path suffixes: Q-Former self/cross and all T5 attention (lora.py)
+lora_targets = []                      # module-path suffixes; [] = Q-Former and all language-model attention
+                                       # (blip2.QFORMER_TARGETS + t5.LORA_TARGETS or opt.LORA_TARGETS)
 # optimisation
 batch_images = 16                      # images per micro-batch, each with all its captions (80 captions on Flickr8k)
 grad_accum = 1                         # micro-batches per optimizer step (per process)
@@ -79,8 +84,9 @@ max_caption_tokens = 40                # training cuts longer captions (reported
 # precision and memory (README "Which GPU")
 dtype = "auto"                         # auto (bf16 on GPUs that have it, else fp16; float32 on CPU) | bfloat16 | ...
 device = "auto"                        # auto | cpu | cuda | cuda:N
-base_bits = 16                         # 16, or 8 / 4: the frozen T5 held in int8 / NF4 by bitsandbytes (QLoRA)
-gradient_checkpointing = False         # recompute T5 activations in the backward pass: far less memory, ~1/3 more time
+base_bits = 16                         # 16, or 8 / 4: the frozen language model in int8 / NF4 (bitsandbytes, QLoRA)
+gradient_checkpointing = False         # recompute the language model's activations in the backward pass: far less
+                                       # memory, ~1/3 more time
 vision_cache = True                    # compute the frozen ViT's outputs once (valid while no LoRA is in the ViT)
 vision_on_gpu = False                  # keep the ViT (2 GB in bf16) on the GPU once the vision cache has every image
 torch_compile = "auto"                 # compile the grouped loss: far fewer kernel launches, minutes to compile;
@@ -308,7 +314,8 @@ class Training:
     model: object
     processor: object
     data: object
-    prompt_ids: list
+    prompt_ids: list               # the language model's input before the caption (data.prompt_ids)
+    caption_ids: object            # captions -> token ids (model.caption_tokenizer)
     train_items: list
     val_items: list
     test_items: list
@@ -429,8 +436,8 @@ def start_processes(cfg):
     compiling = device.startswith("cuda") if cfg.torch_compile == "auto" else cfg.torch_compile
     p = Processes(ddp, rank, world_size, device, dtype, compiling)
     if dtype == torch.float16:
-        p.log("float16" + (" (this GPU has no bfloat16)" if cfg.dtype == "auto" else "") + ": T5's wo layers run in "
-              "float32 and a GradScaler guards the gradients; a NaN loss stops the run, naming the cause")
+        p.log("float16" + (" (this GPU has no bfloat16)" if cfg.dtype == "auto" else "") + ": a GradScaler guards the "
+              "gradients (and T5's wo layers run in float32); a NaN loss stops the run, naming the cause")
     return p
 
 
@@ -473,7 +480,7 @@ def print_results(path):
 
 
 def load_data_and_model(cfg, p):
-    """The caption collection, BLIP-2 with LoRA injected, and the encoder's prompt ids."""
+    """The caption collection, BLIP-2 with LoRA injected, the prompt's ids and the captions' tokenizer."""
     if p.master:  # the demo world is built only for the demo's own paths (python train.py config/demo.py)
         demo.ensure_demo_world(cfg.data_dir, log=p.log)
         demo.ensure_demo_world(cfg.model, log=p.log)
@@ -482,33 +489,31 @@ def load_data_and_model(cfg, p):
     data = read_captions(cfg.data_dir, cfg.caption_column, cfg.image_column, cfg.symlinks_out)
     if cfg.eval_interval or cfg.final_eval:
         require_java()  # now, not after hours of training
-    # frozen base in the compute dtype (halves memory on GPUs); LoRA tensors stay float32 (lora.py)
-    blip2, processor = load_blip2(cfg.model, p.device, dtype=p.dtype if p.device_type == "cuda" else torch.float32,
-                                  base_bits=cfg.base_bits, log=p.log)
+    # the frozen base in the compute dtype on a GPU (half the memory); LoRA tensors stay float32 (lora.py)
+    blip2, processor = load_prepared(cfg.model, p.device, p.dtype, base_bits=cfg.base_bits, log=p.log)
     inject(cfg, blip2)
-    cast_frozen_qformer(blip2, p.dtype)  # bf16: fewer casts per step, the same numbers
-    if p.dtype == torch.float16:
-        keep_wo_in_float32(blip2)
     if cfg.gradient_checkpointing:
         use_gradient_checkpointing(blip2)
-    prompt_ids = encoder_prompt_ids(processor.tokenizer, cfg.prompt, blip2.config.num_query_tokens,
-                                    blip2.config.image_token_id)
+    prompt = prompt_ids(processor.tokenizer, cfg.prompt, blip2.config)
+    caption_ids = caption_tokenizer(processor.tokenizer, blip2.config)
     splits = data.splits
     p.log(f"{data.layout}: " + ", ".join(f"{s} {len(v)} images" for s, v in splits.items())
           + (f"; {len(data.skipped)} entries skipped (python data.py {cfg.data_dir})" if data.skipped else ""))
     p.log(lora_summary(blip2))
-    describe_captions(cfg, p, splits["train"], processor.tokenizer)
+    describe_captions(cfg, p, splits["train"], caption_ids, processor.tokenizer.unk_token_id)
     val_items = splits["val"][:cfg.eval_images] if cfg.eval_images else splits["val"]
-    return Training(blip2, processor, data, prompt_ids, splits["train"], val_items, splits["test"])
+    return Training(blip2, processor, data, prompt, caption_ids, splits["train"], val_items, splits["test"])
 
 
 def inject(cfg, blip2):
-    """LoRA on the lora_targets; one line for a target that matches nothing or lies inside the frozen ViT."""
+    """LoRA on the lora_targets (none given: the model family's); one line for a target that matches nothing or lies
+    inside the frozen ViT."""
+    targets = cfg.lora_targets or default_lora_targets(blip2.config)
     try:
-        wrapped = inject_lora(blip2, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        wrapped = inject_lora(blip2, targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     except ValueError as e:
         raise settings.SettingsError(f"lora_targets: {e}") from None
-    inside_vit = sorted({t for t in cfg.lora_targets for path in wrapped
+    inside_vit = sorted({t for t in targets for path in wrapped
                          if path.startswith("vision_model.") and (path == t or path.endswith("." + t))})
     if inside_vit:
         raise settings.SettingsError(f"lora_targets: {inside_vit[0]!r} matches layers inside the ViT "
@@ -516,9 +521,9 @@ def inject(cfg, blip2):
                                      "computed once (the vision cache); leave it out")
 
 
-def describe_captions(cfg, p, train_items, tokenizer):
+def describe_captions(cfg, p, train_items, caption_ids, unknown_id):
     """What the tokenizer makes of the train captions, said once at the start: cut captions, unknown words."""
-    stats = caption_token_stats(train_items, tokenizer, cfg.max_caption_tokens)
+    stats = caption_token_stats(train_items, caption_ids, cfg.max_caption_tokens, unknown_id)
     if stats["too_long"]:
         p.log(f"{stats['too_long']} train captions are longer than max_caption_tokens={cfg.max_caption_tokens} (the "
               f"longest: {stats['longest']} tokens); training reads their first {cfg.max_caption_tokens} tokens. "
@@ -547,7 +552,7 @@ def prepare_vision_cache(cfg, p, t):
         # its own generator: drawing worker seeds from the global RNG would change the dropout of the run
         loader = torch.utils.data.DataLoader(ImageCaptionDataset(items, t.processor.image_processor), batch_size=32,
                                              num_workers=min(cfg.num_workers, os.cpu_count() or 1),
-                                             collate_fn=CaptionCollator(items, t.processor.tokenizer, t.prompt_ids),
+                                             collate_fn=CaptionCollator(items, t.caption_ids, t.prompt_ids),
                                              generator=torch.Generator())
         cache.build(t.model, loader, p.device, p.autocast, log=p.log)
     if p.ddp:
@@ -579,7 +584,7 @@ def require_disk_space(cache, num_images):
 
 def prepare_training(cfg, p, t):
     """Batching, the (compiled) loss, the optimizer and the schedule."""
-    t.collate = CaptionCollator(t.train_items, t.processor.tokenizer, t.prompt_ids, cfg.max_caption_tokens,
+    t.collate = CaptionCollator(t.train_items, t.caption_ids, t.prompt_ids, cfg.max_caption_tokens,
                                 load_images=t.cache is None, fixed_length=p.compiling)
     # fullgraph: a graph break is an error, not a silent slowdown (tests/test_fast.py keeps the loss one graph)
     t.caption_loss = torch.compile(grouped_caption_loss, fullgraph=True) if p.compiling else grouped_caption_loss

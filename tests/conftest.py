@@ -59,6 +59,17 @@ def write_jsonl(path, rows):
         f.write("".join(json.dumps(row) + "\n" for row in rows))
 
 
+def collate(model, processor, items, prompt="a photo of"):
+    """A train.py batch of these items, with all their captions, for this model: its prompt ids and its family's
+    caption tokens; an unreadable image is dropped, as in training."""
+    from data import CaptionCollator, ImageCaptionDataset, prompt_ids
+    from model import caption_tokenizer
+    dataset = ImageCaptionDataset(items, processor.image_processor)
+    collator = CaptionCollator(items, caption_tokenizer(processor.tokenizer, model.config),
+                               prompt_ids(processor.tokenizer, prompt, model.config))
+    return collator([dataset[i] for i in range(len(items))])
+
+
 def adapter_tensors(out_dir):
     from safetensors.torch import load_file
     return load_file(os.path.join(out_dir, "adapter", "adapter_model.safetensors"))
@@ -70,13 +81,15 @@ def same_tensors(a, b):
 
 @pytest.fixture
 def tiny_blip2():
-    """A fresh tiny BLIP-2 (ViT + Q-Former + T5) with random weights, in float32 and eval mode."""
+    """A fresh tiny BLIP-2 (ViT + Q-Former + T5, or OPT with lm=opt) with random weights, in float32 and eval mode:
+    vocabulary 48, the image token 47 (OPT's end token 46)."""
     import demo
+    import t5
     from transformers import Blip2ForConditionalGeneration
 
-    def make(seed=0):
+    def make(seed=0, lm=t5):
         torch.manual_seed(seed)
-        model = Blip2ForConditionalGeneration(demo.tiny_config(vocab_size=48, image_token_id=47))
+        model = Blip2ForConditionalGeneration(demo.tiny_config(vocab_size=48, image_token_id=47, lm=lm))
         torch.nn.init.normal_(model.query_tokens, std=0.02)
         return model.eval()
     return make

@@ -214,8 +214,9 @@ def test_peft_loads_an_adapter_with_its_caption_settings_beside_it(tiny_blip2, r
     peft = pytest.importorskip("peft")
     from captioning import save_caption_settings
     from lora import inject_lora, save_adapter
+    from model import lora_targets
     model = tiny_blip2()
-    inject_lora(model)
+    inject_lora(model, lora_targets(model.config))
     random_lora_b(model)
     save_adapter(model, str(tmp_path), "tiny")
     save_caption_settings(str(tmp_path), {"prompt": "a picture of", "num_beams": 2, "max_new_tokens": 9,

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_main, run_script
-from data import CaptionCollator, DataError, ImageCaptionDataset, clean_caption, encoder_prompt_ids, read_captions
+from conftest import collate, run_main, run_script
+from data import DataError, clean_caption, prompt_ids, read_captions
 from images import load_image
 
 IDS = [f"{1000 + i}_abc{i}.jpg" for i in range(12)]
@@ -195,9 +195,9 @@ def test_building_the_demo_world_leaves_the_callers_random_state_alone(tmp_path,
 
 
 def test_encoder_input_is_what_blip2processor_makes(demo_world, demo_processor):
-    from transformers import Blip2ForConditionalGeneration
-    config = Blip2ForConditionalGeneration.from_pretrained(demo_world[1]).config
-    ids = encoder_prompt_ids(demo_processor.tokenizer, "a photo of", config.num_query_tokens, config.image_token_id)
+    from transformers import Blip2Config
+    config = Blip2Config.from_pretrained(demo_world[1])
+    ids = prompt_ids(demo_processor.tokenizer, "a photo of", config)
     reference = demo_processor(images=Image.new("RGB", (20, 20)), text="a photo of").input_ids[0]
     assert ids == list(reference)
     assert ids.count(config.image_token_id) == config.num_query_tokens
@@ -210,15 +210,15 @@ def test_batches_hold_image_tokens_labels_pad_with_minus_100_and_skip_corrupt_im
     corrupt.write_bytes(open(items[1].image, "rb").read()[:200])  # a truncated JPEG
     items[1] = type(items[1])(items[1].name, str(corrupt), items[1].captions)
     items[2].captions.append("short")
-    prompt_ids = encoder_prompt_ids(demo_processor.tokenizer, "a photo of", 8, 41)
-    dataset = ImageCaptionDataset(items, demo_processor.image_processor)
-    collate = CaptionCollator(items, demo_processor.tokenizer, prompt_ids)
-    batch = collate([dataset[i] for i in range(3)])
+    from transformers import Blip2Config
+    config = Blip2Config.from_pretrained(demo_world[1])
+    batch = collate(type("Model", (), {"config": config}), demo_processor, items)
     warning = capsys.readouterr().err.strip().splitlines()
     assert len(warning) == 1 and "corrupt.jpg" in warning[0]  # one line per unreadable image
     assert batch["skipped"] == 1 and batch["image_index"].tolist() == [0, 2]
     assert batch["pixel_values"].shape[0] == 2
-    assert ((batch["input_ids"] == 41).sum(dim=1) == 8).all()  # every encoder input: exactly Q image tokens
+    image_tokens = (batch["input_ids"] == config.image_token_id).sum(dim=1)
+    assert (image_tokens == config.num_query_tokens).all()  # every encoder input: exactly Q image tokens
     assert batch["labels"].shape[0] == 11 and batch["caption_image"].tolist() == [0] * 5 + [1] * 6
     short = batch["labels"][-1]
     assert short[1].item() == 1 and (short[2:] == -100).all()  # "short" + EOS, then padding = -100
@@ -226,13 +226,13 @@ def test_batches_hold_image_tokens_labels_pad_with_minus_100_and_skip_corrupt_im
 
 def test_changing_the_image_changes_the_loss(demo_world):
     """The proof that the model sees the image (the image-token trap would make both losses equal)."""
-    from model import grouped_caption_loss, load_blip2, per_pair_caption_loss, vision_embeds
+    from blip2 import vision_embeds
+    from data import ImageCaptionDataset
+    from model import grouped_caption_loss, load_blip2, per_pair_caption_loss
     model, processor = load_blip2(demo_world[1])
     items = read_captions(demo_world[0]).splits["train"]
-    prompt_ids = encoder_prompt_ids(processor.tokenizer, "a photo of", model.config.num_query_tokens,
-                                    model.config.image_token_id)
+    batch = collate(model, processor, items[:1])
     dataset = ImageCaptionDataset(items, processor.image_processor)
-    batch = CaptionCollator(items, processor.tokenizer, prompt_ids)([dataset[0]])
     other = dataset[next(i for i in range(1, len(items)) if items[i].captions[0] != items[0].captions[0])][1]
     with torch.no_grad():
         loss, _ = per_pair_caption_loss(model, batch)

@@ -168,10 +168,11 @@ def test_caption_from_another_folder_finds_the_base_and_creates_nothing(demo_run
 
 def test_split_generation_equals_the_standard_inference_path(demo_run, demo_world):
     """generate_captions (used with the vision cache) == model.generate(**Blip2Processor(images, text=prompt))."""
-    from data import encoder_prompt_ids, read_captions
+    from blip2 import vision_embeds
+    from data import prompt_ids, read_captions
     from images import load_image
     from lora import load_adapter
-    from model import generate_captions, load_blip2, vision_embeds
+    from model import generate_captions, load_blip2
     model, processor = load_blip2(demo_world[1])
     load_adapter(model, os.path.join(demo_run[0], "adapter"))
     images = [load_image(i.image) for i in read_captions(demo_world[0]).splits["test"][:6]]
@@ -179,8 +180,8 @@ def test_split_generation_equals_the_standard_inference_path(demo_run, demo_worl
     with torch.no_grad():
         standard = processor.tokenizer.batch_decode(model.generate(**inputs, num_beams=3, max_new_tokens=20),
                                                     skip_special_tokens=True)
-    prompt_ids = encoder_prompt_ids(processor.tokenizer, "a photo of", 8, model.config.image_token_id)
-    split = generate_captions(model, processor.tokenizer, prompt_ids, vision_embeds(model, inputs.pixel_values),
+    prompt = prompt_ids(processor.tokenizer, "a photo of", model.config)
+    split = generate_captions(model, processor.tokenizer, prompt, vision_embeds(model, inputs.pixel_values),
                               num_beams=3, max_new_tokens=20, min_new_tokens=0)
     assert [s.strip() for s in standard] == split
 

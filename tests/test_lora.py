@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from lora import (AdapterError, LoRALinear, inject_lora, load_adapter, lora_layers, lora_summary, merge_lora,
                   save_adapter)
+from model import lora_targets
 
 
 def inputs(model, batch=2, seed=0):
@@ -28,7 +29,7 @@ def logits(model, x):
 
 def test_zero_init_is_identity(tiny_blip2):
     base, injected = tiny_blip2(), tiny_blip2()
-    inject_lora(injected)
+    inject_lora(injected, lora_targets(injected.config))
     x = inputs(base)
     assert torch.equal(logits(base, x), logits(injected, x))  # B = 0: exactly the base model, bit for bit
 
@@ -54,7 +55,7 @@ def test_bad_rank_or_alpha_is_an_error(r, alpha):
 
 def test_merge_matches_unmerged_float32(tiny_blip2, random_lora_b):
     model = tiny_blip2()
-    inject_lora(model)
+    inject_lora(model, lora_targets(model.config))
     random_lora_b(model)
     x = inputs(model)
     before = logits(model, x)
@@ -68,7 +69,7 @@ def test_merge_matches_unmerged_float32(tiny_blip2, random_lora_b):
 
 def test_merge_matches_unmerged_bfloat16(tiny_blip2, random_lora_b):
     model = tiny_blip2().to(torch.bfloat16)
-    inject_lora(model)
+    inject_lora(model, lora_targets(model.config))
     random_lora_b(model)
     x = inputs(model)
     x["pixel_values"] = x["pixel_values"].to(torch.bfloat16)
@@ -80,7 +81,7 @@ def test_merge_matches_unmerged_bfloat16(tiny_blip2, random_lora_b):
 
 def test_only_lora_tensors_get_gradients(tiny_blip2):
     model = tiny_blip2()
-    paths = inject_lora(model, r=4)
+    paths = inject_lora(model, lora_targets(model.config), r=4)
     x = inputs(model)
     model(**x).logits.sum().backward()
     for name, p in model.named_parameters():
@@ -95,7 +96,8 @@ def test_only_lora_tensors_get_gradients(tiny_blip2):
 
 
 def test_default_targets_cover_qformer_and_t5_attention_but_not_the_vit(tiny_blip2):
-    paths = inject_lora(tiny_blip2())
+    model = tiny_blip2()
+    paths = inject_lora(model, lora_targets(model.config))
     assert any(".crossattention.attention.query" in p for p in paths)
     assert any("qformer" in p and ".attention.attention.value" in p for p in paths)
     for part in ("encoder.block.0.layer.0.SelfAttention.o", "decoder.block.1.layer.0.SelfAttention.q",
@@ -106,7 +108,7 @@ def test_default_targets_cover_qformer_and_t5_attention_but_not_the_vit(tiny_bli
 
 def test_save_then_load_into_fresh_base_reproduces_outputs(tiny_blip2, random_lora_b, tmp_path):
     trained = tiny_blip2()
-    inject_lora(trained, r=4, alpha=8)
+    inject_lora(trained, lora_targets(trained.config), r=4, alpha=8)
     random_lora_b(trained)
     save_adapter(trained, tmp_path, "some/base")
     config = json.load(open(tmp_path / "adapter_config.json"))
@@ -126,7 +128,7 @@ def test_loading_into_a_differently_shaped_base_fails_clearly(tiny_blip2, random
     import demo
     from transformers import Blip2ForConditionalGeneration
     trained = tiny_blip2()
-    inject_lora(trained)
+    inject_lora(trained, lora_targets(trained.config))
     save_adapter(trained, tmp_path, "tiny")
     config = demo.tiny_config(vocab_size=48, image_token_id=47)
     config.text_config.d_model = 32  # another base model: T5 width 32 instead of 64
@@ -138,7 +140,7 @@ def test_loading_into_a_differently_shaped_base_fails_clearly(tiny_blip2, random
 def test_adapter_with_a_tensor_for_no_layer_fails_naming_the_key(tiny_blip2, tmp_path):
     from safetensors.torch import load_file, save_file
     trained = tiny_blip2()
-    inject_lora(trained)
+    inject_lora(trained, lora_targets(trained.config))
     save_adapter(trained, tmp_path, "tiny")
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     tensors["base_model.model.nowhere.lora_A.weight"] = torch.zeros(8, 4)
@@ -154,7 +156,7 @@ def test_adapter_with_a_tensor_for_no_layer_fails_naming_the_key(tiny_blip2, tmp
 def test_adapter_weights_that_are_not_finite_floats_are_refused(tiny_blip2, tmp_path, change, message):
     from safetensors.torch import load_file, save_file
     trained = tiny_blip2()
-    inject_lora(trained)
+    inject_lora(trained, lora_targets(trained.config))
     save_adapter(trained, tmp_path, "tiny")
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     key = sorted(tensors)[0]
@@ -170,7 +172,7 @@ def test_adapter_weights_that_are_not_finite_floats_are_refused(tiny_blip2, tmp_
 def test_an_adapter_config_out_of_bounds_is_one_line(tiny_blip2, tmp_path, change, key):
     import json
     trained = tiny_blip2()
-    inject_lora(trained)
+    inject_lora(trained, lora_targets(trained.config))
     save_adapter(trained, tmp_path, "tiny")
     config = json.load(open(tmp_path / "adapter_config.json"))
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **change}))  # inf: Python writes Infinity
@@ -191,14 +193,14 @@ def test_unknown_target_and_double_injection_are_refused(tiny_blip2):
     model = tiny_blip2()
     with pytest.raises(ValueError, match="'SelfAttention.qq'"):
         inject_lora(model, ["SelfAttention.q", "SelfAttention.qq"])
-    inject_lora(model)
+    inject_lora(model, lora_targets(model.config))
     with pytest.raises(ValueError, match="already has LoRA"):
-        inject_lora(model)
+        inject_lora(model, lora_targets(model.config))
 
 
 def test_bfloat16_base_with_float32_adapters_trains(tiny_blip2):
     model = tiny_blip2().to(torch.bfloat16)
-    inject_lora(model)
+    inject_lora(model, lora_targets(model.config))
     x = inputs(model)
     x["pixel_values"] = x["pixel_values"].to(torch.bfloat16)
     out = model(**x).logits
@@ -219,7 +221,7 @@ def test_wrapping_t5_feed_forward_wo_still_runs(tiny_blip2):
 def test_peft_loads_what_save_adapter_writes(tiny_blip2, random_lora_b, tmp_path):
     peft = pytest.importorskip("peft")  # not a project dependency: checked where it is installed
     trained = tiny_blip2()
-    inject_lora(trained)
+    inject_lora(trained, lora_targets(trained.config))
     random_lora_b(trained)
     save_adapter(trained, tmp_path, "tiny")
     loaded = peft.PeftModel.from_pretrained(tiny_blip2(), str(tmp_path)).eval()
@@ -229,7 +231,7 @@ def test_peft_loads_what_save_adapter_writes(tiny_blip2, random_lora_b, tmp_path
 
 def test_merge_with_a_non_finite_adapter_in_a_later_layer_changes_nothing(tiny_blip2, random_lora_b):
     model = tiny_blip2()
-    inject_lora(model)
+    inject_lora(model, lora_targets(model.config))
     random_lora_b(model)
     before = {name: p.clone() for name, p in model.named_parameters()}
     count = len(lora_layers(model))

@@ -13,7 +13,7 @@ from train import SETTINGS
 
 def shapes_batch(config, images):
     import bench
-    batch, _ = bench.make_batch(type("Shapes", (), {"config": config})(), images, "cpu")
+    batch, _ = bench.make_batch(config, images, "cpu")
     batch.pop("pixel_values")  # the step reads the ViT's outputs from the vision cache
     return batch
 
@@ -42,13 +42,14 @@ def test_a_quantized_base_is_predicted_as_bitsandbytes_holds_it(demo_world, bits
     the same step agrees within 5%: an independent count."""
     from transformers import Blip2Config
     from lora import inject_lora
-    from model import cast_frozen_qformer, load_blip2, train_mode
+    from blip2 import train_mode
+    from model import load_blip2, lora_targets, prepare
     config = Blip2Config.from_pretrained(demo_world[1])
     batch, levers = shapes_batch(config, 4), memory.Levers(base_bits=bits)
-    predicted = memory.predict(config, batch, torch.bfloat16, levers, SETTINGS, eval_batch=4, own_lm_head=False)
+    predicted = memory.predict(config, batch, torch.bfloat16, levers, SETTINGS, eval_batch=4, released=False)
     model, _ = load_blip2(demo_world[1], "cpu", dtype=torch.bfloat16, base_bits=bits, log=lambda *a: None)
-    inject_lora(model, SETTINGS["lora_targets"], SETTINGS["lora_r"], SETTINGS["lora_alpha"], SETTINGS["lora_dropout"])
-    cast_frozen_qformer(model, torch.bfloat16)
+    prepare(model, torch.bfloat16)
+    inject_lora(model, lora_targets(config), SETTINGS["lora_r"], SETTINGS["lora_alpha"], SETTINGS["lora_dropout"])
     train_mode(model)
     counted = memory.predict(config, batch, torch.bfloat16, levers, SETTINGS, eval_batch=4, model=model)
     for key in ("language_model_weights", "predicted_peak", "generation_peak"):
@@ -83,7 +84,7 @@ def test_the_levers_lower_the_full_models_predicted_peak():
 
 
 def test_float16_is_the_precision_on_gpus_without_bfloat16(monkeypatch):
-    from model import autocast_dtype
+    from blip2 import autocast_dtype
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a T4 or a V100
     assert autocast_dtype("cuda") == torch.float16 and autocast_dtype("cpu") == torch.float32
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -94,16 +95,14 @@ def test_a_4bit_base_gives_nearly_the_16bit_loss_and_without_bitsandbytes_says_w
                                                                                                  monkeypatch):
     """NF4 rounds every T5 weight, so the loss is not the same; on the demo base it stays within 5%."""
     import builtins
-    from data import CaptionCollator, ImageCaptionDataset, encoder_prompt_ids, read_captions
-    from model import ModelError, grouped_caption_loss, load_blip2, vision_embeds
+    from blip2 import vision_embeds
+    from conftest import collate
+    from data import read_captions
+    from model import ModelError, grouped_caption_loss, load_blip2
     losses = []
     for bits in (16, 4):
         model, processor = load_blip2(demo_world[1], base_bits=bits, log=lambda *a: None)
-        items = read_captions(demo_world[0]).splits["train"][:8]
-        ids = encoder_prompt_ids(processor.tokenizer, "a photo of", model.config.num_query_tokens,
-                                 model.config.image_token_id)
-        dataset = ImageCaptionDataset(items, processor.image_processor)
-        batch = CaptionCollator(items, processor.tokenizer, ids)([dataset[i] for i in range(8)])
+        batch = collate(model, processor, read_captions(demo_world[0]).splits["train"][:8])
         with torch.no_grad():
             loss, tokens = grouped_caption_loss(model, batch, vision_embeds(model, batch["pixel_values"]))
         losses.append((loss / tokens).item())

@@ -216,8 +216,8 @@ def test_a_diverging_learning_rate_is_stopped_with_one_line(demo_world, tmp_path
     (["--learning_rate=-1"], "learning_rate=-1.0: must be between 0.0 and 10.0"),
     (["--learning_rate=1e400"], "learning_rate=inf: must be between"),
     (["--lora_r=100000000000"], "lora_r=100000000000: must be between 1 and 1024"),
-    (["--lora_targets=[]"], "lora_targets=[]: must be a non-empty list"),
-    (["--lora_targets=[1,2]"], "lora_targets=[1, 2]: must be a non-empty list"),
+    (["--lora_targets=['']"], "lora_targets=['']: must be a list of module-path suffixes"),
+    (["--lora_targets=[1,2]"], "lora_targets=[1, 2]: must be a list of module-path suffixes"),
     (["--device=foo"], "device='foo': use auto, cpu, cuda or cuda:N"),
     (["--base_bits=2"], "base_bits=2: use 16, 8, 4"),
     pytest.param(["--device=cuda"], "device='cuda': torch sees no CUDA GPU here",
@@ -263,6 +263,45 @@ def test_a_missing_model_says_what_to_download(tmp_path):
                             f"--out_dir={tmp_path / 'out'}")
     assert code == 1 and err.count("\n") == 1
     assert "hf download Salesforce/blip2-flan-t5-xl" in err and "config/demo.py" in err
+
+
+@pytest.mark.parametrize("file, change, message", [
+    ("config.json", {"model_type": "instructblip"}, "a model of type 'instructblip'; this project fine-tunes BLIP-2 "
+     "with Flan-T5 or OPT"),
+    ("config.json", {"text_config": {"model_type": "llama"}}, "BLIP-2 with a language model of type 'llama'"),
+    ("config.json", {"image_token_index": None}, "no usable image_token_index (None): BLIP-2 would caption without "
+     "seeing the image"),
+    ("processor_config.json", {"num_query_tokens": None}, "its processor puts None image tokens in a prompt, the "
+     "model reads 8"),
+])
+def test_a_model_this_project_cannot_fine_tune_is_refused_from_its_config(demo_world, tmp_path, file, change,
+                                                                          message):
+    """Before any weights are read (this folder's weights file is empty): another kind of model, another language
+    model, or a config or processor that would leave the image out of the prompt without an error."""
+    import shutil
+    folder = tmp_path / "model"
+    shutil.copytree(demo_world[1], folder)
+    (folder / "model.safetensors").write_bytes(b"")
+    content = json.load(open(folder / file))
+    for key, value in change.items():
+        content[key] = {**content[key], **value} if isinstance(value, dict) else value
+    (folder / file).write_text(json.dumps(content))
+    code, _, err = run_main("caption", "--adapter", "none", "--model", folder, "photo.jpg")
+    assert code == 1 and err.count("\n") == 1 and message in err and str(folder) in err
+
+
+def test_a_hub_model_without_a_network_is_one_line_at_once(demo_world, tmp_path):
+    """As a new user meets it: HF_HUB_OFFLINE not set, the model not downloaded, no network (here: a hub address
+    where nothing listens). One request, no retries: huggingface_hub's retries took minutes (the time limit)."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    result = subprocess.run([sys.executable, "train.py", "--model=Salesforce/blip2-opt-2.7b",
+                             "--data_dir=data/demo/flickr8k", f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert "'Salesforce/blip2-opt-2.7b' is not in the local cache and the Hugging Face hub cannot be reached" in \
+        result.stderr and "hf download Salesforce/blip2-opt-2.7b --local-dir models/blip2-opt-2.7b" in result.stderr
 
 
 def test_the_default_hub_model_offline_is_one_line_at_once(demo_world, tmp_path):

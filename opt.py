@@ -1,0 +1,169 @@
+r"""
+BLIP-2 with OPT (Salesforce/blip2-opt-2.7b, blip2-opt-6.7b and their -coco versions): every OPT-specific name of
+this project is in this file. model.py picks it for a model whose config says use_decoder_only_language_model=True;
+t5.py is the other family, with the same functions.
+
+OPT is decoder-only: the image features, the prompt and the caption are one sequence, and each position predicts
+the next token. As LAVIS trains it, a caption starts with a space and ends with "\n", OPT-BLIP-2's end token:
+    [Q image features][</s> a photo of][ a dog runs\n]        </s> is OPT's BOS; "\n" is text_config.eos_token_id
+     \________ the prefix: L ________/ \_ caption: T _/
+The prefix is the same for all of an image's captions, so grouped_caption_loss runs it once per image.
+
+Checked against transformers 5.24; where its behaviour matters here, a comment says so.
+"""
+import torch
+from transformers import OPTConfig
+from transformers.cache_utils import DynamicCache
+
+from blip2 import caption_loss_sum, checkpointed, embed_prompt, image_features
+
+# LoRA on the attention of every decoder layer: language_model.model.decoder.layers.N.self_attn.q_proj, ...
+LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+KEEP_UNQUANTIZED = ()  # a 4/8-bit base leaves only BLIP-2's own parts 16-bit (model.quantization_config)
+
+# The language models of the released checkpoints, as their config.json files give them, and two stand-ins for the
+# CPU (bench.py, memory.py, demo.py): the same architecture, smaller.
+SIZES = {"opt-2.7b": dict(hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32),
+         "opt-6.7b": dict(hidden_size=4096, num_hidden_layers=32, ffn_dim=16384, num_attention_heads=32),
+         "small": dict(hidden_size=640, num_hidden_layers=8, ffn_dim=2560, num_attention_heads=10),
+         "tiny": dict(hidden_size=128, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4)}
+# BLIP-2's OPT vocabulary is 50304 (OPT's own is 50272), <image> is 50265, and its end token is 50118, "\n".
+VOCAB_SIZE, IMAGE_TOKEN_ID, NEWLINE_ID = 50304, 50265, 50118
+
+
+def text_config(size, **changes):
+    r"""An OPTConfig for one of SIZES: pre-LayerNorm layers, ReLU, lm_head tied to the embeddings, pad 1, BOS 2 (</s>),
+    and "\n" as the end of a caption."""
+    width = SIZES[size]["hidden_size"]
+    return OPTConfig(**{"vocab_size": VOCAB_SIZE, **SIZES[size], "word_embed_proj_dim": width,
+                        "max_position_embeddings": 2048, "pad_token_id": 1, "bos_token_id": 2,
+                        "eos_token_id": NEWLINE_ID, **changes})
+
+
+def caption_ids(tokenizer, captions, eos_token_id):
+    r"""Each caption as OPT learns it: a leading space (it follows the prompt's last word), its tokens with no BOS of
+    their own, then the end token "\n". (data.CaptionCollator cuts and pads them.)"""
+    spaced = [" " + caption for caption in captions]
+    return [ids + [eos_token_id] for ids in tokenizer(spaced, add_special_tokens=False).input_ids]
+
+
+# ------------------------------------------------------------------------------------------------- the loss
+
+def per_pair_caption_loss(model, batch):
+    """The plain way: one whole BLIP-2 forward per (image, caption) pair over [prefix][caption], as transformers runs
+    it; right padding masked. Returns (summed loss, caption tokens)."""
+    per_caption, labels = batch["caption_image"], batch["labels"]                      # (N,), (N, T)
+    prefix_length = batch["input_ids"].shape[1]                                         # L
+    caption = labels.masked_fill(labels == -100, model.config.text_config.pad_token_id)
+    input_ids = torch.cat([batch["input_ids"][per_caption], caption], dim=1)           # (N, L + T)
+    attention_mask = torch.cat([batch["attention_mask"][per_caption], (labels != -100).long()], dim=1)
+    logits = model(pixel_values=batch["pixel_values"][per_caption], input_ids=input_ids,
+                   attention_mask=attention_mask).logits                                # (N, L + T, vocab)
+    # the logit at position i predicts token i + 1: the caption's T tokens are predicted from position L - 1 on
+    return caption_loss_sum(logits[:, prefix_length - 1:-1], labels)
+
+
+def grouped_caption_loss(model, batch, image_embeds):
+    """per_pair_caption_loss with the prefix run once per image instead of once per caption (tests/test_fast.py holds
+    the two equal, in loss and LoRA gradients): at blip2-opt-2.7b's size, with 5 captions of 16 tokens, 2.26 times
+    fewer FLOPs per caption. image_embeds: (B, V, Dv). Returns (summed loss, caption tokens).
+
+    1. Once per image: the decoder over the prefix minus its last token, (B, P) with P = L - 1, keeping every layer's
+       keys and values (B, H, P, d). No logits: nothing before the caption is predicted.
+    2. Once per caption: [last prefix token][caption minus its last token] (N, T), each layer attending to its
+       image's prefix keys and values and then causally to itself. The logit at the last prefix token predicts the
+       caption's first token, and so on: the T logits predict the caption's T tokens, as in the per-pair forward."""
+    decoder = model.language_model.model.decoder
+    prefix = embed_prompt(model, batch["input_ids"], image_features(model, image_embeds))   # (B, L, D)
+    per_caption, labels = batch["caption_image"], batch["labels"]                           # (N,), (N, T)
+    kept, tokens = prefix.shape[1] - 1, labels.shape[1]                                     # P, T
+    recorded = RecordedKeysValues()
+    causal = torch.ones(kept, kept, dtype=torch.bool, device=prefix.device).tril()          # (P, P)
+    decoder_layers(decoder, prefix[:, :-1], kept_from=0, attends=causal, cache=recorded)
+    caption = labels[:, :-1].masked_fill(labels[:, :-1] == -100, model.config.text_config.pad_token_id)
+    inputs = torch.cat([prefix[per_caption, -1:], decoder.embed_tokens(caption)], dim=1)    # (N, T, D)
+    # each caption position sees the whole prefix and its own caption up to itself; right padding needs no mask,
+    # since no real token comes after a pad (and a pad's logit is ignored: its label is -100)
+    attends = torch.cat([torch.ones(tokens, kept, dtype=torch.bool, device=prefix.device),
+                         torch.ones(tokens, tokens, dtype=torch.bool, device=prefix.device).tril()], dim=1)
+    hidden = decoder_layers(decoder, inputs, kept_from=kept, attends=attends,
+                            cache=PrefixThenCaption(recorded, per_caption))                 # (N, T, D)
+    return caption_loss_sum(model.language_model.lm_head(hidden), labels)
+
+
+def decoder_layers(decoder, embeds, kept_from, attends, cache):
+    """OPT's decoder over token embeddings (rows, T, D) at positions kept_from.. kept_from + T - 1, each layer
+    attending as `attends` (T, keys) says (True: may attend) to the keys and values the cache hands it. OPT's learned
+    positions count from 0 whether the prefix came in the same call or not (its embedding adds its offset of 2)."""
+    positions = torch.arange(kept_from, kept_from + embeds.shape[1], device=embeds.device)[None]  # (1, T)
+    hidden = embeds + decoder.embed_positions(None, position_ids=positions).to(embeds.dtype)
+    for layer in decoder.layers:
+        # a boolean mask goes to scaled_dot_product_attention as it is (model.load_blip2 asks for sdpa attention)
+        hidden = layer(hidden, attention_mask=attends[None, None], cache=cache, position_ids=positions)
+    return decoder.final_layer_norm(hidden)
+
+
+class RecordedKeysValues:
+    """The prefix pass's cache. OPT's attention (transformers 5.24) hands each layer's keys and values (B, H, P, d) to
+    cache.update(keys, values, layer) and attends to what it returns. This one keeps them by overwriting, so the
+    recomputation of gradient checkpointing records the same tensors again; transformers' DynamicCache appends
+    (torch.cat), and a replayed layer would then hold two copies and fail in the backward pass."""
+
+    def __init__(self):
+        self.layers = {}
+
+    def update(self, keys, values, layer, **kwargs):
+        self.layers[layer] = keys, values
+        return keys, values
+
+
+class PrefixThenCaption:
+    """The caption pass's cache: each layer attends to its image's prefix keys and values (indexed per caption:
+    (N, H, P, d)), then to the caption's own (N, H, T, d). It stores nothing, so a recomputation reads the same."""
+
+    def __init__(self, recorded, per_caption):
+        self.recorded, self.per_caption = recorded, per_caption
+
+    def update(self, keys, values, layer, **kwargs):
+        prefix_keys, prefix_values = self.recorded.layers[layer]
+        return (torch.cat([prefix_keys[self.per_caption], keys], dim=2),
+                torch.cat([prefix_values[self.per_caption], values], dim=2))
+
+
+# ------------------------------------------------------------------------------------------------- precision, memory
+
+def prepare(model, compute_dtype):
+    """Nothing to change: OPT was trained in float16, and its activations fit float16 and bfloat16 alike."""
+
+
+def use_gradient_checkpointing(model):
+    """OPT's decoder layers keep only their inputs in the forward pass and recompute the rest in the backward pass.
+    transformers' own checkpointing (model.gradient_checkpointing_enable) does nothing in eval mode, where the frozen
+    base runs here, and drops the cache that the prefix-shared loss needs (transformers 5.24, modeling_layers.py)."""
+    for layer in model.language_model.model.decoder.layers:
+        layer.forward = checkpointed(layer.forward)  # the module itself stays: adapter paths do not change
+
+
+def as_released(model):
+    """A model built from a config holds its weights as the released checkpoints do: lm_head tied to the embeddings."""
+
+
+def last_beam_step(model, input_ids, image_embeds, beams, new_tokens):
+    """What beam search holds at its last step, for memory.py (generation cannot run on fake tensors: it stops on
+    their values): the prefix embeddings repeated for each beam, every layer's self-attention cache over the prefix and
+    the new tokens, and the scores over the vocabulary."""
+    text = model.language_model
+    prefix = embed_prompt(model, input_ids, image_features(model, image_embeds)).repeat_interleave(beams, dim=0)
+    rows, length, dtype = prefix.shape[0], input_ids.shape[1] + new_tokens - 1, image_embeds.dtype
+    heads = text.config.num_attention_heads
+    cache = DynamicCache()
+    for i in range(text.config.num_hidden_layers):
+        cache.update(torch.empty(rows, heads, length, text.config.hidden_size // heads, dtype=dtype),
+                     torch.empty(rows, heads, length, text.config.hidden_size // heads, dtype=dtype), i)
+    logits = text(inputs_embeds=prefix[:, -1:], cache=cache,
+                  attention_mask=torch.ones(rows, length + 1, dtype=torch.long)).logits  # (rows, 1, vocab)
+    return torch.log_softmax(logits[:, -1].float(), dim=-1)
+
+
+def prepare_export(model):
+    """Nothing to change: a merged model's generate() without a prompt starts with OPT's BOS, as it should."""

@@ -1,0 +1,187 @@
+"""
+BLIP-2 with Flan-T5 (Salesforce/blip2-flan-t5-xl, blip2-flan-t5-xxl): every T5-specific name of this project is in
+this file. model.py picks it for a model whose config says use_decoder_only_language_model=False; opt.py is the
+other family, with the same functions.
+
+T5 is an encoder-decoder. The image features and the prompt are the encoder's input; the caption is the decoder's:
+    encoder:  [Q image features][a photo of </s>]            (B, L)  once per image: it does not see the caption
+    decoder:  <pad> a dog runs      ->   a dog runs </s>     (N, T)  once per caption, teacher-forced
+where <pad> is T5's decoder start token and -> marks what each position predicts.
+"""
+import torch
+from transformers import T5Config
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+from blip2 import caption_loss_sum, checkpointed, embed_prompt, image_features
+
+# LoRA on T5's attention: "SelfAttention.q" matches encoder and decoder self-attention
+# (language_model.encoder.block.N.layer.0.SelfAttention.q), "EncDecAttention.q" the decoder's cross-attention to the
+# encoder (language_model.decoder.block.N.layer.1.EncDecAttention.q).
+LORA_TARGETS = ("SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o",
+                "EncDecAttention.q", "EncDecAttention.k", "EncDecAttention.v", "EncDecAttention.o")
+# A 4/8-bit base leaves these 16-bit besides BLIP-2's own (model.quantization_config): the feed-forward output `wo`,
+# whose activations reach ~1e5 in Flan-T5 (transformers keeps it unquantized too).
+KEEP_UNQUANTIZED = ("DenseReluDense.wo",)
+
+# The language models of the released checkpoints, as their config.json files give them, and two stand-ins for the
+# CPU (bench.py, memory.py, demo.py): the same architecture, smaller.
+SIZES = {"flan-t5-xl": dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32),
+         "flan-t5-xxl": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64),
+         "small": dict(d_model=512, d_kv=64, d_ff=1280, num_layers=6, num_heads=8),
+         "tiny": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)}
+VOCAB_SIZE, IMAGE_TOKEN_ID = 32128, 32100  # blip2-flan-t5-xl's: <image> is the token after T5's 100 sentinels
+
+
+def text_config(size, **changes):
+    """A T5Config for one of SIZES: Flan-T5's gated GELU, its own lm_head, pad 0 (also the decoder start), eos 1."""
+    return T5Config(**{"vocab_size": VOCAB_SIZE, **SIZES[size], "num_decoder_layers": SIZES[size]["num_layers"],
+                       "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False, "decoder_start_token_id": 0,
+                       "pad_token_id": 0, "eos_token_id": 1, **changes})
+
+
+def caption_ids(tokenizer, captions, eos_token_id):
+    """Each caption as T5's decoder learns it: its tokens, then </s>. (data.CaptionCollator cuts and pads them.)"""
+    return [ids + [eos_token_id] for ids in tokenizer(captions, add_special_tokens=False).input_ids]
+
+
+# ------------------------------------------------------------------------------------------------- the loss
+
+def decoder_inputs(model, labels):
+    """Teacher forcing: the decoder reads [start] + labels[:, :-1] (N, T), with -100 padding turned into the pad id."""
+    start = torch.full_like(labels[:, :1], model.config.text_config.decoder_start_token_id)
+    shifted = torch.cat([start, labels[:, :-1]], dim=1)
+    return shifted.masked_fill(shifted == -100, model.config.text_config.pad_token_id)
+
+
+def per_pair_caption_loss(model, batch):
+    """The plain way: one whole BLIP-2 forward per (image, caption) pair, as transformers runs it. Returns (summed
+    loss, caption tokens)."""
+    per_caption = batch["caption_image"]                                                # (N,) image of each caption
+    logits = model(pixel_values=batch["pixel_values"][per_caption], input_ids=batch["input_ids"][per_caption],
+                   attention_mask=batch["attention_mask"][per_caption],
+                   decoder_input_ids=decoder_inputs(model, batch["labels"]), use_cache=False).logits  # (N, T, vocab)
+    return caption_loss_sum(logits, batch["labels"])
+
+
+def encode_images(model, batch, image_embeds):
+    """Stages 2-4, once per image: (B, V, Dv) -> the T5 encoder's output (B, L, D)."""
+    embeds = embed_prompt(model, batch["input_ids"], image_features(model, image_embeds))  # (B, L, D)
+    return model.language_model.encoder(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
+
+
+def grouped_caption_loss(model, batch, image_embeds):
+    """per_pair_caption_loss with everything that depends only on the image done once per image: the Q-Former, the T5
+    encoder and the decoder's cross-attention keys and values (tests/test_fast.py holds the two equal). image_embeds:
+    (B, V, Dv) from blip2.vision_embeds or the vision cache. Returns (summed loss, caption tokens).
+
+    In the decoder, each layer's cross-attention projects the encoder states to keys and values. Those depend on the
+    image, not on the caption: they are computed here once per image (LoRA on EncDecAttention.k/.v included, whose
+    gradients then sum over the image's captions) and handed to the decoder through transformers' encoder-decoder
+    cache, which T5's cross-attention reads instead of projecting again."""
+    text = model.language_model
+    encoded = encode_images(model, batch, image_embeds)                                 # (B, L, D)
+    per_caption = batch["caption_image"]                                                # (N,)
+    cross = DynamicCache()
+    for i, block in enumerate(text.decoder.block):
+        attention = block.layer[1].EncDecAttention
+        heads = (*encoded.shape[:2], -1, attention.key_value_proj_dim)                  # (B, L, H, d)
+        keys = attention.k(encoded).view(heads).transpose(1, 2)[per_caption]            # (N, H, L, d)
+        values = attention.v(encoded).view(heads).transpose(1, 2)[per_caption]
+        cross.update(keys, values, i)
+    # The decoder reads only the shape of encoder_hidden_states: every layer's keys and values come from the cache.
+    shape_only = encoded[:1].expand(per_caption.shape[0], -1, -1)                       # (N, L, D), a view
+    logits = text(encoder_outputs=(shape_only,), attention_mask=batch["attention_mask"][per_caption],
+                  decoder_input_ids=decoder_inputs(model, batch["labels"]),
+                  cache=EncoderDecoderCache(NoSelfAttentionCache(), cross), use_cache=False).logits  # (N, T, vocab)
+    return caption_loss_sum(logits, batch["labels"])
+
+
+class NoSelfAttentionCache(DynamicCache):
+    """The decoder's self-attention keeps nothing: training reads each caption in one pass, and a kept copy would be
+    doubled by gradient checkpointing's recomputation."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return key_states, value_states
+
+
+# ------------------------------------------------------------------------------------------------- precision, memory
+
+def prepare(model, compute_dtype):
+    """What T5 needs once loaded: its GELU as one fused operation, and under float16 its `wo` layers in float32."""
+    use_fused_gelu(model)
+    if compute_dtype == torch.float16:
+        keep_wo_in_float32(model)
+
+
+def use_fused_gelu(model):
+    """Flan-T5's feed-forward activation, gelu_new, is written as seven element-wise operations, and autograd keeps
+    the output of each for the backward pass: about 2 GB at the default batch. GELUTanh (F.gelu(approximate="tanh"))
+    computes the same function (transformers' own `gelu_pytorch_tanh`; 2e-7 apart in float32) in one operation that
+    keeps only its input. Fewer kernels, too."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+    for module in model.language_model.modules():
+        if isinstance(getattr(module, "act", None), NewGELUActivation):
+            module.act = GELUTanh()
+
+
+def keep_wo_in_float32(model):
+    """Flan-T5's feed-forward output `wo` overflows float16 (its activations reach ~1e5): transformers keeps its
+    weight in float32 for float16 models. Under autocast that is not enough (autocast would run the matmul in
+    float16 anyway), so here `wo` runs in float32 with autocast off."""
+    for name, module in model.language_model.named_modules():
+        if name.endswith("DenseReluDense.wo"):
+            module.float()
+            module.forward = _float32_forward(module.forward)
+
+
+def _float32_forward(forward):
+    def run(x):
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(x.float())
+    return run
+
+
+def use_gradient_checkpointing(model):
+    """The T5 blocks keep only their inputs in the forward pass and recompute the rest in the backward pass: the
+    activation memory of 48 blocks becomes that of about one, for about a third more compute."""
+    text = model.language_model
+    for block in [*text.encoder.block, *text.decoder.block]:
+        block.forward = checkpointed(block.forward)  # the module itself stays: adapter paths do not change
+
+
+def as_released(model):
+    """A model built from a config holds its weights as the released checkpoints do. T5 v1.1 checkpoints, Flan-T5's
+    among them, hold an lm_head of their own; transformers 5 builds T5 from a config with lm_head tied to the
+    embeddings and unties it only when it loads such a checkpoint. A model built to stand for blip2-flan-t5-xl in
+    measurements (bench.py, memory.py) gets its own lm_head here, as the real one."""
+    text = model.language_model
+    if text.lm_head.weight is text.shared.weight:
+        text.lm_head.weight = torch.nn.Parameter(text.shared.weight.detach().clone(), requires_grad=False)
+
+
+def last_beam_step(model, input_ids, image_embeds, beams, new_tokens):
+    """What beam search holds at its last step, for memory.py (generation cannot run on fake tensors: it stops on
+    their values): the encoder states repeated for each beam, every decoder layer's cross-attention keys and values
+    and new_tokens of self-attention cache, and the scores over the vocabulary."""
+    text = model.language_model
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    encoded = encode_images(model, batch, image_embeds).repeat_interleave(beams, dim=0)  # (rows, L, D)
+    rows, heads, width, dtype = encoded.shape[0], text.config.num_heads, text.config.d_kv, image_embeds.dtype
+    own, cross = DynamicCache(), DynamicCache()
+    for i in range(text.config.num_decoder_layers):
+        own.update(torch.empty(rows, heads, new_tokens - 1, width, dtype=dtype),
+                   torch.empty(rows, heads, new_tokens - 1, width, dtype=dtype), i)
+        cross.update(torch.empty(rows, heads, input_ids.shape[1], width, dtype=dtype),
+                     torch.empty(rows, heads, input_ids.shape[1], width, dtype=dtype), i)
+    logits = text(encoder_outputs=(encoded,), decoder_input_ids=torch.zeros(rows, 1, dtype=torch.long),
+                  cache=EncoderDecoderCache(own, cross)).logits                         # (rows, 1, vocab)
+    return torch.log_softmax(logits[:, -1].float(), dim=-1)
+
+
+def prepare_export(model):
+    """A merged model's generate() without a prompt starts T5's encoder input with text_config.bos_token_id, which T5
+    has not: the end token is what an empty prompt tokenizes to, so a prompt-less generate is caption.py with
+    --prompt ""."""
+    text = model.config.text_config
+    text.bos_token_id = text.eos_token_id
+    model.generation_config.bos_token_id = text.eos_token_id

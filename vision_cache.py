@@ -1,0 +1,119 @@
+"""
+The frozen ViT's outputs of every image, computed once and memory-mapped from disk (train.py's vision_cache setting).
+
+No LoRA target is inside the ViT and the images are not augmented, so what the ViT makes of an image never changes
+during training: train.py computes it once per image (out_dir/vision_cache/, about 0.7 MB an image for
+blip2-flan-t5-xl in bf16) and every step, epoch and evaluation reads it from here instead of running the 1B-parameter
+ViT. A first reading of the project can skip this file: with vision_cache=False the step computes the same thing.
+"""
+import hashlib
+import json
+import os
+
+import torch
+
+from blip2 import vision_embeds
+from files import UserError, read_json, write_json
+from images import DECODE_VERSION, source_key
+
+def _fingerprint(items):
+    """A hash of each image's name and source (file path, size, modification time): a cheap sign of a change."""
+    lines = [f"{item.name}\t{source_key(item.image)}" for item in items]
+    return hashlib.sha1("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _row_sums(rows):
+    """(R, V, Dv) -> (R,) int64: each row's bits summed as integers. Exact and order-free, so a check recomputes the
+    same number from the same bytes, and a zeroed or overwritten row gives another."""
+    as_int = {2: torch.int16, 4: torch.int32}[rows.element_size()]
+    return rows.contiguous().view(as_int).to(torch.int64).flatten(1).sum(1)
+
+
+class CacheDamaged(UserError):
+    pass
+
+
+class VisionCache:
+    """ViT outputs of every image, computed once and memory-mapped from disk: (num_images, V, Dv) in `dtype`.
+
+    Valid only while nothing inside the ViT trains (no LoRA target there, no augmentation). The directory name is a
+    hash of (model, image size, dtype, ViT shape, how images are decoded, the images: name and source of each): change
+    any of them and a new cache is built. A cache is used only once complete (its meta.json is written last, so an
+    interrupted build starts over) and only if its contents check out: the file's size, and each row's checksum
+    (recorded when it was written) on a sample of rows when opened and on every row when read; a cache that fails
+    is built again, never read as zeros or noise.
+    """
+
+    def __init__(self, root, model, model_name, image_size, items, dtype):
+        vision = model.config.vision_config
+        tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+        self.key = {"model": model_name, "image_size": image_size, "dtype": str(dtype), "decode": DECODE_VERSION,
+                    "shape": [len(items), tokens, vision.hidden_size], "images": _fingerprint(items)}
+        digest = hashlib.sha1(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
+        self.dir = os.path.join(root, digest)
+        self.row = {item.name: i for i, item in enumerate(items)}
+        self.dtype, self.shape = dtype, tuple(self.key["shape"])
+        self.nbytes = self.shape[0] * self.shape[1] * self.shape[2] * torch.finfo(dtype).bits // 8
+        self.complete, self.table, self.missing, self.sums = False, None, set(), None  # missing: unreadable images
+        self.problem = self._open() if os.path.exists(os.path.join(self.dir, "meta.json")) else None
+
+    def _open(self):
+        """Use a finished cache, or say why it cannot be used."""
+        try:
+            meta = read_json(os.path.join(self.dir, "meta.json"))
+            missing, sums = set(meta["missing"]), torch.tensor(meta["row_sums"], dtype=torch.int64)
+        except (UserError, KeyError, TypeError, ValueError, RuntimeError, OverflowError):
+            return "its meta.json is unreadable"
+        if {k: meta.get(k) for k in self.key} != self.key or sums.shape != (self.shape[0],):
+            return "its meta.json describes another cache"
+        path = os.path.join(self.dir, "vision.bin")
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        if size != self.nbytes:
+            return f"vision.bin has {size:,} bytes, not {self.nbytes:,}"
+        self.table, self.sums = self._map(), sums
+        sample = torch.linspace(0, self.shape[0] - 1, min(self.shape[0], 64)).long()
+        if not torch.equal(_row_sums(self.table[sample]), sums[sample]):
+            self.table = None
+            return "its contents changed since they were written (checksums differ)"
+        self.complete, self.missing = True, missing
+        return None
+
+    def _map(self):
+        numel = self.shape[0] * self.shape[1] * self.shape[2]
+        path = os.path.join(self.dir, "vision.bin")
+        return torch.from_file(path, shared=True, size=numel, dtype=self.dtype).view(self.shape)
+
+    @torch.no_grad()
+    def build(self, model, loader, device, autocast, log=print, should_stop=lambda: False):
+        """Fill the cache from a loader over all the images (batches from data.CaptionCollator)."""
+        os.makedirs(self.dir, exist_ok=True)
+        if os.path.exists(os.path.join(self.dir, "meta.json")):  # a damaged cache: unfinished until written again
+            os.remove(os.path.join(self.dir, "meta.json"))
+        with open(os.path.join(self.dir, "vision.bin"), "wb") as f:
+            f.truncate(self.nbytes)
+        self.table = self._map()
+        items = loader.dataset.items
+        self.missing = set(self.row)
+        for batch in loader:
+            should_stop()
+            if "pixel_values" not in batch:
+                continue  # every image of this batch was unreadable (already said)
+            self.missing -= {items[i].name for i in batch["image_index"].tolist()}
+            with autocast:
+                embeds = vision_embeds(model, batch["pixel_values"].to(device))
+            rows = torch.tensor([self.row[items[i].name] for i in batch["image_index"].tolist()])
+            self.table[rows] = embeds.to("cpu", self.dtype)
+        self.sums = _row_sums(self.table)
+        write_json(os.path.join(self.dir, "meta.json"),
+                   {**self.key, "missing": sorted(self.missing), "row_sums": self.sums.tolist()})
+        self.complete = True
+        log(f"vision cache: {self.shape[0]} images written to {self.dir}")
+
+    def lookup(self, names, device):
+        rows = torch.tensor([self.row[n] for n in names])
+        embeds = self.table[rows]
+        if not torch.equal(_row_sums(embeds), self.sums[rows]):
+            os.remove(os.path.join(self.dir, "meta.json"))  # ours: the next run builds the cache again
+            raise CacheDamaged(f"vision cache {self.dir}: rows changed on disk since they were written (checksums "
+                               "differ); it will be built again when you run the same command again")
+        return embeds.to(device, non_blocking=True)
