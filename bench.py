@@ -245,7 +245,7 @@ def measure(model, batch_images, device, dtype, repeats, grouped_loss):
             run[mode] = {"error": "out of memory"}
             continue
         run[mode] = {"captions_per_s": round(captions / seconds, 1), "ms_per_step": round(1000 * seconds, 1),
-                     "first_step_s": round(first_step, 2), "gflops_per_caption": round(flops[mode] / 1e9, 2),
+                     "first_step_s": round(first_step, 2), "gflops_per_caption": round(flops[mode] / 1e9, 4),
                      "ops_per_step": ops,
                      "peak_mem_mb": round(torch.cuda.max_memory_allocated() / 2**20) if cuda else None}
         if peak:
@@ -334,7 +334,7 @@ def predict_memory(args, dtype, shape):
         runs.append({"batch_images": batch_images, "base_bits": bits, "gradient_checkpointing": checkpointing,
                      "vision_on_gpu": vision_on_gpu, "eval_batch": args.eval_batch,
                      **{f"{k}_gb": round(v / 1e9, 4) for k, v in counted.items() if k != "seconds"},
-                     "gflops_per_caption": round(flops / 1e9 / len(batch["labels"]), 2), "seconds": counted["seconds"]})
+                     "gflops_per_caption": round(flops / 1e9 / len(batch["labels"]), 4), "seconds": counted["seconds"]})
         if not args.json:
             print_memory_run(runs[-1])
     return runs

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements the README still lacks, as one script of at most 8 minutes on one H100 or H200, in order of
-# value (issues 12, 17, 22). From the repository root:
+# value (issues 12, 17, 22, 25). From the repository root:
 #     bash bench_results/gpu_run.sh             # on the GPU machine
 #     bash bench_results/gpu_run.sh --dry-run   # here, on the CPU, with the tiny model: checks the script, measures nothing
 # 1. train.py itself at full size: blip2-flan-t5-xl's architecture with random weights (written once to $WORK, not
@@ -9,18 +9,21 @@
 #    memory (train.py's default levers: the ViT leaves the GPU once the cache is built).
 # 2. bench.py eager at batch 16 and 32: captions/s, MFU, peak memory, per-pair vs grouped vs grouped + cached.
 # 3. bench.py compiled at batch 16 and 32 (the compile time is each mode's first_step_s).
+# 4. bench.py eager at batch 16 for blip2-opt-2.7b's architecture: per-pair vs grouped (the prefix once per image) vs
+#    grouped + cached, beside the FLOPs the CPU counted (bench_results/memory_full_opt-2.7b.json).
 # Then compare: the measured peaks beside bench_results/memory_full.json (bench.py --memory, predicted on the CPU).
-# Writes bench_results/<gpu>_train.log, <gpu>_eager.json, <gpu>_compiled.json (and a .log beside each JSON).
+# Writes bench_results/<gpu>_train.log, <gpu>_eager.json, <gpu>_compiled.json, <gpu>_eager_opt.json (and a .log
+# beside each JSON).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WORK=${WORK:-/tmp/blip2-gpu-run}
 if [ "${1:-}" = "--dry-run" ]; then
     size=tiny device=cpu images=40 steps=4 batches=2 repeats=1 gpu=dryrun backend=aot_eager
-    limits=(120 120 120 180)
+    limits=(120 120 120 180 120) batches_opt=2
 else
     size=full device=cuda images=2000 steps=60 batches=16,32 repeats=5 backend=inductor
     gpu=$(python -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower())")
-    limits=(100 150 60 160)  # seconds: 470 in all
+    limits=(90 120 60 140 60) batches_opt=16  # seconds: 470 in all
 fi
 started=$(date +%s)
 rm -rf "$WORK"
@@ -36,4 +39,7 @@ echo "eager: exit $? ($(( $(date +%s) - started )) s)"
 timeout "${limits[3]}" python bench.py "${common[@]}" --compile --compile-backend $backend \
     > "bench_results/${gpu}_compiled.json" 2> "bench_results/${gpu}_compiled.log"
 echo "compiled: exit $? ($(( $(date +%s) - started )) s)"
+timeout "${limits[4]}" python bench.py --arch opt-2.7b "${common[@]}" --batch-images $batches_opt \
+    > "bench_results/${gpu}_eager_opt.json" 2> "bench_results/${gpu}_eager_opt.log"
+echo "eager opt-2.7b: exit $? ($(( $(date +%s) - started )) s)"
 if [ "${1:-}" = "--dry-run" ]; then rm -f bench_results/dryrun_*; fi

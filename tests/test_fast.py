@@ -268,17 +268,26 @@ def test_bench_times_the_step_train_py_takes():
     assert [name for name, m in model.named_modules() if m.training and id(m) not in inside_adapters] == []
 
 
-def test_bench_json_has_the_keys_its_readers_use():
+@pytest.mark.parametrize("arch", ["flan-t5-xl", "opt-2.7b"])
+def test_bench_json_has_the_keys_its_readers_use_and_memory_counts_the_same_flops(arch):
     import json
     from conftest import run_main
-    code, out, err = run_main("bench", "--model", "tiny", "--repeats", "1", "--batch-images", "2", "--json")
+    code, out, err = run_main("bench", "--arch", arch, "--model", "tiny", "--repeats", "1", "--batch-images", "2",
+                              "--json")
     assert code in (0, None), err[-2000:]
     report = json.loads(out)
-    assert {"commit", "torch", "transformers", "device", "dtype"} <= set(report)
+    assert {"commit", "torch", "transformers", "device", "dtype"} <= set(report) and report["arch"] == arch
     (run,) = report["runs"]
     assert run["batch_images"] == 2 and run["epoch_seconds_projected"] > 0 and run["generation"]["images_per_s"] > 0
     keys = {"captions_per_s", "peak_mem_mb", "first_step_s", "ops_per_step", "gflops_per_caption"}
     assert all(keys <= set(run[mode]) for mode in ("per_pair", "grouped", "grouped_cached"))
-    # one vision and encoder pass per image does less work, and reading the cache skips the ViT's operations
+    # what depends only on the image runs once per image (T5: vision, encoder, cross-attention keys and values; OPT:
+    # vision and the prefix), and reading the cache skips the ViT's operations
     assert run["predicted_speedup_grouped_cached"] > run["predicted_speedup_grouped"] > 1
     assert run["grouped_cached"]["ops_per_step"] < run["grouped"]["ops_per_step"]
+    # --memory counts the FLOPs of the same step on fake tensors: the same count as on real ones
+    code, out, err = run_main("bench", "--arch", arch, "--model", "tiny", "--memory", "--batch-images", "2",
+                              "--eval-batch", "1", "--json")
+    assert code == 0, err[-2000:]
+    (memory_run,) = json.loads(out)["runs"]
+    assert memory_run["gflops_per_caption"] == pytest.approx(run["grouped_cached"]["gflops_per_caption"], rel=1e-6)

@@ -36,18 +36,24 @@ def test_the_prediction_is_the_count_of_real_tensors(levers):
     assert fake["generation_peak"] == pytest.approx(real["generation_peak"], rel=0.01)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_a_quantized_base_is_predicted_as_bitsandbytes_holds_it(demo_world, bits):
+@pytest.mark.parametrize("base, bits", [("data/demo/blip2-tiny", 4), ("data/demo/blip2-tiny", 8),
+                                        ("data/demo/blip2-opt-tiny", 4)])
+def test_a_quantized_base_is_predicted_as_bitsandbytes_holds_it(demo_world, base, bits):
     """The 4/8-bit base is emulated in the prediction; counted with bitsandbytes' real layers (they run on the CPU)
-    the same step agrees within 5%: an independent count."""
+    the same step agrees within 5%: an independent count. bitsandbytes quantizes the language model's Linear layers
+    and nothing else: not the ViT, the Q-Former, the projection, lm_head, nor T5's wo."""
     from transformers import Blip2Config
     from lora import inject_lora
     from blip2 import train_mode
     from model import load_blip2, lora_targets, prepare
-    config = Blip2Config.from_pretrained(demo_world[1])
+    config = Blip2Config.from_pretrained(base)
     batch, levers = shapes_batch(config, 4), memory.Levers(base_bits=bits)
     predicted = memory.predict(config, batch, torch.bfloat16, levers, SETTINGS, eval_batch=4, released=False)
-    model, _ = load_blip2(demo_world[1], "cpu", dtype=torch.bfloat16, base_bits=bits, log=lambda *a: None)
+    model, _ = load_blip2(base, "cpu", dtype=torch.bfloat16, base_bits=bits, log=lambda *a: None)
+    quantized = [name for name, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")]
+    assert quantized and all(n.startswith("language_model.") and not n.endswith(("lm_head", "wo")) for n in quantized)
+    assert len(quantized) == sum(isinstance(m, torch.nn.Linear) for m in model.language_model.modules()) - (
+        1 + (config.text_config.num_layers * 2 if not config.use_decoder_only_language_model else 0))
     prepare(model, torch.bfloat16)
     inject_lora(model, lora_targets(config), SETTINGS["lora_r"], SETTINGS["lora_alpha"], SETTINGS["lora_dropout"])
     train_mode(model)
@@ -67,6 +73,24 @@ def test_bench_memory_gives_each_lever_combination_its_peak():
         parts = r["frozen_weights_gb"] + r["lora_weights_grads_adamw_gb"] + r["activations_peak_gb"]
         assert parts == pytest.approx(r["predicted_peak_gb"], abs=0.0003)
     assert report["dtype"] == "bfloat16" and "CUDA context" in report["not_counted"]
+
+
+def test_memory_takes_the_steps_shape_from_a_collection_or_from_the_options(demo_world):
+    """A user's captions are not Flickr8k's: --data takes captions per image and the 95th percentile of their length
+    in the model's tokens (the demo's five templates give 10, 11, 10, 12 and 10 tokens with the end token)."""
+    def shape(*args):
+        code, out, err = run_main("bench", "--model", "tiny", "--memory", "--batch-images", "1", "--eval-batch", "1",
+                                  "--json", *args)
+        assert code == 0, err[-2000:]
+        report = json.loads(out)
+        return report["step_shape"], len(report["runs"])
+    for arch in ("flan-t5-xl", "opt-2.7b"):
+        found, runs = shape("--arch", arch, "--data", demo_world[0])
+        assert (found["captions_per_image"], found["caption_tokens"], runs) == (5, 12, 1)
+        assert found["source"].startswith(f"{demo_world[0]}: 5 captions per image") and "by its tokenizer" in found[
+            "source"]
+    given, _ = shape("--captions-per-image", "3", "--caption-tokens", "20")
+    assert (given["captions_per_image"], given["caption_tokens"]) == (3, 20) and "--caption-tokens" in given["source"]
 
 
 def test_the_levers_lower_the_full_models_predicted_peak():

@@ -82,3 +82,28 @@ def test_peft_and_a_merged_export_caption_as_caption_py(opt_run, demo_world, tmp
         with torch.no_grad():
             ids = model.generate(**inputs, **generation)[:, inputs.input_ids.shape[1]:]
         assert [c.strip() for c in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)] == expected
+
+
+def test_a_run_on_the_opt_base_resumes_exactly(demo_world, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of a run on the OPT base, then the same command: the adapter an uninterrupted run gives,
+    bit for bit (dropout on, so the random state is restored too)."""
+    import train
+    from conftest import adapter_tensors, same_tensors
+    args = ["config/demo_opt.py", "--max_steps=8", "--checkpoint_interval=2", "--eval_interval=0",
+            "--final_eval=False", "--lora_dropout=0.1"]
+    code, _, err = run_main("train", *args, f"--out_dir={tmp_path / 'whole'}")
+    assert code == 0, err[-2000:]
+    real_step, steps = train.forward_backward, []
+
+    def interrupted_at_step_6(*a, **k):
+        steps.append(1)
+        if len(steps) == 6:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+    monkeypatch.setattr(train, "forward_backward", interrupted_at_step_6)
+    code, _, err = run_main("train", *args, f"--out_dir={tmp_path / 'cut'}")
+    assert code == 130 and "run the same command again to resume" in err
+    monkeypatch.setattr(train, "forward_backward", real_step)
+    code, out, err = run_main("train", *args, f"--out_dir={tmp_path / 'cut'}")
+    assert code == 0 and "resuming from" in out, err[-2000:]
+    assert same_tensors(adapter_tensors(tmp_path / "whole"), adapter_tensors(tmp_path / "cut"))
