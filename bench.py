@@ -325,16 +325,16 @@ def predict_memory(args, dtype, shape):
     runs = []
     for batch_images, bits, checkpointing, vision_on_gpu in itertools.product(
             args.batch_images or [16], args.base_bits, args.gradient_checkpointing, args.vision_on_gpu):
-        batch, _ = make_batch(config, batch_images, "cpu", shape)
-        batch.pop("pixel_values")  # train.py's default step reads the ViT's outputs from the vision cache
+        batch, _ = make_batch(config, batch_images, "cpu", shape)  # the step itself reads the ViT's outputs cached
         levers = memory.Levers(bits, checkpointing, vision_on_gpu)
         counted = memory.predict(config, batch, dtype, levers, SETTINGS, eval_batch=args.eval_batch,
                                  released=args.model != "tiny", flops=True)
-        flops = counted.pop("step_flops")
+        flops = {name: counted.pop(f"{name}_flops") / 1e9 / len(batch["labels"]) for name in ("step", "per_pair")}
         runs.append({"batch_images": batch_images, "base_bits": bits, "gradient_checkpointing": checkpointing,
                      "vision_on_gpu": vision_on_gpu, "eval_batch": args.eval_batch,
                      **{f"{k}_gb": round(v / 1e9, 4) for k, v in counted.items() if k != "seconds"},
-                     "gflops_per_caption": round(flops / 1e9 / len(batch["labels"]), 4), "seconds": counted["seconds"]})
+                     "gflops_per_caption": round(flops["step"], 4),
+                     "per_pair_gflops_per_caption": round(flops["per_pair"], 4), "seconds": counted["seconds"]})
         if not args.json:
             print_memory_run(runs[-1])
     return runs
@@ -346,7 +346,8 @@ def print_memory_run(run):
           f"{run['predicted_peak_gb']:6.2f} GB = weights {run['frozen_weights_gb']:.2f} + LoRA, grads, AdamW "
           f"{run['lora_weights_grads_adamw_gb']:.2f} + activations {run['activations_peak_gb']:.2f};  beam-5 "
           f"generation at batch {run['eval_batch']}: {run['generation_peak_gb']:.2f} GB;  "
-          f"{run['gflops_per_caption']} GFLOP/caption  ({run['seconds']} s)")
+          f"{run['gflops_per_caption']:.1f} GFLOP/caption (per pair: {run['per_pair_gflops_per_caption']:.1f})  "
+          f"({run['seconds']} s)")
 
 
 def step_shape(args):

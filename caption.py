@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 
+from blip2 import autocast_context, autocast_dtype
 from captioning import (CAPTION_SETTINGS_FILE, GENERATION_DEFAULTS, add_generation_arguments, caption_stream,
                         load_for_captioning, read_caption_settings, resolve_generation, resolve_model)
 from data import ImageCaptions, prompt_ids
@@ -24,7 +25,6 @@ from files import (UserError, inside, make_temp_dir, one_line_errors, printable,
                    write_json)
 from images import IMAGE_SUFFIXES
 from lora import merge_lora
-from blip2 import autocast_context, autocast_dtype
 from model import family
 
 EXPORT_MARKER = "merged_from.json"  # written into every export: how a folder is known to be an earlier export
@@ -121,7 +121,10 @@ def export_merged(model, processor, args, adapter, model_name):
     """Fold the adapter into the weights and save a plain checkpoint that needs neither this project nor peft, with
     the prompt and generation settings the adapter was trained with. Written into a new folder beside the target,
     then renamed; an earlier export there is replaced, nothing else."""
-    merge_lora(model)
+    try:
+        merge_lora(model)
+    except ValueError as e:  # a quantized base, or weights the merge would make non-finite: nothing was changed
+        raise UserError(f"--export-merged: {e}") from None
     generation = {k: getattr(args, k) for k in GENERATION_DEFAULTS}
     family(model.config).prepare_export(model)  # T5: a prompt-less generate() starts as --prompt "" does
     text = model.config.text_config  # what the language model's own generation config starts from when loaded

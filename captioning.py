@@ -14,10 +14,11 @@ import os
 import torch
 from tqdm import tqdm
 
+from adapter_files import load_adapter, read_adapter_config
 from data import warn_unreadable
 from files import UserError, read_json, write_json
 from images import UnreadableImage, load_image
-from lora import load_adapter, lora_layers, read_adapter_config
+from lora import lora_layers
 from blip2 import autocast_dtype, move_vision, vision_embeds
 from model import DEFAULT_MODEL, generate_captions, load_prepared, looks_like_hub_id
 

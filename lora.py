@@ -1,5 +1,7 @@
 """
-LoRA (Low-Rank Adaptation, Hu et al. 2021, arXiv:2106.09685), written by hand for BLIP-2.
+LoRA (Low-Rank Adaptation, Hu et al. 2021, arXiv:2106.09685), written by hand: the layer, how it is put into a
+model, its tensors, and how it is folded back into the weights. Nothing here knows BLIP-2 (model.lora_targets says
+where LoRA goes in it) or files (adapter_files.py saves and loads adapters in peft's layout).
 
 Fine-tuning a 3.9B-parameter model normally means an optimizer state for every weight. LoRA freezes every
 pretrained weight W and learns a low-rank *change* to a few of them instead:
@@ -38,29 +40,16 @@ With a 4-bit or 8-bit base (QLoRA, Dettmers et al. 2023: model.load_blip2(base_b
 then a bitsandbytes layer that dequantizes in its own forward, `base(x)` is all this file asks of it, and A and B stay
 float32. The adapter saved from such a run is the same file and loads on the 16-bit base.
 
-Public API (used by train.py, evaluate.py, caption.py, model.py, and your own code):
-    LoRALinear, inject_lora, lora_layers, lora_state_dict, save_adapter, read_adapter_config,
-    load_adapter, merge_lora, lora_summary, AdapterError
-
-Adapters are saved in the layout Hugging Face peft reads (`adapter_model.safetensors` + `adapter_config.json`), so
-`peft.PeftModel.from_pretrained(base_model, adapter_dir)` loads what this file writes; this project never imports peft.
+Public API: LoRALinear, inject_lora, lora_layers, lora_state_dict, merge_lora, lora_summary; the tensors are named
+as peft names them, so adapter_files.save_adapter writes what peft.PeftModel.from_pretrained loads.
 """
-import json
 import math
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-
-from files import UserError, atomic_write, first_line, read_json
 
 MAX_RANK = 1024  # wider than most layers it would wrap: a larger r is a typo (and would not fit in memory)
-
-
-class AdapterError(UserError):
-    """An adapter that cannot be used, said in one line: which file, what is wrong, what to do."""
 
 
 class LoRALinear(nn.Module):
@@ -83,22 +72,11 @@ class LoRALinear(nn.Module):
         # (and B gets a gradient through A x from the first step; see the top of this file).
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
-    # transformers' T5 code reads e.g. `self.wo.weight.dtype` directly: look like the layer we wrap.
-    @property
-    def weight(self):
-        return self.base.weight
-
-    @property
-    def bias(self):
-        return self.base.bias
-
-    @property
-    def in_features(self):
-        return self.base.in_features
-
-    @property
-    def out_features(self):
-        return self.base.out_features
+    # Look like the layer we wrap: transformers' T5 code reads e.g. `self.wo.weight.dtype` directly.
+    weight = property(lambda self: self.base.weight)
+    bias = property(lambda self: self.base.bias)
+    in_features = property(lambda self: self.base.in_features)
+    out_features = property(lambda self: self.base.out_features)
 
     def forward(self, x):  # x: (..., in_features) -> (..., out_features)
         result = self.base(x)                                           # (..., out)
@@ -151,97 +129,6 @@ def lora_state_dict(model):
     return tensors
 
 
-def save_adapter(model, out_dir, base_model_name_or_path):
-    """Write only the LoRA tensors (safetensors) and a peft-compatible adapter_config.json into out_dir."""
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("the model has no LoRA layers to save: call inject_lora first")
-    first = layers[0][1]
-    config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": str(base_model_name_or_path),
-        "r": first.r,
-        "lora_alpha": first.alpha,
-        "lora_dropout": first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0,
-        # The exact wrapped paths: peft wraps precisely these, whatever target suffixes found them.
-        "target_modules": [path for path, _ in layers],
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-    }
-    os.makedirs(out_dir, exist_ok=True)
-    tensors = {k: v.to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(model).items()}
-    # each file written whole or not at all (files.atomic_write): a kill never leaves half an adapter file
-    atomic_write(os.path.join(out_dir, "adapter_model.safetensors"), lambda path: save_file(tensors, path))
-    atomic_write(os.path.join(out_dir, "adapter_config.json"), json.dumps(config, indent=2) + "\n")
-
-
-def read_adapter_config(adapter_dir):
-    """adapter_config.json as a dict, or a one-line AdapterError saying what is wrong with the directory."""
-    path = os.path.join(adapter_dir, "adapter_config.json")
-    if not os.path.isfile(path) or not os.path.isfile(os.path.join(adapter_dir, "adapter_model.safetensors")):
-        raise AdapterError(f"{adapter_dir}: not an adapter directory (needs adapter_config.json and "
-                           "adapter_model.safetensors, as written by train.py)")
-    try:
-        config = read_json(path)
-    except UserError as e:
-        raise AdapterError(str(e)) from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
-    for key in ("r", "lora_alpha", "target_modules"):
-        if key not in config:
-            raise AdapterError(f"{path}: missing key {key!r}")
-    targets, dropout, alpha = config["target_modules"], config.get("lora_dropout", 0.0), config["lora_alpha"]
-    checks = {"r": type(config["r"]) is int and 0 < config["r"] <= MAX_RANK,
-              "lora_alpha": type(alpha) in (int, float) and 0 < alpha < math.inf,
-              "target_modules": isinstance(targets, str) or (isinstance(targets, list) and len(targets) > 0 and
-                                                            all(isinstance(t, str) for t in targets)),
-              "lora_dropout": type(dropout) in (int, float) and 0 <= dropout < 1}
-    for key, valid in checks.items():
-        if not valid:
-            raise AdapterError(f"{path}: {key} has an invalid value {config.get(key)!r} (r: an integer from 1 to "
-                               f"{MAX_RANK}, lora_alpha: a finite positive number, target_modules: a list of module "
-                               "names)")
-    return config
-
-
-def load_adapter(model, adapter_dir):
-    """Inject LoRA as adapter_config.json says (unless already injected) and load the tensors, checking every key."""
-    config = read_adapter_config(adapter_dir)
-    if not lora_layers(model):
-        try:
-            inject_lora(model, config["target_modules"], config["r"], config["lora_alpha"],
-                        config.get("lora_dropout", 0.0))
-        except ValueError as e:
-            raise AdapterError(f"{adapter_dir}: {e} (was the adapter trained on a different base model?)") from None
-    expected = {k: v.shape for k, v in lora_state_dict(model).items()}
-    file = os.path.join(adapter_dir, "adapter_model.safetensors")
-    try:
-        tensors = load_file(file)  # safetensors: never pickle
-    except Exception as e:
-        raise AdapterError(f"{file}: unreadable ({first_line(e)})") from None
-    for key, tensor in tensors.items():
-        if key not in expected:
-            raise AdapterError(f"{adapter_dir}: tensor {key} has no LoRA layer in this model "
-                               "(was the adapter trained on a different base model?)")
-        if tensor.shape != expected[key]:
-            raise AdapterError(f"{adapter_dir}: tensor {key} has shape {tuple(tensor.shape)}, the model expects "
-                               f"{tuple(expected[key])} (was the adapter trained on a different base model?)")
-        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-            raise AdapterError(f"{file}: tensor {key} is " + ("not finite (NaN or infinity)" if
-                               tensor.is_floating_point() else f"{tensor.dtype}, not floating point") +
-                               "; this adapter is damaged: train it again")
-    missing = sorted(set(expected) - set(tensors))
-    if missing:
-        raise AdapterError(f"{adapter_dir}: no tensor for {missing[0]} ({len(missing)} LoRA tensors missing)")
-    with torch.no_grad():
-        for path, layer in lora_layers(model):
-            layer.lora_A.copy_(tensors[f"base_model.model.{path}.lora_A.weight"])
-            layer.lora_B.copy_(tensors[f"base_model.model.{path}.lora_B.weight"])
-    return config
-
-
 @torch.no_grad()
 def merge_lora(model):
     """Fold every adapter into its weight (W' = W + (alpha/r) * B @ A) and put the plain nn.Linear back.
@@ -257,10 +144,10 @@ def merge_lora(model):
     layers = lora_layers(model)
     for path, layer in layers:  # a first pass only checks (keeping every merged weight would double the memory)
         if not isinstance(layer.base, nn.Linear) or type(layer.base).__module__.startswith("bitsandbytes"):
-            raise AdapterError(f"{path} is a quantized layer: merge into the 16-bit base (load it with base_bits=16; "
-                               "the adapter is the same file)")
+            raise ValueError(f"{path} is a quantized layer: merge into the 16-bit base (load it with base_bits=16; "
+                             "the adapter is the same file)")
         if not torch.isfinite(merged(layer)).all():
-            raise AdapterError(f"merging the adapter into {path} gives non-finite weights; nothing was changed")
+            raise ValueError(f"merging the adapter into {path} gives non-finite weights; nothing was changed")
     for path, layer in layers:
         layer.base.weight.copy_(merged(layer).to(layer.base.weight.dtype))
         parent_path, _, child = path.rpartition(".")

@@ -36,7 +36,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from blip2 import train_mode
 from lora import inject_lora
-from model import KEEP_UNQUANTIZED, family, grouped_caption_loss, lora_targets, prepare, use_gradient_checkpointing
+from model import (KEEP_UNQUANTIZED, family, grouped_caption_loss, lora_targets, per_pair_caption_loss, prepare,
+                   use_gradient_checkpointing)
 
 
 @dataclass
@@ -195,9 +196,9 @@ def weights_on_gpu(model, levers):
 def predict(config, batch, dtype, levers, settings, eval_batch=32, num_beams=5, new_tokens=30, fake=True, model=None,
             released=True, flops=False):
     """Bytes on the GPU during one training step (and during beam-search generation), with their breakdown; and with
-    flops=True the step's FLOPs (a second pass: count_flops). fake=False counts the same with real tensors (a small
-    model only), or counts `model`, prepared elsewhere (say by bitsandbytes): the tests that the prediction is the
-    count."""
+    flops=True the FLOPs of that step and of the usual per-pair step (on batch["pixel_values"]), in passes of their
+    own (count_flops). fake=False counts the same with real tensors (a small model only), or counts `model`, prepared
+    elsewhere (say by bitsandbytes): the tests that the prediction is the count."""
     started = time.time()
     model, fake = (model, _RealTensors()) if model is not None else prepared_model(config, dtype, levers, settings,
                                                                                    fake, released)
@@ -216,22 +217,20 @@ def predict(config, batch, dtype, levers, settings, eval_batch=32, num_beams=5, 
             p.grad = torch.zeros_like(p)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step_flops = None
-        if flops:
-            with autocast:
-                step_flops = count_flops(model, {k: fake.from_tensor(v) for k, v in batch.items()}, dtype)
+        flops = {f"{name}_flops": count_flops(model, {k: fake.from_tensor(v) for k, v in batch.items()}, dtype, name,
+                                              autocast) for name in (("step", "per_pair") if flops else ())}
+        step_batch = {k: fake.from_tensor(v) for k, v in batch.items() if k != "pixel_values"}  # the cache has them
         with counter:
             for tensor in (t for state in optimizer.state.values() for t in state.values()):
                 counter.track(tensor)
             steady = counter.live
             with autocast:
-                step_peak = count_step(model, {k: fake.from_tensor(v) for k, v in batch.items()}, optimizer, lora,
-                                       settings["grad_clip"], dtype, counter)
+                step_peak = count_step(model, step_batch, optimizer, lora, settings["grad_clip"], dtype, counter)
                 generation_peak = count_generation(model, eval_batch, num_beams, new_tokens, dtype, counter)
     return {"frozen_weights": frozen, "language_model_weights": text,
             "lora_weights_grads_adamw": steady - frozen + lora_bytes,  # weights and AdamW state, and the gradients
             "activations_peak": step_peak - steady - lora_bytes, "predicted_peak": step_peak,
-            "generation_peak": generation_peak, "step_flops": step_flops, "seconds": round(time.time() - started, 1)}
+            "generation_peak": generation_peak, **flops, "seconds": round(time.time() - started, 1)}
 
 
 def vision_tokens(config):
@@ -252,13 +251,15 @@ def count_step(model, batch, optimizer, lora, grad_clip, dtype, counter):
     return counter.peak
 
 
-def count_flops(model, batch, dtype):
-    """The FLOPs of the step's forward and backward passes (matmuls and attention, as bench.py counts them), in a pass
-    of their own: FlopCounterMode runs the CPU's attention kernel as its decomposition, which keeps other tensors
-    than the step does (torch 2.13), so it must not run inside the memory count."""
+def count_flops(model, batch, dtype, step, autocast):
+    """The FLOPs of a step's forward and backward passes (matmuls and attention, as bench.py counts them): "step",
+    train.py's (the grouped loss on cached ViT outputs), or "per_pair", the usual one (the ViT and everything else
+    once per caption). In a pass of their own: FlopCounterMode runs the CPU's attention kernel as its decomposition,
+    which keeps other tensors than the step does (torch 2.13), so it must not run inside the memory count."""
     embeds = torch.empty(batch["input_ids"].shape[0], *vision_tokens(model.config), dtype=dtype)
-    with FlopCounterMode(display=False) as flops:
-        loss, count = grouped_caption_loss(model, batch, embeds)
+    with FlopCounterMode(display=False) as flops, autocast:
+        loss, count = (per_pair_caption_loss(model, batch) if step == "per_pair" else
+                       grouped_caption_loss(model, batch, embeds))
         (loss / count).backward()
     model.zero_grad(set_to_none=True)
     return flops.get_total_flops()

@@ -44,16 +44,17 @@ import torch.distributed as dist
 import checkpoint
 import demo
 import settings
+from adapter_files import load_adapter, save_adapter
+from blip2 import autocast_context, autocast_dtype, move_vision, train_mode, vision_embeds
 from captioning import GENERATION_DEFAULTS, base_model_reference, caption_items, captions_without_adapter
 from captioning import save_caption_settings
-from blip2 import autocast_context, autocast_dtype, move_vision, train_mode, vision_embeds
 from data import CaptionCollator, ImageCaptionDataset, caption_token_stats, prompt_ids, read_captions
 from files import UserError, printable, read_json, require_writable_folder, write_json
-from lora import inject_lora, load_adapter, lora_summary, save_adapter
+from lora import inject_lora, lora_summary
 from model import DEFAULT_MODEL, caption_tokenizer, grouped_caption_loss, load_prepared, use_gradient_checkpointing
 from model import lora_targets as default_lora_targets  # (lora_targets is a setting's name)
-from vision_cache import VisionCache
 from scoring import SCALE, print_table, require_java, score_captions, score_split, write_html
+from vision_cache import VisionCache
 
 _names_before_the_settings = set(globals())
 # ----------------------------------------------------------------------------------------------------- settings
@@ -177,6 +178,13 @@ def train(cfg, stop):
         dist.destroy_process_group()
 
 
+# What the loop reads (the classes are in "the run's state" below):
+#   cfg  Settings: the block above, as attributes (cfg.grad_accum, cfg.checkpoint_interval, ...)
+#   p    Processes: device, dtype, autocast (a context), ddp, rank, world_size, master (rank 0 logs and saves)
+#   t    Training: model, caption_loss (the grouped loss, maybe compiled), params (exactly the LoRA tensors),
+#        optimizer, scaler (GradScaler, on for float16 only), total_steps, steps_per_epoch, cache (vision cache or
+#        None), train_items, evaluating (val CIDEr during training?)
+#   run  RunState: step (optimizer steps done), best_cider, history; run.checkpoint(...), run.record(...)
 def train_steps(cfg, p, t, run, stop):
     """The loop: from run.step to the last step, epoch by epoch, with the data order fixed by (seed, epoch)."""
     loader_rng = torch.Generator()  # the loader draws its worker seeds here, not from the global RNG (dropout's)
@@ -230,12 +238,12 @@ def forward_backward(p, t, step_batches):
     for b in step_batches:
         b = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in b.items()}
         with p.autocast:
-            if t.cache is not None:
+            if t.cache is None:
+                with torch.no_grad():  # the frozen ViT: no gradient flows into it
+                    image_embeds = vision_embeds(t.model, b["pixel_values"])                   # (B, V, Dv)
+            else:  # the same rows, computed once before training: skips the ViT (tests: the identical loss)
                 image_embeds = t.cache.lookup([t.train_items[i].name for i in b["image_index"].tolist()], p.device)
-            else:
-                with torch.no_grad():
-                    image_embeds = vision_embeds(t.model, b["pixel_values"])
-            batch_loss, _ = t.caption_loss(t.model, b, image_embeds)
+            batch_loss, _ = t.caption_loss(t.model, b, image_embeds)  # summed over the micro-batch's caption tokens
         t.scaler.scale(batch_loss / tokens).backward()
         loss_sum += batch_loss.detach()
     if p.ddp:

@@ -5,7 +5,6 @@ import os
 import re
 
 import pytest
-import torch
 
 from conftest import data_report as report
 from conftest import run_main, run_script, split_counts as counts, write_images, write_jsonl
@@ -208,24 +207,6 @@ def test_train_on_your_own_collection_then_evaluate_with_the_prompt_it_was_train
     assert (settings["prompt"], settings["num_beams"], settings["max_new_tokens"]) == ("a picture of", 2, 12)
     # every reference an image has is scored, however many: test images 0..3 have 1..4 captions
     assert sorted(len(c["references"]) for c in report["captions"]) == [1, 2, 3, 4]
-
-
-def test_peft_loads_an_adapter_with_its_caption_settings_beside_it(tiny_blip2, random_lora_b, tmp_path):
-    peft = pytest.importorskip("peft")
-    from captioning import save_caption_settings
-    from lora import inject_lora, save_adapter
-    from model import lora_targets
-    model = tiny_blip2()
-    inject_lora(model, lora_targets(model.config))
-    random_lora_b(model)
-    save_adapter(model, str(tmp_path), "tiny")
-    save_caption_settings(str(tmp_path), {"prompt": "a picture of", "num_beams": 2, "max_new_tokens": 9,
-                                          "min_new_tokens": 1}, {"data_dir": "/photos", "step": 4})
-    loaded = peft.PeftModel.from_pretrained(tiny_blip2(), str(tmp_path)).eval()
-    x = {"pixel_values": torch.randn(1, 3, 48, 48), "input_ids": torch.tensor([[47] * 8 + [5, 1]]),
-         "decoder_input_ids": torch.tensor([[0, 7]])}
-    with torch.no_grad():
-        assert torch.allclose(model(**x).logits, loaded(**x).logits, atol=1e-5)
 
 
 def test_a_vision_cache_that_does_not_fit_on_the_disk_is_refused_before_building(demo_world, tmp_path, monkeypatch):

@@ -15,15 +15,13 @@ REFERENCES = {"a.jpg": ["A dog runs on the grass .", "A brown dog is running out
 PREDICTIONS = {"a.jpg": "a dog running on grass", "b.jpg": "two kids playing in water", "c.jpg": "a man on a bike"}
 
 
-def test_scores_are_on_the_papers_x100_scale_and_a_perfect_caption_wins():
-    """A caption equal to its only reference gets BLEU-1 100 (the toolkit's 1.0, x100); the PTB tokenizer ignores
-    case and punctuation on both sides; a wrong caption scores lower on every metric asked for."""
+def test_scores_are_on_the_papers_x100_scale_and_only_the_metrics_asked_for():
+    """A caption equal to its only reference (the PTB tokenizer ignores case and punctuation on both sides) gets
+    BLEU-1 100: the toolkit's 1.0, on the papers' scale; and only the metrics asked for are computed."""
     references = {k: [v[0]] for k, v in REFERENCES.items()}
     perfect = score_captions({k: v[0].upper().rstrip(" .") for k, v in REFERENCES.items()}, references,
                              metrics=("Bleu_1", "CIDEr"))
-    assert perfect["Bleu_1"] == pytest.approx(100.0)
-    wrong = score_captions({k: "a red car" for k in REFERENCES}, references, metrics=("Bleu_1", "CIDEr"))
-    assert set(wrong) == {"Bleu_1", "CIDEr"} and all(perfect[m] > wrong[m] for m in wrong)
+    assert set(perfect) == {"Bleu_1", "CIDEr"} and perfect["Bleu_1"] == pytest.approx(100.0)
 
 
 def test_scoring_cut_short_inside_meteor_does_not_hang_the_process():
@@ -171,7 +169,7 @@ def test_split_generation_equals_the_standard_inference_path(demo_run, demo_worl
     from blip2 import vision_embeds
     from data import prompt_ids, read_captions
     from images import load_image
-    from lora import load_adapter
+    from adapter_files import load_adapter
     from model import generate_captions, load_blip2
     model, processor = load_blip2(demo_world[1])
     load_adapter(model, os.path.join(demo_run[0], "adapter"))
@@ -226,9 +224,10 @@ def test_spice_that_cannot_run_is_one_line_and_the_rest_is_reported(demo_world, 
     assert code == 0, stderr[-2000:]
     metrics = json.load(open(tmp_path / "scores.json"))["metrics"]
     assert metrics["CIDEr"] > 100.0 and "METEOR" in metrics
-    if "SPICE" not in metrics:  # offline, or a Java newer than SPICE supports
-        spice_lines = [line for line in stderr.splitlines() if "SPICE" in line]
-        assert len(spice_lines) == 1 and "could not run" in spice_lines[0]
+    # SPICE ran (online, Java 8), or it is one line saying it could not (offline, a newer Java) and the rest stands
+    spice_lines = [line for line in stderr.splitlines() if "SPICE" in line]
+    said = len(spice_lines) == 1 and "could not run" in spice_lines[0]
+    assert ("SPICE" in metrics) != said
 
 
 @pytest.mark.parametrize("script", ["caption", "evaluate"])
@@ -241,11 +240,3 @@ def test_a_directory_that_is_not_an_adapter_is_one_line(tmp_path, script):
 def test_a_generation_option_out_of_range_is_refused_before_any_work(script, capsys):
     code, _, stderr = run_main(script, "--num-beams", "0", "photo.jpg" if script == "caption" else "--split=test")
     assert code == 2 and "argument --num-beams/--num_beams: must be from 1 to 32, got 0" in stderr
-
-
-def test_an_unwritable_out_path_is_said_before_any_captioning(demo_run, tmp_path):
-    (tmp_path / "a_file").write_text("")
-    code, _, stderr = run_main("evaluate", "--adapter", os.path.join(demo_run[0], "adapter"),
-                               "--out", tmp_path / "a_file" / "scores.json")
-    assert code == 1 and "captioning" not in stderr
-    assert stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'a_file'}: is a file")

@@ -1,4 +1,5 @@
-"""lora.py's promises: identity at init, exact merge, only adapters train, faithful save/load, clear errors."""
+"""lora.py's and adapter_files.py's promises: identity at init, exact merge, only adapters train, faithful save and
+load (in peft too), clear errors."""
 import json
 import os
 import re
@@ -7,8 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lora import (AdapterError, LoRALinear, inject_lora, load_adapter, lora_layers, lora_summary, merge_lora,
-                  save_adapter)
+from adapter_files import AdapterError, load_adapter, save_adapter
+from lora import LoRALinear, inject_lora, lora_layers, lora_summary, merge_lora
 from model import lora_targets
 
 
@@ -218,12 +219,17 @@ def test_wrapping_t5_feed_forward_wo_still_runs(tiny_blip2):
     model(**inputs(model)).logits.sum().backward()
 
 
-def test_peft_loads_what_save_adapter_writes(tiny_blip2, random_lora_b, tmp_path):
+def test_peft_loads_what_save_adapter_writes_with_caption_settings_beside_it(tiny_blip2, random_lora_b, tmp_path):
+    """The adapter folder as train.py leaves it (caption_settings.json beside peft's two files) loads in peft and
+    gives the same logits. (OPT's: tests/test_opt.py.)"""
     peft = pytest.importorskip("peft")  # not a project dependency: checked where it is installed
+    from captioning import save_caption_settings
     trained = tiny_blip2()
     inject_lora(trained, lora_targets(trained.config))
     random_lora_b(trained)
     save_adapter(trained, tmp_path, "tiny")
+    save_caption_settings(str(tmp_path), {"prompt": "a picture of", "num_beams": 2, "max_new_tokens": 9,
+                                          "min_new_tokens": 1}, {"data_dir": "/photos", "step": 4})
     loaded = peft.PeftModel.from_pretrained(tiny_blip2(), str(tmp_path)).eval()
     x = inputs(trained)
     assert torch.allclose(logits(loaded, x), logits(trained, x), atol=1e-5)
@@ -238,7 +244,7 @@ def test_merge_with_a_non_finite_adapter_in_a_later_layer_changes_nothing(tiny_b
     last_path, last = lora_layers(model)[-1]
     with torch.no_grad():
         last.lora_B[0, 0] = float("inf")
-    with pytest.raises(AdapterError, match=f"into {last_path} gives non-finite weights; nothing was changed"):
+    with pytest.raises(ValueError, match=f"into {last_path} gives non-finite weights; nothing was changed"):
         merge_lora(model)
     assert len(lora_layers(model)) == count  # no layer was merged, the earlier ones included
     after = dict(model.named_parameters())

@@ -107,14 +107,6 @@ def test_the_levers_lower_the_full_models_predicted_peak():
     assert rest[1] - rest[0] > 1.9e9  # ViT-g: 986M parameters in bf16
 
 
-def test_float16_is_the_precision_on_gpus_without_bfloat16(monkeypatch):
-    from blip2 import autocast_dtype
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # a T4 or a V100
-    assert autocast_dtype("cuda") == torch.float16 and autocast_dtype("cpu") == torch.float32
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert autocast_dtype("cuda:0") == torch.bfloat16
-
-
 def test_a_4bit_base_gives_nearly_the_16bit_loss_and_without_bitsandbytes_says_what_to_install(demo_world,
                                                                                                  monkeypatch):
     """NF4 rounds every T5 weight, so the loss is not the same; on the demo base it stays within 5%."""
@@ -143,7 +135,7 @@ def test_the_demo_on_a_4bit_base_learns_and_its_adapter_loads_on_the_16bit_base(
     recomputed in the backward pass; the adapter is the usual file, which peft loads on the 16-bit base."""
     peft = pytest.importorskip("peft")
     from transformers import Blip2ForConditionalGeneration
-    from lora import load_adapter
+    from adapter_files import load_adapter
     out = tmp_path / "demo4"
     code, stdout, err = run_main("train", "config/demo.py", "--base_bits=4", "--gradient_checkpointing=True",
                                  "--epochs=2", "--eval_interval=0", f"--out_dir={out}")

@@ -348,12 +348,19 @@ def test_a_prompt_holding_the_image_token_is_one_line(demo_world):
     assert code == 1 and "contains the image token '<image>'" in err
 
 
-def test_an_out_path_that_cannot_be_written_is_said_before_any_work(demo_world):
-    """(A read-only folder: as root, /proc is one; chmod would not stop root.)"""
+@pytest.mark.parametrize("out, message", [
+    ("/proc/blip2-test/scores.json", "/proc/blip2-test: cannot write the file /proc/blip2-test/scores.json"),
+    ("{tmp}/a_file/scores.json", "{tmp}/a_file: is a file, not a folder"),
+    ("{tmp}", "{tmp}: is a directory; give a file name, e.g. {tmp}/scores.json"),
+])
+def test_an_out_path_that_cannot_be_written_is_said_before_any_work(demo_world, tmp_path, out, message):
+    """A read-only folder (as root, /proc is one; chmod would not stop root), a folder that is a file, a file that is
+    a folder: one line, before anything is captioned, and nothing written."""
+    (tmp_path / "a_file").write_text("")
     code, _, err = run_main("evaluate", "--adapter", "none", "--model", demo_world[1], "--out",
-                            "/proc/blip2-test/scores.json")
-    assert code == 1 and err.startswith("error: /proc/blip2-test: cannot write the file /proc/blip2-test/scores.json")
-    assert "scoring" not in err  # nothing was captioned
+                            out.format(tmp=tmp_path))
+    assert code == 1 and err.startswith(f"error: {message.format(tmp=tmp_path)}") and err.count("\n") == 1
+    assert os.listdir(tmp_path) == ["a_file"]
 
 
 def test_a_collection_without_train_images_says_so(demo_world, tmp_path):
@@ -362,13 +369,6 @@ def test_a_collection_without_train_images_says_so(demo_world, tmp_path):
     (data / "Flickr_8k.trainImages.txt").write_text("")
     code, _, err = run_main("train", "config/demo.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}")
     assert code == 1 and err == f"error: {data}: no train images\n"
-
-
-def test_evaluate_refuses_an_out_path_that_is_a_directory_before_any_work(tmp_path):
-    code, _, err = run_main("evaluate", "--adapter", "none", "--model", "data/demo/blip2-tiny", "--out", tmp_path)
-    assert code == 1
-    assert err == f"error: {tmp_path}: is a directory; give a file name, e.g. {tmp_path / 'scores.json'}\n"
-    assert os.listdir(tmp_path) == []
 
 
 def test_predictions_that_are_not_utf8_name_the_file(demo_world, tmp_path):
