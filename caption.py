@@ -110,7 +110,10 @@ def check_export_folder(out_dir, adapter, model_name):
         raise UserError(f"--export-merged {out_dir}: the folder is not empty and is not an earlier export; name a "
                         "new folder (nothing was written)")
     marked = read_json(marker)
-    written = marked.get("files", []) if isinstance(marked, dict) else []
+    written = marked.get("files") if isinstance(marked, dict) else None
+    if not isinstance(written, list) or not all(isinstance(name, str) for name in written):
+        raise UserError(f"{marker}: not the list of files an export writes (damaged or edited); move the folder's "
+                        "contents out or name a new folder (nothing was written)")
     added = sorted(set(os.listdir(out_dir)) - set(written) - {EXPORT_MARKER})
     if added:
         raise UserError(f"--export-merged {out_dir}: an earlier export, but it now holds files the export did not "

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from adapter_files import load_adapter, read_adapter_config
 from data import warn_unreadable
-from files import UserError, read_json, write_json
+from files import UserError, printable, read_json, write_json
 from images import UnreadableImage, load_image
 from lora import lora_layers
 from blip2 import autocast_dtype, move_vision, vision_embeds
@@ -28,6 +28,9 @@ GENERATION_DEFAULTS = {"prompt": "a photo of", "num_beams": 5, "max_new_tokens":
 GENERATION_LIMITS = {"num_beams": (1, 32), "max_new_tokens": (1, 512), "min_new_tokens": (0, 512)}
 MAX_PROMPT_CHARACTERS = 1000
 CAPTION_SETTINGS_FILE = "caption_settings.json"
+# What caption_settings.json's trained_on holds, and the type each value must have when read back
+TRAINED_ON = {"data_dir": str, "caption_column": str, "image_column": str, "symlinks_out": bool, "base_model": str,
+              "step": int, "adapter": str}
 
 
 def check_generation(settings, where):
@@ -66,6 +69,12 @@ def read_caption_settings(adapter_dir):
     if not isinstance(settings, dict) or not isinstance(settings.get("trained_on", {}), dict):
         raise UserError(f"{path}: expected a JSON object of generation settings; fix or delete the file")
     check_generation(settings, f"{path} (fix or delete the file)")
+    for key, value in settings.get("trained_on", {}).items():
+        kind = TRAINED_ON.get(key)
+        if kind is not None and not isinstance(value, kind):
+            what = {str: "text", bool: "true or false", int: "a whole number"}[kind]
+            raise UserError(f"{path}: trained_on.{key}={printable(repr(value)[:80])} must be {what}; fix or delete "
+                            "the file")
     return {k: settings[k] for k in (*GENERATION_DEFAULTS, "trained_on") if k in settings}
 
 

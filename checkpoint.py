@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from captioning import CAPTION_SETTINGS_FILE
-from files import UserError, first_line, make_temp_dir, read_json, user_permissions_tree, write_json
+from files import UserError, first_line, make_temp_dir, printable, read_json, user_permissions_tree, write_json
 from scoring import is_our_report
 
 # Settings a resumed run must keep: they define the adapter's shape and meaning, the inputs, and the data order.
@@ -122,12 +122,19 @@ def restore(path, state, optimizer, scaler, device):
 
 
 def _check_optimizer_state(saved, optimizer):
-    """An AdamW state that fits these parameters: one (step, exp_avg, exp_avg_sq) per LoRA tensor, each of its shape.
-    load_state_dict would take a wrong one without a word and the first step would crash."""
+    """An AdamW state that fits these parameters: one (step, exp_avg, exp_avg_sq) per LoRA tensor, each of its shape
+    and finite, and hyperparameters of the types AdamW uses (its flags as this run sets them). load_state_dict would
+    take a wrong one without a word; the first step would crash, or turn every weight into NaN."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    state = saved.get("state") if isinstance(saved, dict) else None
-    if not isinstance(state, dict) or not isinstance(saved.get("param_groups"), list):
-        raise ValueError("not an optimizer state")
+    state, groups = (saved.get("state"), saved.get("param_groups")) if isinstance(saved, dict) else (None, None)
+    if not isinstance(state, dict) or not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        raise ValueError("not an optimizer state of this run")
+    for group, ours in zip(groups, optimizer.param_groups):
+        if not isinstance(group, dict):
+            raise ValueError("not an optimizer state of this run")
+        for key, value in ours.items():
+            if key in group and key != "params" and not _same_kind(key, group[key], value):
+                raise ValueError(f"its {key}={printable(repr(group[key])[:60])} is not what AdamW takes here")
     for index, entry in state.items():
         if type(index) is not int or not 0 <= index < len(params) or not isinstance(entry, dict):
             raise ValueError(f"state entry {index!r} fits no parameter")
@@ -135,6 +142,21 @@ def _check_optimizer_state(saved, optimizer):
             tensor = entry.get(name)
             if not torch.is_tensor(tensor) or tensor.shape != params[index].shape or not tensor.is_floating_point():
                 raise ValueError(f"{name} of parameter {index} does not fit its shape {tuple(params[index].shape)}")
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{name} of parameter {index} holds NaN or infinity")
+
+
+def _same_kind(key, saved, ours):
+    """A saved hyperparameter that AdamW can take here: a number a finite number, betas two of them, a flag a flag;
+    amsgrad and maximize as this run sets them (amsgrad needs a state train.py never keeps)."""
+    if key in ("amsgrad", "maximize"):
+        return saved is ours
+    if isinstance(ours, bool) or ours is None:
+        return isinstance(saved, bool) or saved is None
+    if isinstance(ours, (tuple, list)):
+        return isinstance(saved, (tuple, list)) and len(saved) == len(ours) and all(
+            _same_kind(key, s, o) for s, o in zip(saved, ours))
+    return type(saved) in (int, float) and math.isfinite(saved)
 
 
 _held_locks = []  # open lock files: a lock lasts while its file stays open

@@ -42,9 +42,14 @@ def one_line_errors(work):
 
 
 def printable(name):
-    """Text as one line: control characters (newline, tab, ...) and undecodable bytes written as escapes, so a file
-    name can never forge a line or a column of the output."""
-    return "".join(repr(ch)[1:-1] if unicodedata.category(ch) in ("Cc", "Cs") else ch for ch in name)
+    """Text as one line: control characters (newline, tab, ...), line and paragraph separators (U+2028, U+2029, which
+    str.splitlines() breaks at), format characters (U+202E reverses the text after it) and undecodable bytes written
+    as escapes, so a file name can never forge a line or a column of the output, nor hide its own end."""
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in ESCAPED else ch
+                   for ch in name)
+
+
+ESCAPED = {"Cc", "Cs", "Cf", "Zl", "Zp"}  # unicodedata's categories: control, surrogate, format, line, paragraph
 
 
 def inside(path, folder):

@@ -58,7 +58,7 @@ def per_pair_caption_loss(model, batch):
     input_ids = torch.cat([batch["input_ids"][per_caption], caption], dim=1)           # (N, L + T)
     attention_mask = torch.cat([batch["attention_mask"][per_caption], (labels != -100).long()], dim=1)
     logits = model(pixel_values=batch["pixel_values"][per_caption], input_ids=input_ids,
-                   attention_mask=attention_mask).logits                                # (N, L + T, vocab)
+                   attention_mask=attention_mask, use_cache=False).logits               # (N, L + T, vocab)
     # the logit at position i predicts token i + 1: the caption's T tokens are predicted from position L - 1 on
     return caption_loss_sum(logits[:, prefix_length - 1:-1], labels)
 

@@ -15,7 +15,7 @@ import shutil
 import sys
 from contextlib import contextmanager, redirect_stdout
 
-from files import UserError, atomic_write
+from files import UserError, atomic_write, printable
 from images import UnreadableImage, load_image
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -158,7 +158,7 @@ def write_html(path, title, columns, rows, about=()):
              "th,td{vertical-align:top;padding:4px 8px;text-align:left}.scores td{text-align:right}"
              ".images tr{border-top:1px solid #ddd}img{max-width:160px}.gen{font-weight:bold}.zs{color:#666}"
              ".low{color:#b00}</style>", f"<h1>{esc(title)}</h1>"]
-    parts += [f"<p>{esc(line)}</p>" for line in about]
+    parts += [f"<p>{esc(printable(line))}</p>" for line in about]  # names: escaped, even bytes that are not UTF-8
     parts += ["<p>Scores x100 (the 0..1 scores of the COCO caption toolkit, as papers print them).</p>",
               "<table class='scores'><tr><th>metric</th>" + "".join(f"<th>{esc(n)}</th>" for n in labels) + "</tr>"]
     parts += [f"<tr><th>{m}</th>" + "".join(f"<td>{columns[n][m]:.1f}</td>" if m in columns[n] else "<td>-</td>"
@@ -171,7 +171,7 @@ def write_html(path, title, columns, rows, about=()):
             captions += f"<div class='zs'>zero-shot: {esc(row['zero_shot'])}</div>"
         references = "".join(f"<li>{esc(r)}</li>" for r in row["references"])
         parts.append(f"<tr><td>{thumbnail(row['source'])}</td><td class='{'low' if row['cider'] < 10 else ''}'>"
-                     f"{row['cider']:.1f}</td><td><div>{esc(row['image'])}</div>{captions}</td>"
+                     f"{row['cider']:.1f}</td><td><div>{esc(printable(row['image']))}</div>{captions}</td>"
                      f"<td><ul>{references}</ul></td></tr>")
     parts.append("</table>")
     atomic_write(path, "\n".join(parts))

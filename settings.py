@@ -44,6 +44,9 @@ def apply(argv, defaults):
         key = ALIASES.get(key, key)
         if key not in settings:
             raise SettingsError(f"{where}: unknown setting {key!r} (python train.py --help lists them)")
+        if kind == "option":  # command-line text: a literal, except that a text setting takes any text (--prompt 1)
+            literal = _literal(value)
+            value = value if isinstance(defaults[key], str) and type(literal) in (int, float) else literal
         settings[key] = _typed(key, value, settings[key], defaults[key], where)
     check(settings)
     return settings
@@ -60,7 +63,7 @@ def _assignments(argv):
                 i, text, sep = i + 1, argv[i + 1], " "
             if not sep or not key:
                 raise SettingsError(f"{arg}: give a value: --key=value or --key value")
-            yield "option", key.replace("-", "_"), _literal(text), arg
+            yield "option", key.replace("-", "_"), text, arg
         elif arg.startswith("-") and arg != "-":
             raise SettingsError(f"{arg}: settings are written --key=value (python train.py --help lists them)")
         else:

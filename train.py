@@ -50,7 +50,7 @@ from captioning import GENERATION_DEFAULTS, base_model_reference, caption_items,
 from captioning import save_caption_settings
 from data import CaptionCollator, ImageCaptionDataset, caption_token_stats, prompt_ids, read_captions
 from files import UserError, printable, read_json, require_writable_folder, write_json
-from lora import inject_lora, lora_summary
+from lora import inject_lora, lora_state_dict, lora_summary
 from model import DEFAULT_MODEL, caption_tokenizer, grouped_caption_loss, load_prepared, use_gradient_checkpointing
 from model import lora_targets as default_lora_targets  # (lora_targets is a setting's name)
 from scoring import SCALE, print_table, require_java, score_captions, score_split, write_html
@@ -67,7 +67,7 @@ out_dir = "out"                        # checkpoint/, adapter/, vision_cache/, l
 prompt = GENERATION_DEFAULTS["prompt"]  # the text after the image tokens: "a photo of", as LAVIS's recipe
 # LoRA
 lora_r = 8                             # the rank r of each update B @ A
-lora_alpha = 16                        # the update is scaled by lora_alpha / lora_r
+lora_alpha = 16.0                      # the update is scaled by lora_alpha / lora_r
 lora_dropout = 0.05                    # dropout on the adapters' input (the frozen base has none)
 lora_targets = []                      # module-path suffixes; [] = Q-Former and all language-model attention
                                        # (blip2.QFORMER_TARGETS + t5.LORA_TARGETS or opt.LORA_TARGETS)
@@ -139,7 +139,7 @@ def main(argv=None):
         print("\ninterrupted: " + resume_hint(cfg), file=sys.stderr)
         return 130
     except Terminated as e:
-        print(f"stopped by SIGTERM: {e or resume_hint(cfg)}", file=sys.stderr)
+        print(f"stopped by SIGTERM: {str(e) or resume_hint(cfg)}", file=sys.stderr)
         return 143
     except torch.cuda.OutOfMemoryError:
         print(f"error: {out_of_memory_hint(cfg)}", file=sys.stderr)
@@ -643,7 +643,13 @@ def restore(cfg, p, t, run, resume_from, state):
 
 def save_trained_adapter(cfg, blip2, path, step):
     """The adapter (peft's layout) and, first, caption_settings.json beside it: the prompt and generation settings
-    caption.py and evaluate.py use, and what it was trained on (checkpoint.py knows the folder as ours by it)."""
+    caption.py and evaluate.py use, and what it was trained on (checkpoint.py knows the folder as ours by it).
+    Weights that are not finite are never saved, as an adapter or in a checkpoint: the run stops instead."""
+    if not all(torch.isfinite(q).all() for q in lora_state_dict(blip2).values()):
+        kept = checkpoint.find(os.path.join(cfg.out_dir, "checkpoint"))
+        raise RunError(f"the LoRA weights hold NaN or infinity after step {step}; nothing was saved. "
+                       + (f"The last good checkpoint ({kept}) is kept; lower learning_rate (now {cfg.learning_rate:g}) "
+                          "and run again to resume from it" if kept else "Lower learning_rate or check the data"))
     os.makedirs(path, exist_ok=True)
     trained_on = {"data_dir": os.path.abspath(cfg.data_dir), "caption_column": cfg.caption_column,
                   "image_column": cfg.image_column, "symlinks_out": cfg.symlinks_out,

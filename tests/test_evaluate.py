@@ -114,15 +114,18 @@ def test_caption_without_adapter_reports_bad_inputs_and_captions_the_rest(demo_w
     assert "not a regular file" in stderr
 
 
-def test_a_file_name_cannot_forge_an_output_line(demo_world, tmp_path):
+@pytest.mark.parametrize("name, shown", [("a.jpg\tfake caption\nb.jpg", "a.jpg\\tfake caption\\nb.jpg"),
+                                         ("a.jpg\u2028b.jpg", "a.jpg\\u2028b.jpg"),  # a line break to splitlines()
+                                         ("gpj.\u202eexe.jpg", "gpj.\\u202eexe.jpg")])  # shows as "...gpj.exe"
+def test_a_file_name_cannot_forge_an_output_line(demo_world, tmp_path, name, shown):
     import shutil
     folder = os.path.join(demo_world[0], "Flicker8k_Dataset")
-    forged = tmp_path / "a.jpg\tfake caption\nb.jpg"
-    shutil.copy(os.path.join(folder, sorted(os.listdir(folder))[0]), forged)
-    code, stdout, _ = run_main("caption", "--adapter", "none", "--model", demo_world[1], "--num-beams", "1", forged)
+    shutil.copy(os.path.join(folder, sorted(os.listdir(folder))[0]), tmp_path / name)
+    code, stdout, _ = run_main("caption", "--adapter", "none", "--model", demo_world[1], "--num-beams", "1",
+                               tmp_path / name)
     assert code == 0 and len(stdout.splitlines()) == 1
-    name, caption = stdout.rstrip("\n").split("\t")
-    assert name == str(tmp_path / "a.jpg\\tfake caption\\nb.jpg") and caption
+    printed, caption = stdout.rstrip("\n").split("\t")
+    assert printed == str(tmp_path / shown) and caption
 
 
 def test_caption_a_directory_with_the_trained_adapter(demo_run, demo_world, tmp_path):

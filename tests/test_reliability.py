@@ -203,6 +203,14 @@ def tamper_state(key, value):
     return apply
 
 
+def tamper_optimizer(change):
+    def apply(c):
+        saved = torch.load(c / "optimizer.pt", weights_only=True)
+        change(saved)
+        torch.save(saved, c / "optimizer.pt")
+    return apply
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda c: (c / "state.json").write_text("{garbage"), "state.json: not valid JSON"),
     (lambda c: (c / "state.json").write_text("[" * 100_000), "state.json: not a valid file (JSON nested too deep)"),
@@ -217,10 +225,16 @@ def tamper_state(key, value):
     (lambda c: os.truncate(c / "optimizer.pt", 100), "optimizer.pt: unreadable"),
     (lambda c: torch.save({"state": Payload(), "param_groups": []}, c / "optimizer.pt"),
      "optimizer.pt: holds more than tensors"),
-    (lambda c: torch.save({"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3),
-                                         "exp_avg_sq": torch.zeros(3)}}, "param_groups": []}, c / "optimizer.pt"),
+    (tamper_optimizer(lambda s: s["state"][0].update(exp_avg=torch.zeros(3))),
      "exp_avg of parameter 0 does not fit its shape"),
+    (lambda c: torch.save({"state": {}, "param_groups": []}, c / "optimizer.pt"),
+     "not an optimizer state of this run"),
     (lambda c: os.remove(c / "rng.safetensors"), "rng.safetensors: unreadable (FileNotFoundError"),
+    (tamper_optimizer(lambda s: s["param_groups"][0].update(betas="0.9")), "its betas='0.9' is not what AdamW takes"),
+    (tamper_optimizer(lambda s: s["param_groups"][0].update(weight_decay="0")), "its weight_decay='0' is not what"),
+    (tamper_optimizer(lambda s: s["param_groups"][0].update(amsgrad=True)), "its amsgrad=True is not what AdamW"),
+    (tamper_optimizer(lambda s: s["state"][0]["exp_avg"].view(-1)[0].fill_(float("nan"))),
+     "exp_avg of parameter 0 holds NaN or infinity"),  # shapes valid: it would turn every weight into NaN
 ])
 def test_a_damaged_or_tampered_checkpoint_is_one_line_naming_the_file(trained, tmp_path, damage, message, capfd):
     import shutil
@@ -256,6 +270,9 @@ def adapter_copy(demo_run, tmp_path):
     ("caption_settings.json", "[" * 100_000, "not a valid file (JSON nested too deep)"),
     ("adapter_config.json", "[" * 100_000, "not a valid file (JSON nested too deep)"),
     ("adapter_config.json", '{"r": ' + "1" * 5000 + "}", "not valid JSON (ValueError: Exceeds the limit"),
+    ("caption_settings.json", {"trained_on": {"data_dir": ["/photos"]}}, "trained_on.data_dir=['/photos'] must be "
+     "text; fix or delete the file"),
+    ("caption_settings.json", {"trained_on": {"step": {"n": 4}}}, "trained_on.step={'n': 4} must be a whole number"),
 ])
 def test_settings_read_back_from_an_adapter_are_checked(demo_run, tmp_path, file, content, message):
     adapter = adapter_copy(demo_run, tmp_path)
@@ -399,3 +416,93 @@ def test_scoring_nothing_says_so():
     from scoring import ScoringError, score_captions
     with pytest.raises(ScoringError, match="no captions to score"):
         score_captions({}, {})
+
+
+# ------------------------------------------------------------------------------- round 4
+
+def test_an_export_marker_with_other_contents_is_one_line(demo_run, tmp_path):
+    """merged_from.json lists the files an export wrote; edited into something else, it is refused, not crashed on."""
+    adapter, merged = os.path.join(demo_run[0], "adapter"), tmp_path / "merged"
+    assert run_main("caption", "--adapter", adapter, "--export-merged", merged)[0] == 0
+    (merged / "merged_from.json").write_text(json.dumps({"files": [["model.safetensors"]]}))
+    code, _, err = run_main("caption", "--adapter", adapter, "--export-merged", merged)
+    assert code == 1 and err.count("\n") == 1 and "merged_from.json: not the list of files an export writes" in err
+
+
+def test_weights_that_became_nan_are_never_saved(demo_world, tmp_path, monkeypatch):
+    """An optimizer step that turns the weights into NaN at the last step (the loss of that step was finite): the run
+    stops with one line, no adapter is written and the last checkpoint is the one before, unfinished."""
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def nan_at_the_last_step(self, *args, **kwargs):
+        result = real_step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for q in group["params"]:
+                        q.fill_(float("nan"))
+        return result
+    monkeypatch.setattr(torch.optim.AdamW, "step", nan_at_the_last_step)
+    code, _, err = run_main("train", "config/demo.py", "--max_steps=3", "--checkpoint_interval=2",
+                            "--eval_interval=0", "--final_eval=False", f"--out_dir={tmp_path}")
+    assert code == 1 and err.count("\n") == 1 and "the LoRA weights hold NaN or infinity after step 3" in err
+    assert not os.path.exists(tmp_path / "adapter" / "adapter_model.safetensors")
+    state = json.load(open(tmp_path / "checkpoint" / "state.json"))
+    assert state["step"] == 2 and state["finished"] is False
+
+
+def test_sigterm_before_the_loop_says_how_to_go_on(demo_world, tmp_path, monkeypatch):
+    """SIGTERM while the vision cache is built (or the final evaluation runs): the line says what to do."""
+    import train
+    import vision_cache
+
+    def terminated(*args, **kwargs):
+        raise train.Terminated()
+    monkeypatch.setattr(vision_cache.VisionCache, "build", terminated)
+    code, _, err = run_main("train", "config/demo.py", f"--out_dir={tmp_path}")
+    assert code == 143 and err == "stopped by SIGTERM: no checkpoint was written yet\n"
+
+
+def test_a_text_setting_takes_any_text_and_lora_alpha_any_number():
+    import settings
+    import train
+    given = settings.apply(["--lora_alpha=0.5", "--out_dir", "2024", "--prompt", "1", "--max_steps=3"], train.SETTINGS)
+    assert (given["lora_alpha"], given["out_dir"], given["prompt"], given["max_steps"]) == (0.5, "2024", "1", 3)
+    with pytest.raises(settings.SettingsError, match="lora_alpha=0.0: must be between"):
+        settings.apply(["--lora_alpha=0"], train.SETTINGS)
+
+
+def test_captions_on_a_gpu_without_bf16_stay_finite(demo_world, tmp_path, monkeypatch):
+    """caption.py, evaluate.py and train.py load through model.load_prepared, which runs T5's wo in float32 under
+    float16 (a T4 or a V100). Shown on the CPU's float16 autocast with a base whose wo activations pass float16's
+    65,504 (its wo weights x 10,000): the captions are the float32 ones, not NaN's garbage."""
+    import caption
+    import captioning
+    from model import load_blip2
+    model, processor = load_blip2(demo_world[1])
+    with torch.no_grad():
+        for name, module in model.language_model.named_modules():
+            if name.endswith("DenseReluDense.wo"):
+                module.weight.mul_(1e4)
+    model.save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    folder = os.path.join(demo_world[0], "Flicker8k_Dataset")
+    images = [os.path.join(folder, name) for name in sorted(os.listdir(folder))[:4]]
+    _, in_float32, _ = run_main("caption", "--adapter", "none", "--model", tmp_path / "base", *images)
+    for module in (caption, captioning):
+        monkeypatch.setattr(module, "autocast_dtype", lambda device: torch.float16)
+    code, in_float16, err = run_main("caption", "--adapter", "none", "--model", tmp_path / "base", *images)
+    assert code == 0 and in_float16 == in_float32 and len(in_float32.splitlines()) == 4, err[-2000:]
+
+
+def test_a_report_names_a_file_that_is_not_utf8(tmp_path):
+    """A file name with a byte that is not UTF-8 (Linux allows any): the report is written, the name escaped."""
+    from scoring import write_html
+    name = os.fsdecode(b"caf\xff.jpg")
+    write_images(tmp_path, [name])
+    rows = [{"image": name, "source": str(tmp_path / name), "caption": "a dog", "references": ["a dog"],
+             "cider": 10.0}]
+    write_html(tmp_path / "report.html", "test", {"fine-tuned": {"CIDEr": 10.0}}, rows, about=[f"collection: {name}"])
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert page.count("caf\\udcff.jpg") == 2 and page.count("<img src='data:image/jpeg;base64,") == 1
