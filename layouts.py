@@ -429,9 +429,34 @@ def _files_below(root, suffix, depth=3):
 
 
 def _detect_arrow(root):
-    """save_to_disk's folder: dataset_dict.json (several splits) or state.json (one), then the .arrow files."""
+    """save_to_disk's folder: dataset_dict.json (several splits) or state.json (one), then each split's state.json."""
     marked = any(os.path.isfile(os.path.join(root, f)) for f in ("dataset_dict.json", "state.json"))
-    return _files_below(root, ".arrow") if marked else None
+    return [f for f in _files_below(root, ".json") or [] if os.path.basename(f) == "state.json"] if marked else None
+
+
+def _read_arrow(root, states, options):
+    """Exactly the Arrow files each split's state.json lists (`_data_files`). Others beside them are not the
+    dataset's: `datasets` leaves cache-*.arrow files there after a map() or filter(), and reading them would count
+    rows twice; they are listed as skipped."""
+    files, unlisted = [], []
+    for state in states:
+        folder, listed = os.path.dirname(state), _json(state)
+        names = listed.get("_data_files") if isinstance(listed, dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, dict) and isinstance(n.get("filename"), str)
+                                                  for n in names):
+            raise DataError(f"{state}: no list of the split's files (_data_files); save the dataset again with "
+                            "save_to_disk")
+        ours = [os.path.join(folder, n["filename"]) for n in names]
+        missing = [f for f in ours if not os.path.isfile(f)]
+        if missing:
+            raise DataError(f"{missing[0]}: listed in {state} but not there; copy the whole dataset folder")
+        files += ours
+        unlisted += sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                           if f.endswith(".arrow") and os.path.join(folder, f) not in ours)
+    found = _read_dataset_files(root, files, options)
+    found.skipped += [{"item": os.path.relpath(f, root), "reason": "not listed in its state.json (a cache file "
+                       "`datasets` leaves after map() or filter()): not read"} for f in unlisted]
+    return found
 
 
 def _read_dataset_files(root, files, options):
@@ -442,9 +467,9 @@ def _read_dataset_files(root, files, options):
         relative = os.path.relpath(path, root)
         file_split = next(filter(None, map(_split_word, reversed(relative.split(os.sep)))), None)
         from_names = from_names or file_split is not None
-        for row, image_column, image_path, embedded, captions, label in _dataset_rows(path, options):
+        for row, image_column, image_path, embedded, captions, label in _dataset_rows(path, options, found.skipped):
             found.rows += 1
-            split = file_split or (label.strip() if isinstance(label, str) else None)
+            split = file_split or (label.strip() if isinstance(label, str) else label)  # another label is reported
             if not captions or not (embedded or image_path):
                 reason = ("no image (neither bytes nor a path)" if captions else
                           "no caption" if captions is not None else "a caption is not text")
@@ -465,33 +490,46 @@ def _read_dataset_files(root, files, options):
     return found
 
 
-def _dataset_rows(path, options):
+def _dataset_rows(path, options, skipped):
     """(row, image column, the image's own path or None, whether its bytes are in the file, captions or None, split
     label or None) for each row of a parquet or Arrow file. Image bytes are not read, only their presence."""
     import pyarrow as pa
     try:
-        source = _open_dataset_file(path)
+        source, whole = _open_dataset_file(path)
     except (OSError, pa.ArrowException) as e:
         raise DataError(f"{path}: not a readable {os.path.splitext(path)[1][1:]} file ({type(e).__name__})") from None
     schema = source.schema_arrow if path.endswith(".parquet") else source.schema
-    image_column, caption_columns = _dataset_columns(path, schema, options)
+    image_column, caption_columns, split_names = _dataset_columns(path, schema, options)
     text_columns = caption_columns + (["split"] if "split" in schema.names else [])
     row = 0
     for text, paths, embedded in _dataset_batches(path, source, image_column, text_columns):
         for i in range(len(paths)):
             captions = _cell_captions([text[c][i] for c in caption_columns])
             label = text["split"][i] if "split" in text else None
+            if type(label) is int and 0 <= label < len(split_names):  # a ClassLabel: its names are in the features
+                label = split_names[label]
             yield row, image_column, paths[i], embedded[i], captions, label
             row += 1
+    if not whole:
+        skipped.append({"item": path, "reason": f"the Arrow stream ends without its end marker: the file was cut "
+                        f"short, and only the {row} rows before the cut were read"})
+
+
+ARROW_END = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the last 8 bytes of every whole Arrow IPC stream
 
 
 def _open_dataset_file(path):
+    """(the file opened with pyarrow, whether it is whole). An Arrow stream cut at a batch boundary reads without an
+    error, only fewer rows: its missing end marker tells."""
     import pyarrow as pa
     if path.endswith(".parquet"):
         import pyarrow.parquet as pq
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(path), True
     with pa.memory_map(path) as source:  # save_to_disk's Arrow IPC stream, memory-mapped: no copy of the images
-        return pa.ipc.open_stream(source).read_all()
+        table = pa.ipc.open_stream(source).read_all()
+    with open(path, "rb") as f:
+        f.seek(max(0, os.path.getsize(path) - len(ARROW_END)))
+        return table, f.read() == ARROW_END
 
 
 def _dataset_batches(path, source, image_column, text_columns):
@@ -532,14 +570,16 @@ def _may_lack(parquet_file, leaf):
 
 
 def _dataset_columns(path, schema, options):
-    """(image column, caption columns) of a dataset file: as named in options, else from the features the `datasets`
-    library records in the file (an Image feature), else `image`."""
+    """(image column, caption columns, the split column's label names) of a dataset file: as named in options, else
+    from the features the `datasets` library records in the file (an Image feature, a ClassLabel split), else
+    `image`."""
     import pyarrow as pa
     features = {}
     try:
         features = json.loads((schema.metadata or {}).get(b"huggingface", b"{}")).get("info", {}).get("features", {})
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # not JSON, not the shape `datasets` writes, nested deep
         pass
+    features = features if isinstance(features, dict) else {}
     marked = [name for name, f in features.items() if isinstance(f, dict) and f.get("_type") == "Image"]
     image_column = options.image_column or (marked[0] if marked else "image")
     if image_column not in schema.names:
@@ -557,7 +597,9 @@ def _dataset_columns(path, schema, options):
                 (pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type)))):
             raise DataError(f"{path}: caption column {c!r} holds {kind}, not text; name the caption column with "
                             "caption_column=NAME")
-    return image_column, caption_columns
+    split = features.get("split") if isinstance(features, dict) else None
+    names = split.get("names") if isinstance(split, dict) and split.get("_type") == "ClassLabel" else None
+    return image_column, caption_columns, names if isinstance(names, list) else []
 
 
 LAYOUTS = [
@@ -566,5 +608,5 @@ LAYOUTS = [
     Layout("kaggle", lambda root: _find(root, [KAGGLE_FILE]), _read_kaggle),
     Layout("imagefolder", _detect_imagefolder, _read_imagefolder),
     Layout("parquet", lambda root: _files_below(root, ".parquet"), _read_dataset_files),
-    Layout("arrow", _detect_arrow, _read_dataset_files),
+    Layout("arrow", _detect_arrow, _read_arrow),
 ]

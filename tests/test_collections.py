@@ -345,3 +345,55 @@ def test_imagefolder_split_folders_as_datasets_reads_them(tmp_path):
     assert counts(got) == {"train": (2, 2), "val": (0, 0), "test": (2, 2)}
     assert got["skipped"] == [{"item": "images_2024/", "reason": "a folder with a metadata file whose name is not a "
                                                                  "split (train, validation, test, ...): not read"}]
+
+
+def saved_split(folder, table, name="data-00000-of-00001.arrow", batches=1):
+    """One split of a save_to_disk folder: the Arrow stream (in `batches` record batches) and its state.json."""
+    import pyarrow as pa
+    folder.mkdir(parents=True, exist_ok=True)
+    with pa.OSFile(str(folder / name), "wb") as sink:
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            for batch in table.to_batches(max_chunksize=-(-table.num_rows // batches)):
+                writer.write_batch(batch)
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": name}]}))
+
+
+def test_a_save_to_disk_folder_is_read_as_its_state_json_lists_it(hub_datasets, tmp_path):
+    """After load_from_disk(...).map(...), `datasets` leaves cache-*.arrow files beside the data: they are not read
+    (12 rows were read as 24), and the report says so."""
+    import shutil
+    saved = shutil.copytree(hub_datasets / "saved", tmp_path / "saved")
+    shutil.copy(saved / "train" / "data-00000-of-00001.arrow", saved / "train" / "cache-1a2b3c.arrow")
+    got = report(saved)
+    assert got["rows"] == 30 and counts(got)["train"] == (20, 20)
+    assert got["skipped"] == [{"item": "train/cache-1a2b3c.arrow", "reason": "not listed in its state.json (a cache "
+                               "file `datasets` leaves after map() or filter()): not read"}]
+
+
+def test_an_arrow_stream_cut_short_and_a_split_column_of_numbers_say_what_they_did(demo_world, tmp_path):
+    """A stream cut at a batch boundary reads without an error, only fewer rows: the report says so. A split column
+    of numbers is a ClassLabel's, named in the file's features; numbers without names are reported, not ignored."""
+    import pyarrow as pa
+    images = demo_image_bytes(demo_world, 30)
+    table = image_table(images, [f"{i:03d}.jpg" for i in range(30)], {"text": ["a red circle"] * 30})
+    saved_split(tmp_path / "cut" / "train", table)
+    (tmp_path / "cut" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    sink = pa.BufferOutputStream()
+    writer = pa.ipc.new_stream(sink, table.schema)
+    for batch in table.to_batches(max_chunksize=10)[:2]:
+        writer.write_batch(batch)
+    # what a copy interrupted between two batches leaves: 20 of the 30 rows, and no end marker
+    (tmp_path / "cut" / "train" / "data-00000-of-00001.arrow").write_bytes(sink.getvalue().to_pybytes())
+    got = report(tmp_path / "cut")
+    (note,) = [s for s in got["skipped"] if "end marker" in s["reason"]]
+    assert got["rows"] == 20 and note["reason"].endswith("only the 20 rows before the cut were read")
+    labelled = image_table(images, [f"{i:03d}.jpg" for i in range(30)],
+                           {"text": ["a red circle"] * 30, "split": [0] * 20 + [1] * 5 + [2] * 5})
+    features = {**HF_FEATURES, "split": {"_type": "ClassLabel", "names": ["train", "validation", "test"]}}
+    named = labelled.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    saved_split(tmp_path / "named", named)
+    assert counts(report(tmp_path / "named")) == {"train": (20, 20), "val": (5, 5), "test": (5, 5)}
+    saved_split(tmp_path / "numbers", labelled)
+    got = report(tmp_path / "numbers")
+    assert counts(got)["train"] == (0, 0) and len(got["skipped"]) == 30
+    assert got["skipped"][0]["reason"] == "split 0 is not train, validation or test"
