@@ -461,8 +461,14 @@ def _read_arrow(root, states, options):
 
 def _read_dataset_files(root, files, options):
     """parquet shards or Arrow files -> Found. The split of a file comes from its name or its folder
-    (train-00000-of-00001.parquet, validation/data-00000-of-00001.arrow), else from a `split` column, else none."""
+    (train-00000-of-00001.parquet, validation/data-00000-of-00001.arrow), else from a `split` column, else none.
+
+    An image inside a file is one image: cells that share a name (`datasets` keeps only a file's base name, so
+    cats/0.png and dogs/0.png are both 0.png) are one image only if their bytes are the same (a dataset with a row per
+    caption); different bytes are different images, named FILE#ROW. A cell holding only a path names a file beside
+    the data, and the same path is the same file."""
     found, labels, from_names = Found({}, {}, [os.path.relpath(f, root) for f in files]), {}, False
+    cells = {}  # name -> [(DatasetImage, captions, split)] of the rows whose image is inside the file
     for path in files:
         relative = os.path.relpath(path, root)
         file_split = next(filter(None, map(_split_word, reversed(relative.split(os.sep)))), None)
@@ -474,20 +480,63 @@ def _read_dataset_files(root, files, options):
                 reason = ("no image (neither bytes nor a path)" if captions else
                           "no caption" if captions is not None else "a caption is not text")
                 found.skipped.append({"item": f"{relative} row {row}", "reason": reason})
-                continue
-            if embedded:  # rows with the same image path are one image, within a split (split folders repeat names)
+            elif embedded:
                 name = (f"{split}/" if split else "") + image_path.strip() if image_path else f"{relative}#{row}"
-                image = DatasetImage(path, row, image_column)
+                cells.setdefault(name, []).append((DatasetImage(path, row, image_column), captions, split))
             else:  # only a path: a file beside the data, which must be inside the collection's folder like any other
-                name = image = os.path.relpath(os.path.join(os.path.dirname(path), image_path), root)
-            found.captions.setdefault(name, []).extend(captions)
-            found.images.setdefault(name, image)
-            if split is not None:
-                labels.setdefault(name, split)
+                name = os.path.relpath(os.path.join(os.path.dirname(path), image_path), root)
+                _add(found, labels, name, name, captions, split)
+    for name, image, captions, split in _one_per_image(cells, root):
+        _add(found, labels, name, image, captions, split)
     if labels:
         found.split = _split_from_labels(labels, found.skipped)
         found.split_source = "the file names" if from_names else "the split column"
     return found
+
+
+def _add(found, labels, name, image, captions, split):
+    found.captions.setdefault(name, []).extend(captions)
+    found.images.setdefault(name, image)
+    if split is not None:
+        labels.setdefault(name, split)
+
+
+def _one_per_image(cells, root):
+    """(name, DatasetImage, captions, split) per image: a name held by one cell as it is; the cells of a name held by
+    several grouped by their bytes (read batch by batch, only for those rows), each group one image."""
+    repeated = {}  # (file, column) -> the rows whose bytes must be compared
+    for group in cells.values():
+        for cell, _, _ in group if len(group) > 1 else ():
+            repeated.setdefault((cell.file, cell.column), set()).add(cell.row)
+    digests = {(file, row): digest for (file, column), rows in repeated.items()
+               for row, digest in _cell_digests(file, column, rows)}
+    for name, group in cells.items():
+        by_bytes = {}
+        for cell, captions, split in group:
+            by_bytes.setdefault(digests.get((cell.file, cell.row)), []).append((cell, captions, split))
+        for same in by_bytes.values():
+            first = same[0][0]
+            key = name if len(by_bytes) == 1 else f"{os.path.relpath(first.file, root)}#{first.row}"
+            yield key, first, [c for _, captions, _ in same for c in captions], same[0][2]
+
+
+def _cell_digests(path, column, rows):
+    """(row, sha1 of its image bytes) for the given rows of a dataset file, reading only that column batch by batch."""
+    import hashlib
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    source, _ = _open_dataset_file(path)
+    kind = (source.schema_arrow if path.endswith(".parquet") else source.schema).field(column).type
+    nested = pa.types.is_struct(kind)
+    batches = (source.iter_batches(batch_size=1024, columns=[f"{column}.bytes" if nested else column])
+               if path.endswith(".parquet") else source.to_batches(max_chunksize=1024))
+    start = 0
+    for batch in batches:
+        cells = batch.column(column)
+        data = pc.struct_field(cells, "bytes") if nested else cells
+        for row in (r for r in rows if start <= r < start + batch.num_rows):
+            yield row, hashlib.sha1(data[row - start].as_py() or b"").hexdigest()
+        start += batch.num_rows
 
 
 def _dataset_rows(path, options, skipped):

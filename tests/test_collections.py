@@ -397,3 +397,25 @@ def test_an_arrow_stream_cut_short_and_a_split_column_of_numbers_say_what_they_d
     got = report(tmp_path / "numbers")
     assert counts(got)["train"] == (0, 0) and len(got["skipped"]) == 30
     assert got["skipped"][0]["reason"] == "split 0 is not train, validation or test"
+
+
+def test_images_inside_a_dataset_are_never_merged_by_a_name_that_repeats(demo_world, tmp_path):
+    """`datasets` keeps only an image's base name: cats/0.png and dogs/0.png are both 0.png, and 12 different images
+    may all be 0001.jpg. Different bytes are different images (named FILE#ROW); the same bytes under one name are one
+    image with all its captions (a dataset with a row per caption)."""
+    import pyarrow.parquet as pq
+    images = demo_image_bytes(demo_world, 12)
+    (tmp_path / "same_names" / "data").mkdir(parents=True)
+    pq.write_table(image_table(images, ["0001.jpg"] * 12, {"text": [f"caption {i}" for i in range(12)]}),
+                   tmp_path / "same_names" / "data" / "train-00000-of-00001.parquet")
+    got = report(tmp_path / "same_names")
+    assert counts(got)["train"] == (12, 12)
+    rows = json.loads(run_main("data", tmp_path / "same_names", "--json")[1])["rows"]
+    assert rows == 12
+    (tmp_path / "per_caption" / "data").mkdir(parents=True)
+    pq.write_table(image_table([images[i // 3] for i in range(12)], [f"{i // 3}.jpg" for i in range(12)],
+                               {"text": [f"caption {i}" for i in range(12)]}),
+                   tmp_path / "per_caption" / "data" / "train-00000-of-00001.parquet")
+    assert counts(report(tmp_path / "per_caption"))["train"] == (4, 12)  # 4 images, 3 captions each
+    names = {i.name for i in read_captions(str(tmp_path / "same_names")).splits["train"]}
+    assert names == {f"data/train-00000-of-00001.parquet#{row}" for row in range(12)}
