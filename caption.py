@@ -22,7 +22,7 @@ from captioning import (CAPTION_SETTINGS_FILE, GENERATION_DEFAULTS, add_generati
                         load_for_captioning, read_caption_settings, resolve_generation, resolve_model)
 from data import ImageCaptions, prompt_ids
 from files import (UserError, inside, make_temp_dir, one_line_errors, printable, read_json, user_permissions_tree,
-                   write_json)
+                   write_json, writer_errors_as_os_errors)
 from images import IMAGE_SUFFIXES
 from lora import merge_lora
 from model import family
@@ -136,7 +136,8 @@ def export_merged(model, processor, args, adapter, model_name):
                                    min_new_tokens=generation["min_new_tokens"])
     tmp = make_temp_dir(args.export_merged)
     try:
-        model.save_pretrained(tmp)
+        with writer_errors_as_os_errors(args.export_merged):  # safetensors says a full disk in its own exception
+            model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         write_json(os.path.join(tmp, CAPTION_SETTINGS_FILE), {**generation, "trained_on": {"adapter": adapter}})
         write_json(os.path.join(tmp, EXPORT_MARKER), {"adapter": os.path.abspath(adapter), "base_model": model_name,

@@ -21,7 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from captioning import CAPTION_SETTINGS_FILE
-from files import UserError, first_line, make_temp_dir, printable, read_json, user_permissions_tree, write_json
+from files import (UserError, first_line, make_temp_dir, printable, read_json, user_permissions_tree, write_json,
+                   writer_errors_as_os_errors)
 from scoring import is_our_report
 
 # Settings a resumed run must keep: they define the adapter's shape and meaning, the inputs, and the data order.
@@ -47,12 +48,16 @@ def save(path, state, save_adapter, optimizer, scaler, rng):
     tmp, old = make_temp_dir(path), path + ".old"
     try:
         save_adapter(tmp)  # the adapter, as out_dir/adapter holds it
-        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))  # tensors only: loads with weights_only
-        save_file(rng, os.path.join(tmp, "rng.safetensors"))
+        with writer_errors_as_os_errors(os.path.join(tmp, "optimizer.pt")):
+            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))  # tensors only: weights_only loads
+        with writer_errors_as_os_errors(os.path.join(tmp, "rng.safetensors")):
+            save_file(rng, os.path.join(tmp, "rng.safetensors"))
         write_json(os.path.join(tmp, "state.json"), {**state, "scaler": scaler.state_dict()})
         user_permissions_tree(tmp)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk or a kill leaves nothing half-written behind
+        if isinstance(e, OSError) and str(e.filename or "").startswith(tmp):  # name the file as the user knows it
+            raise OSError(e.errno, e.strerror, path + str(e.filename)[len(tmp):]) from None
         raise
     if os.path.isdir(path):
         shutil.rmtree(old, ignore_errors=True)

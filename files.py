@@ -10,6 +10,8 @@ lora.py and the vision cache all come here):
 - UserError: the base of every error that is the user's to fix (a setting, a file, a folder). The scripts run their
   work through one_line_errors, which prints it as one `error:` line, never a traceback.
 """
+import contextlib
+import errno
 import json
 import os
 import sys
@@ -104,13 +106,26 @@ def atomic_write(path, data):
             if not callable(data):
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
         if callable(data):
-            data(tmp)
+            with writer_errors_as_os_errors(path):
+                data(tmp)
         user_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)  # a full disk or a Ctrl-C leaves nothing behind
         raise
+
+
+@contextlib.contextmanager
+def writer_errors_as_os_errors(path):
+    """torch.save and safetensors say a full disk as a RuntimeError ("unexpected pos 576 vs 534", torch 2.13) or a
+    SafetensorError: make it the OSError naming `path` that every command turns into one line."""
+    from safetensors import SafetensorError
+    try:
+        yield
+    except (RuntimeError, SafetensorError) as e:
+        full = "No space" in str(e) or "unexpected pos" in str(e)
+        raise OSError(errno.ENOSPC if full else errno.EIO, f"cannot be written ({first_line(e)})", path) from None
 
 
 def write_json(path, obj):
