@@ -1,6 +1,5 @@
 """Hostile input and faults: nothing is read from outside the collection, nothing of the user's is deleted or
 overwritten, no value read back goes unchecked, and every fault is one line (in-process: no start-up per case)."""
-import errno
 import json
 import os
 import re
