@@ -14,6 +14,7 @@ import contextlib
 import errno
 import json
 import os
+import stat
 import sys
 import tempfile
 import unicodedata
@@ -96,9 +97,39 @@ def make_temp_dir(beside):
     return path
 
 
+def output_kind(path):
+    """What an output path is: "new" (nothing there), "file" (a regular file: replaced whole), "stream" (a FIFO or
+    a device such as /dev/stdout, or a link to one: written in place, never renamed over), or None (anything else: a
+    folder, a socket, a link to a file or folder, which this project does not replace)."""
+    if not os.path.lexists(path):
+        return "new"
+    if stat.S_ISREG(os.lstat(path).st_mode):
+        return "file"
+    try:
+        mode = os.stat(path).st_mode  # through links
+    except OSError:
+        return None
+    return "stream" if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) else None
+
+
+def check_output(path):
+    """One line now, before any work, for an output path this project will not write: see output_kind."""
+    if output_kind(path) is None:
+        what = "folder" if os.path.isdir(path) else "symbolic link" if os.path.islink(path) else "special file"
+        raise UserError(f"{path}: is a {what}, which is not replaced; name a file (or a device or FIFO to write "
+                        "through)")
+
+
 def atomic_write(path, data):
     """Write str or bytes to path through a unique temporary file in the same folder, then rename it over path.
-    `data` may also be a function that writes a file at the path it is given (e.g. safetensors' save_file)."""
+    `data` may also be a function that writes a file at the path it is given (e.g. safetensors' save_file).
+    A FIFO or a device (or a link to one) is written in place instead; anything else that is not a file is refused
+    (check_output)."""
+    check_output(path)
+    if output_kind(path) == "stream" and not callable(data):
+        with open(path, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        return
     folder = os.path.dirname(os.path.abspath(path))
     handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:

@@ -519,3 +519,30 @@ def test_a_report_names_a_file_that_is_not_utf8(tmp_path):
     write_html(tmp_path / "report.html", "test", {"fine-tuned": {"CIDEr": 10.0}}, rows, about=[f"collection: {name}"])
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert page.count("caf\\udcff.jpg") == 2 and page.count("<img src='data:image/jpeg;base64,") == 1
+
+
+def test_an_output_that_is_a_device_or_fifo_is_written_through_and_a_link_to_a_file_is_refused(demo_world, tmp_path):
+    """evaluate.py --out onto a link to /dev/null, onto a FIFO a reader drains, onto a link to someone's file: the
+    first two are written in place and stay what they were; the third is refused and the file left as it was."""
+    import stat
+    import threading
+    from data import read_captions
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps({i.name: i.captions[0] for i in read_captions(demo_world[0]).splits["test"]}))
+    common = ["evaluate", "--adapter", "none", "--model", demo_world[1], "--predictions", predictions, "--out"]
+    os.symlink("/dev/null", tmp_path / "null")
+    assert run_main(*common, tmp_path / "null")[0] == 0
+    assert os.path.islink(tmp_path / "null") and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    os.mkfifo(tmp_path / "fifo")
+    received = []
+    reader = threading.Thread(target=lambda: received.append(open(tmp_path / "fifo", "rb").read()))
+    reader.start()
+    code, _, err = run_main(*common, tmp_path / "fifo")
+    reader.join(timeout=60)
+    assert code == 0 and json.loads(received[0])["metrics"]["CIDEr"] > 100, err[-2000:]
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "fifo").st_mode)
+    (tmp_path / "theirs.json").write_text("mine")
+    os.symlink(tmp_path / "theirs.json", tmp_path / "link.json")
+    code, _, err = run_main(*common, tmp_path / "link.json")
+    assert code == 1 and err.count("\n") == 1 and "is a symbolic link, which is not replaced" in err
+    assert (tmp_path / "theirs.json").read_text() == "mine" and os.path.islink(tmp_path / "link.json")
