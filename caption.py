@@ -143,17 +143,38 @@ def export_merged(model, processor, args, adapter, model_name):
         write_json(os.path.join(tmp, EXPORT_MARKER), {"adapter": os.path.abspath(adapter), "base_model": model_name,
                                                      "files": sorted(os.listdir(tmp))})
         user_permissions_tree(tmp)
-        if os.path.isdir(args.export_merged):  # empty, or an earlier export (check_export_folder): set it aside
+        # checked again now: loading and merging took a while, and the folder may have changed since
+        check_export_folder(args.export_merged, adapter, model_name)
+        if os.path.isdir(args.export_merged):  # empty, or an earlier export: set aside, then only its own files go
             old = make_temp_dir(args.export_merged)
             os.replace(args.export_merged, os.path.join(old, "export"))
             os.replace(tmp, args.export_merged)
-            shutil.rmtree(old)
+            remove_export(os.path.join(old, "export"), args.export_merged + ".earlier")
+            os.rmdir(old)
         else:
             os.replace(tmp, args.export_merged)
-    except OSError as e:
+    except (OSError, UserError) as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half export behind
+        if isinstance(e, UserError):
+            raise
         raise UserError(f"--export-merged {args.export_merged}: cannot write the export ({e.strerror}); nothing "
                         "was changed") from None
+
+
+def remove_export(folder, keep_as):
+    """Delete an earlier export: exactly the files its marker lists (the export wrote them), then the folder; if
+    something else came in after the last check, the folder is kept, renamed keep_as."""
+    marker = os.path.join(folder, EXPORT_MARKER)
+    written = read_json(marker).get("files", []) if os.path.isfile(marker) else []  # checked: a list of names
+    for name in [*written, EXPORT_MARKER]:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and not os.path.islink(path):
+            os.remove(path)
+    try:
+        os.rmdir(folder)
+    except OSError:
+        os.replace(folder, keep_as)
+        print(f"note: {keep_as}: what came into the earlier export while this one was written", file=sys.stderr)
 
 
 if __name__ == "__main__":

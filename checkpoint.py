@@ -11,10 +11,13 @@ complete one (checkpoint/, or checkpoint.old/ if the kill fell between the two r
 checked (types, ranges, tensor shapes): a damaged checkpoint is one line naming the file, never a traceback, and a
 pickle holding code is refused, never run.
 """
+import json
 import math
 import os
 import pickle
+import re
 import shutil
+import stat
 
 import torch
 from safetensors import SafetensorError
@@ -164,35 +167,71 @@ def _same_kind(key, saved, ours):
     return type(saved) in (int, float) and math.isfinite(saved)
 
 
-_held_locks = []  # open lock files: a lock lasts while its file stays open
+_held_locks = []  # (descriptor, path) of the lock files this process made or took over
+LOCK_MARK = "train.py lock, process "  # a lock file's first words: how an earlier run's is told from a user's file
 
 
 def lock_out_dir(path):
-    """An OS lock on out_dir/.lock for the life of the process: a second run into the same folder stops with one
-    line instead of overwriting the first run's checkpoint. The OS releases it on any exit, kill -9 included."""
+    """An OS lock on out_dir/.lock for the life of the run: a second run into the same folder stops with one line
+    instead of overwriting the first run's checkpoint. The OS releases it on any exit, kill -9 included, and the next
+    run takes such a file over; the run that made it removes it. A .lock that is not a lock file of train.py's (the
+    user's file, a symbolic link) is refused, never written to."""
     import fcntl
     os.makedirs(path, exist_ok=True)
+    file = os.path.join(path, ".lock")
+    while True:
+        fd, holder = _open_lock(file)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CheckpointError(f"{path} is in use by another train.py (process {holder or '?'}): wait for it to "
+                                  "end, or give this run another out_dir") from None
+        try:  # the run that held it may have removed it between our open and our lock: then start again
+            if os.stat(file, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{LOCK_MARK}{os.getpid()}\n".encode(), 0)  # for the second run's message
+    _held_locks.append((fd, file))
+
+
+def _open_lock(file):
+    """(descriptor, the process named in it) of a new lock file made exclusively, or of an earlier run's; one line
+    for anything else there. Links are never followed."""
+    flags = os.O_RDWR | os.O_NOFOLLOW
     try:
-        handle = open(os.path.join(path, ".lock"), "a+")
+        return os.open(file, flags | os.O_CREAT | os.O_EXCL, 0o666), None
+    except FileExistsError:
+        pass
     except OSError as e:
-        raise CheckpointError(f"{os.path.join(path, '.lock')}: cannot open this run's lock file ({e.strerror}); "
-                              "out_dir must be a folder you can write to") from None
+        raise CheckpointError(f"{file}: cannot make this run's lock file ({e.strerror}); out_dir must be a folder you "
+                              "can write to") from None
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        raise CheckpointError(f"{path} is in use by another train.py (process {handle.read().strip() or '?'}): wait "
-                              "for it to end, or give this run another out_dir") from None
-    handle.truncate(0)
-    handle.write(f"{os.getpid()}\n")  # for the second run's message
-    handle.flush()
-    _held_locks.append(handle)
+        fd = os.open(file, flags)
+    except OSError:  # a symbolic link (ELOOP), a folder, a file we may not open
+        fd = None
+    text = os.pread(fd, 100, 0).decode("utf-8", "replace") if fd is not None and stat.S_ISREG(
+        os.fstat(fd).st_mode) else ""
+    if text.startswith(LOCK_MARK) or re.fullmatch(r"\d+\n?", text):  # ours (or an earlier version's: a process id)
+        return fd, text.removeprefix(LOCK_MARK).strip()
+    if fd is not None:
+        os.close(fd)
+    raise CheckpointError(f"{file}: exists and was not written by train.py; move it away or choose another out_dir "
+                          "(nothing was changed)")
 
 
 def unlock_out_dir():
-    """Release this process's out_dir locks (at the end of train.main; the OS would do it at exit anyway)."""
+    """Release this process's out_dir lock and remove its file (at the end of train.main, however it ends)."""
     while _held_locks:
-        _held_locks.pop().close()
+        fd, file = _held_locks.pop()
+        try:
+            os.remove(file)  # while still holding the lock: a run that opened it before will see it is gone
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _ours(path, kind):
@@ -202,12 +241,21 @@ def _ours(path, kind):
     if kind == "adapter":
         marked = os.path.isfile(os.path.join(path, CAPTION_SETTINGS_FILE))
         return os.path.isdir(path) and (marked or not os.listdir(path))
+    if not os.path.isfile(path) or os.path.islink(path):  # (a FIFO would block the read below)
+        return False
     if kind == "results":
         try:
             return isinstance(read_json(path).get("fine_tuned"), dict)
         except (UserError, AttributeError):
             return False
-    return os.path.isfile(path) and is_our_report(path)
+    if kind == "log":  # one JSON object a line, each with the step it was written at
+        with open(path, "rb") as f:
+            first = f.readline(10_000)
+        try:
+            return not first or "step" in json.loads(first)
+        except (ValueError, TypeError):
+            return False
+    return is_our_report(path)
 
 
 def check_out_dir(out_dir):
@@ -215,12 +263,12 @@ def check_out_dir(out_dir):
     user's called checkpoint/, a results.json or report.html from elsewhere, or a project path of the wrong type
     (a file where a folder goes, a folder where a file goes) is one line, and nothing is touched."""
     for name, kind in (("checkpoint", "checkpoint"), ("checkpoint.old", "checkpoint"), ("adapter", "adapter"),
-                       ("results.json", "results"), ("report.html", "report")):
+                       ("results.json", "results"), ("report.html", "report"), ("log.jsonl", "log")):
         path = os.path.join(out_dir, name)
         if os.path.lexists(path) and not _ours(path, kind):
             raise CheckpointError(f"{path}: exists and was not written by train.py; move it away or choose "
                                   "another out_dir (nothing was changed)")
-    for name, folder in (("vision_cache", True), ("log.jsonl", False), (".lock", False)):
+    for name, folder in (("vision_cache", True),):
         path = os.path.join(out_dir, name)
         if os.path.lexists(path) and os.path.isdir(path) != folder:
             raise CheckpointError(f"{path}: is a {'file' if folder else 'folder'}, where train.py keeps its "

@@ -86,20 +86,39 @@ def test_data_py_lists_a_backslash_escape_a_symlink_out_and_an_absolute_path_as_
 
 # ------------------------------------------------------------------------------- nothing of the user's lost
 
-@pytest.mark.parametrize("theirs", ["checkpoint/notes.txt", "results.json", "report.html"])
+@pytest.mark.parametrize("theirs", ["checkpoint/notes.txt", "results.json", "report.html", "log.jsonl", ".lock"])
 def test_train_py_never_touches_what_it_did_not_write(demo_world, tmp_path, theirs):
+    """A file of the user's where train.py keeps its own: refused, untouched; and the refused run leaves no lock."""
     (tmp_path / theirs).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / theirs).write_text("the user's own")
     code, _, err = run_main("train", "config/demo.py", f"--out_dir={tmp_path}", "--max_steps=2")
     assert code == 1 and err.count("\n") == 1
     assert "exists and was not written by train.py; move it away or choose another out_dir" in err
     assert (tmp_path / theirs).read_text() == "the user's own" and not (tmp_path / "vision_cache").exists()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted({*theirs.split("/")})  # no .lock left behind
+
+
+def test_a_lock_that_is_a_link_is_never_followed_and_a_killed_runs_lock_is_taken_over(demo_world, tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("the user's own")
+    (tmp_path / "out").mkdir()
+    os.symlink(outside, tmp_path / "out" / ".lock")
+    code, _, err = run_main("train", "config/demo.py", f"--out_dir={tmp_path / 'out'}", "--max_steps=2")
+    assert code == 1 and "out/.lock: exists and was not written by train.py" in err
+    assert outside.read_text() == "the user's own"
+    os.remove(tmp_path / "out" / ".lock")
+    (tmp_path / "out" / ".lock").write_text("train.py lock, process 999999\n")  # what kill -9 leaves: not locked
+    code, out, err = run_main("train", "config/demo.py", f"--out_dir={tmp_path / 'out'}", "--max_steps=2",
+                              "--eval_interval=0", "--final_eval=False")
+    assert code == 0 and "step 2 " in out, err[-2000:]
+    assert not (tmp_path / "out" / ".lock").exists()  # removed by the run that held it
 
 
 @pytest.mark.parametrize("path, kind", [("results.json", "dir"), ("log.jsonl", "dir"), ("adapter", "file"),
-                                        ("checkpoint", "file"), (".lock", "dir"), ("vision_cache", "file")])
+                                        ("checkpoint", "file"), (".lock", "dir"), ("vision_cache", "file"),
+                                        ("report.html", "fifo")])
 def test_a_project_path_of_the_wrong_type_is_one_line(demo_world, tmp_path, path, kind):
-    (tmp_path / path).mkdir() if kind == "dir" else (tmp_path / path).write_text("")
+    {"dir": os.mkdir, "file": lambda p: open(p, "w").close(), "fifo": os.mkfifo}[kind](tmp_path / path)
     code, _, err = run_main("train", "config/demo.py", f"--out_dir={tmp_path}", "--max_steps=2")
     assert code == 1 and err.count("\n") == 1 and str(tmp_path / path) in err
 
@@ -546,3 +565,21 @@ def test_an_output_that_is_a_device_or_fifo_is_written_through_and_a_link_to_a_f
     code, _, err = run_main(*common, tmp_path / "link.json")
     assert code == 1 and err.count("\n") == 1 and "is a symbolic link, which is not replaced" in err
     assert (tmp_path / "theirs.json").read_text() == "mine" and os.path.islink(tmp_path / "link.json")
+
+
+def test_an_export_checks_its_folder_again_when_it_replaces_it(demo_run, tmp_path, monkeypatch):
+    """Loading and merging take minutes for the real model: a file the user puts into the earlier export meanwhile
+    is kept, and the export refused, not the file deleted."""
+    import caption
+    adapter, merged = os.path.join(demo_run[0], "adapter"), tmp_path / "merged"
+    assert run_main("caption", "--adapter", adapter, "--export-merged", merged)[0] == 0
+    real_merge = caption.merge_lora
+
+    def merge_while_the_user_adds_a_file(model):
+        (merged / "my_notes.md").write_text("mine")
+        return real_merge(model)
+    monkeypatch.setattr(caption, "merge_lora", merge_while_the_user_adds_a_file)
+    code, _, err = run_main("caption", "--adapter", adapter, "--export-merged", merged)
+    assert code == 1 and err.count("\n") == 1 and "holds files the export did not write (my_notes.md)" in err
+    assert (merged / "my_notes.md").read_text() == "mine" and (merged / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary folder left
