@@ -9,6 +9,7 @@ language model (t5.py for Flan-T5, opt.py for OPT), the loss, the memory levers 
 The shared parts (vision, Q-Former, image tokens) are in blip2.py, the frozen-vision cache in vision_cache.py.
 """
 import functools
+import logging
 import os
 
 import torch
@@ -192,6 +193,23 @@ def load_prepared(name_or_path, device, compute_dtype, base_bits=16, log=print):
     return model, processor
 
 
+class _Once(logging.Filter):
+    """Lets each distinct message through once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record):
+        message = record.getMessage()
+        new = message not in self.seen
+        self.seen.add(message)
+        return new
+
+
+ONCE = _Once()
+
+
 def quantization_config(base_bits, compute_dtype, lm):
     """bitsandbytes for the frozen language model only: BLIP-2's ViT, Q-Former, projection and lm_head stay 16-bit, and
     what the family keeps (lm.KEEP_UNQUANTIZED). 4-bit is QLoRA's recipe: NF4, double quantization."""
@@ -199,6 +217,8 @@ def quantization_config(base_bits, compute_dtype, lm):
         import bitsandbytes  # noqa: F401  (imported only when asked for)
     except ImportError:
         raise ModelError(f"base_bits={base_bits} needs bitsandbytes: pip install bitsandbytes") from None
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("bitsandbytes")]:
+        logging.getLogger(name).addFilter(ONCE)  # its notices (24 in 3 steps of an 8-bit run): each said once
     from transformers import BitsAndBytesConfig
     keep = [*KEEP_UNQUANTIZED, *lm.KEEP_UNQUANTIZED]
     if base_bits == 8:

@@ -152,3 +152,13 @@ def test_the_demo_on_a_4bit_base_learns_and_its_adapter_loads_on_the_16bit_base(
     with torch.no_grad():
         assert torch.allclose(ours(**x).logits, theirs(**x).logits, atol=1e-5)
     assert os.path.isfile(out / "report.html")
+
+
+def test_an_8bit_run_says_each_bitsandbytes_notice_once(demo_world, tmp_path):
+    """bitsandbytes logs its notice at every 8-bit matmul (24 lines in 3 steps of the demo): once is enough."""
+    pytest.importorskip("bitsandbytes")
+    code, out, err = run_main("train", "config/demo.py", "--base_bits=8", "--max_steps=3", "--eval_interval=0",
+                              "--final_eval=False", f"--out_dir={tmp_path}")
+    assert code == 0, err[-2000:]
+    lines = [line for line in (out + err).splitlines() if "MatMul8bitLt" in line]
+    assert len(lines) <= 1 and "step 3 " in out
