@@ -11,7 +11,7 @@
 # 3. bench.py compiled at batch 16 and 32 (the compile time is each mode's first_step_s).
 # 4. bench.py eager at batch 16 for blip2-opt-2.7b's architecture: per-pair vs grouped (the prefix once per image) vs
 #    grouped + cached, beside the FLOPs the CPU counted (bench_results/memory_full_opt-2.7b.json).
-# Then compare: the measured peaks beside bench_results/memory_full.json (bench.py --memory, predicted on the CPU).
+# Then compare: the measured peaks beside bench_results/memory_full_flan-t5-xl.json (bench.py --memory, predicted on the CPU).
 # Writes bench_results/<gpu>_train.log, <gpu>_eager.json, <gpu>_compiled.json, <gpu>_eager_opt.json (and a .log
 # beside each JSON).
 set -uo pipefail
