@@ -249,3 +249,17 @@ def test_merge_with_a_non_finite_adapter_in_a_later_layer_changes_nothing(tiny_b
     assert len(lora_layers(model)) == count  # no layer was merged, the earlier ones included
     after = dict(model.named_parameters())
     assert all(torch.equal(before[n], after[n]) or n.endswith(last_path + ".lora_B") for n in before)
+
+
+def test_lora_py_imports_only_what_the_layer_needs_and_keeps_its_old_names():
+    """A reader opens lora.py for the layer: importing it loads no module of the project; the adapter-file functions
+    it used to hold are still importable from it."""
+    from conftest import run_script
+    program = ("import sys, lora\n"
+               "ours = {m for m in sys.modules if m in ('files', 'adapter_files', 'model', 'blip2', 't5', 'opt')}\n"
+               "assert not ours, ours\n"
+               "from lora import AdapterError, load_adapter, read_adapter_config, save_adapter\n"
+               "import adapter_files\n"
+               "assert save_adapter is adapter_files.save_adapter\n")
+    result = run_script("-c", program, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
