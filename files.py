@@ -126,7 +126,12 @@ def atomic_write(path, data):
     A FIFO or a device (or a link to one) is written in place instead; anything else that is not a file is refused
     (check_output)."""
     check_output(path)
-    if output_kind(path) == "stream" and not callable(data):
+    if output_kind(path) == "stream":
+        if callable(data):  # a writer that wants a file path: let it write a temporary file, then pass its bytes on
+            with tempfile.TemporaryDirectory() as folder:
+                with writer_errors_as_os_errors(path):
+                    data(os.path.join(folder, "out"))
+                data = open(os.path.join(folder, "out"), "rb").read()
         with open(path, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
         return
