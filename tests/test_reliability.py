@@ -525,7 +525,9 @@ def test_captions_on_a_gpu_without_bf16_stay_finite(demo_world, tmp_path, monkey
     for module in (caption, captioning):
         monkeypatch.setattr(module, "autocast_dtype", lambda device: torch.float16)
     code, in_float16, err = run_main("caption", "--adapter", "none", "--model", tmp_path / "base", *images)
-    assert code == 0 and in_float16 == in_float32 and len(in_float32.splitlines()) == 4, err[-2000:]
+    assert code == 0 and len(in_float16.splitlines()) == len(in_float32.splitlines()) == 4, err[-2000:]
+    # equal here for all four; float16's rounding may flip a beam on another CPU, NaN's garbage would flip them all
+    assert sum(a == b for a, b in zip(in_float16.splitlines(), in_float32.splitlines())) >= 3
 
 
 def test_a_report_names_a_file_that_is_not_utf8(tmp_path):
