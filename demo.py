@@ -151,8 +151,9 @@ def pretrain_base(processor, rng, lm=t5, steps=600, batch_images=32, log=print):
     if lm is opt:
         # Pretraining shows the base a dozen words; every other word keeps its initial embedding, which is also its
         # output row (OPT ties them). At OPT's std of 0.02 those rows stay small beside the trained ones, and LoRA
-        # hardly makes the model say the demo's words (config/demo_opt.py, beam 2: fine-tuned CIDEr 94, zero-shot 19); at
-        # 0.125 it does (276 to 374 over three seeds, zero-shot 34). A real OPT has trained its whole vocabulary.
+        # hardly makes the model say the demo's words (config/demo_opt.py, beam 2: fine-tuned CIDEr 94, zero-shot
+        # 19); at 0.125 it does (276 to 374 over three seeds, zero-shot 34). A real OPT has trained its whole
+        # vocabulary.
         torch.nn.init.normal_(model.get_input_embeddings().weight, std=0.125)
     prompt = prompt_ids(processor.tokenizer, "a photo of", model.config)
     caption_ids = caption_tokenizer(processor.tokenizer, model.config)
