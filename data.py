@@ -75,6 +75,11 @@ def read_captions(root, caption_column=None, image_column=None, symlinks_out=Fal
         raise DataError(f"{root}: no captions found (looked for Flickr8k.token.txt, dataset_*.json, captions.txt, "
                         "metadata.jsonl or metadata.csv, *.parquet, a save_to_disk folder; README: 'Your own "
                         "captions')")
+    for file in found.files:  # the caption files read: what came from outside is not used, as images are not
+        path = file if os.path.lexists(file) else os.path.join(root, file)  # (dataset files are named from root)
+        if not symlinks_out and not inside(path, root):
+            raise DataError(f"{path}: a symbolic link to outside the collection's folder; its captions are not used "
+                            "(symlinks_out=True in train.py, --symlinks-out in data.py and evaluate.py, follows it)")
     located = _locate(root, found, options)  # name -> file path or DatasetImage
     usable = {n for n in found.captions if n in located and found.captions[n]}
     for name in found.captions:

@@ -585,3 +585,26 @@ def test_an_export_checks_its_folder_again_when_it_replaces_it(demo_run, tmp_pat
     assert code == 1 and err.count("\n") == 1 and "holds files the export did not write (my_notes.md)" in err
     assert (merged / "my_notes.md").read_text() == "mine" and (merged / "model.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("layout", ["parquet", "imagefolder"])
+def test_caption_files_reached_through_a_link_out_of_the_collection_are_not_used(outside, layout):
+    """A parquet shard or a metadata.jsonl that is a symbolic link to elsewhere: its captions are not used, unless
+    symlinks_out says to follow links out."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    write_images(outside, [f"{i}.jpg" for i in range(3)])
+    elsewhere = outside.parent / "elsewhere"
+    elsewhere.mkdir()
+    if layout == "parquet":
+        (outside / "data").mkdir()
+        pq.write_table(pa.table({"image": [{"bytes": open(outside / f"{i}.jpg", "rb").read(), "path": f"{i}.jpg"}
+                                           for i in range(3)], "text": ["from outside"] * 3}),
+                       elsewhere / "train-00000-of-00001.parquet")
+        os.symlink(elsewhere / "train-00000-of-00001.parquet", outside / "data" / "train-00000-of-00001.parquet")
+    else:
+        write_jsonl(elsewhere / "metadata.jsonl", [{"file_name": f"{i}.jpg", "text": "from outside"} for i in range(3)])
+        os.symlink(elsewhere / "metadata.jsonl", outside / "metadata.jsonl")
+    code, _, err = run_main("data", outside, "--json")
+    assert code == 1 and err.count("\n") == 1 and "a symbolic link to outside the collection's folder" in err
+    assert data_report(outside, "--symlinks-out")["splits"]["train"]["captions"] == 3
