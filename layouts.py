@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import images
-from files import UserError, read_json
+from files import UserError, first_line, read_json
 from images import DatasetImage
 
 SPLITS = ("train", "val", "test")
@@ -550,8 +550,14 @@ def _dataset_rows(path, options, skipped):
     schema = source.schema_arrow if path.endswith(".parquet") else source.schema
     image_column, caption_columns, split_names = _dataset_columns(path, schema, options)
     text_columns = caption_columns + (["split"] if "split" in schema.names else [])
-    row = 0
-    for text, paths, embedded in _dataset_batches(path, source, image_column, text_columns):
+    row, batches = 0, _dataset_batches(path, source, image_column, text_columns)
+    while True:
+        try:
+            text, paths, embedded = next(batches)
+        except StopIteration:
+            break
+        except (OSError, pa.ArrowException) as e:  # a damaged page ("Corrupt snappy compressed data", ...)
+            raise DataError(f"{path}: damaged after row {row} ({first_line(e)}); download the file again") from None
         for i in range(len(paths)):
             captions = _cell_captions([text[c][i] for c in caption_columns])
             label = text["split"][i] if "split" in text else None
@@ -635,9 +641,13 @@ def _dataset_columns(path, schema, options):
         raise DataError(f"{path}: no image column {image_column!r} (columns: {', '.join(schema.names)}); name it "
                         "with image_column=NAME in train.py, --image-column NAME in data.py and evaluate.py")
     kind = schema.field(image_column).type
-    if not (pa.types.is_struct(kind) or pa.types.is_binary(kind) or pa.types.is_large_binary(kind)):
-        raise DataError(f"{path}: column {image_column!r} holds {kind}, not images (a struct of bytes and path, or "
-                        "bytes)")
+    binary = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_null)
+    text = (pa.types.is_string, pa.types.is_large_string, pa.types.is_null)
+    fields = {kind.field(i).name: kind.field(i).type for i in range(kind.num_fields)} if pa.types.is_struct(kind) else {}
+    if not (fields or any(t(kind) for t in binary[:2])) or not all(
+            any(t(fields[f]) for t in allowed) for f, allowed in (("bytes", binary), ("path", text)) if f in fields):
+        raise DataError(f"{path}: column {image_column!r} holds {kind}, not images (a struct of bytes and a text "
+                        "path, or bytes)")
     caption_columns = _caption_columns(path, set(schema.names) - {image_column}, options.caption_column)
     for c in caption_columns:
         kind = schema.field(c).type

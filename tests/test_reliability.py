@@ -608,3 +608,30 @@ def test_caption_files_reached_through_a_link_out_of_the_collection_are_not_used
     code, _, err = run_main("data", outside, "--json")
     assert code == 1 and err.count("\n") == 1 and "a symbolic link to outside the collection's folder" in err
     assert data_report(outside, "--symlinks-out")["splits"]["train"]["captions"] == 3
+
+
+def test_a_damaged_or_odd_parquet_file_is_one_line_naming_it(tmp_path):
+    """An image path that is a number (int64), and a damaged data page ("Corrupt snappy compressed data"): one line
+    naming the file, never a traceback."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.int64())])
+    (tmp_path / "numbers" / "data").mkdir(parents=True)
+    numbers = tmp_path / "numbers" / "data" / "train-00000-of-00001.parquet"
+    pq.write_table(pa.table({"image": pa.array([{"bytes": b"x", "path": i} for i in range(3)], type=image),
+                             "text": ["a", "b", "c"]}), numbers)
+    code, _, err = run_main("data", tmp_path / "numbers")
+    assert code == 1 and err.count("\n") == 1 and f"{numbers}: column 'image' holds struct<bytes: binary, path: " \
+        "int64>, not images" in err
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    (tmp_path / "damaged" / "data").mkdir(parents=True)
+    damaged = tmp_path / "damaged" / "data" / "train-00000-of-00001.parquet"
+    pq.write_table(pa.table({"image": pa.array([{"bytes": b"x", "path": f"{i}.jpg"} for i in range(2000)], type=image),
+                             "text": [f"caption number {i} about things and more words" for i in range(2000)]}),
+                   damaged, compression="snappy")
+    data = bytearray(damaged.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 400):  # a damaged stretch inside the text column's pages
+        data[i] ^= 0x5A
+    damaged.write_bytes(bytes(data))
+    code, _, err = run_main("data", tmp_path / "damaged")
+    assert code == 1 and err.count("\n") == 1 and f"{damaged}: damaged after row" in err
