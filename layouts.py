@@ -624,6 +624,18 @@ def _may_lack(parquet_file, leaf):
     return False
 
 
+def _holds_images(kind):
+    """Whether a column's type is an image as `datasets` stores one: bytes, or a struct whose `bytes` are bytes and
+    whose `path` is text (either may be null)."""
+    import pyarrow as pa
+    binary = lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_null(t)  # noqa: E731
+    text = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)  # noqa: E731
+    if not pa.types.is_struct(kind):
+        return binary(kind) and not pa.types.is_null(kind)
+    fields = {kind.field(i).name: kind.field(i).type for i in range(kind.num_fields)}
+    return binary(fields.get("bytes", pa.null())) and text(fields.get("path", pa.null()))
+
+
 def _dataset_columns(path, schema, options):
     """(image column, caption columns, the split column's label names) of a dataset file: as named in options, else
     from the features the `datasets` library records in the file (an Image feature, a ClassLabel split), else
@@ -641,11 +653,7 @@ def _dataset_columns(path, schema, options):
         raise DataError(f"{path}: no image column {image_column!r} (columns: {', '.join(schema.names)}); name it "
                         "with image_column=NAME in train.py, --image-column NAME in data.py and evaluate.py")
     kind = schema.field(image_column).type
-    binary = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_null)
-    text = (pa.types.is_string, pa.types.is_large_string, pa.types.is_null)
-    fields = {kind.field(i).name: kind.field(i).type for i in range(kind.num_fields)} if pa.types.is_struct(kind) else {}
-    if not (fields or any(t(kind) for t in binary[:2])) or not all(
-            any(t(fields[f]) for t in allowed) for f, allowed in (("bytes", binary), ("path", text)) if f in fields):
+    if not _holds_images(kind):
         raise DataError(f"{path}: column {image_column!r} holds {kind}, not images (a struct of bytes and a text "
                         "path, or bytes)")
     caption_columns = _caption_columns(path, set(schema.names) - {image_column}, options.caption_column)
