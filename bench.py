@@ -67,10 +67,7 @@ def blip2_config(size, arch="flan-t5-xl"):
     import demo
     lm = ARCHS[arch][0]
     if size == "tiny":  # the demo's base, with its processor's vocabulary
-        processor = demo.build_processor(lm=lm)
-        tokenizer = processor.tokenizer
-        end = tokenizer.convert_tokens_to_ids("\n") if lm is opt else None
-        return demo.tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), lm, end)
+        return demo.processor_config(demo.build_processor(lm=lm), lm)
     if size == "full":  # ViT-g/14 and the Q-Former with transformers' defaults, which are the released ones
         vision, qformer = {}, {}
     else:  # small: the same 257 vision tokens and 32 queries, widths and depths about a quarter
@@ -98,9 +95,9 @@ def make_world(root, size, images, device, arch="flan-t5-xl"):
     lm = ARCHS[arch][0]
     config = blip2_config(size, arch)
     processor = demo.build_processor(config.vision_config.image_size, config.num_query_tokens, lm)
-    config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    if lm is opt:
-        config.text_config.eos_token_id = processor.tokenizer.convert_tokens_to_ids("\n")
+    config.image_token_id, end = demo.special_ids(processor, lm)
+    if end is not None:  # OPT's captions end in "\n"
+        config.text_config.eos_token_id = end
     config.vision_config.initializer_range = 0.02  # random weights with signal (the default is 1e-10)
     torch.manual_seed(0)
     with torch.device(device):

@@ -153,9 +153,9 @@ def export_merged(model, processor, args, adapter, model_name):
             os.rmdir(old)
         else:
             os.replace(tmp, args.export_merged)
-    except (OSError, UserError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half export behind
-        if isinstance(e, UserError):
+    except (OSError, UserError) as e:  # a full disk, or the folder changed meanwhile: no half export is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, OSError):
             raise
         raise UserError(f"--export-merged {args.export_merged}: cannot write the export ({e.strerror}); nothing "
                         "was changed") from None

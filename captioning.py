@@ -15,11 +15,11 @@ import torch
 from tqdm import tqdm
 
 from adapter_files import load_adapter, read_adapter_config
+from blip2 import autocast_dtype, move_vision, vision_embeds
 from data import warn_unreadable
 from files import UserError, printable, read_json, write_json
 from images import UnreadableImage, load_image
 from lora import lora_layers
-from blip2 import autocast_dtype, move_vision, vision_embeds
 from model import DEFAULT_MODEL, generate_captions, load_prepared, looks_like_hub_id
 
 DEFAULT_ADAPTER = "out/adapter"

@@ -118,6 +118,19 @@ def build_processor(image_pixels=MODEL_PIXELS, num_query_tokens=NUM_QUERY_TOKENS
     return Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)
 
 
+def special_ids(processor, lm=t5):
+    """(the image token's id, the caption end's id) in a processor build_processor made; the end is None for T5,
+    whose tiny config has its own (1), and "\n" for OPT."""
+    tokenizer = processor.tokenizer
+    return tokenizer.convert_tokens_to_ids("<image>"), tokenizer.convert_tokens_to_ids("\n") if lm is opt else None
+
+
+def processor_config(processor, lm=t5):
+    """tiny_config over a build_processor vocabulary, with its image token and caption end."""
+    image_token_id, end = special_ids(processor, lm)
+    return tiny_config(len(processor.tokenizer), image_token_id, lm, end)
+
+
 def tiny_config(vocab_size, image_token_id, lm=t5, eos_token_id=None):
     """BLIP-2's architecture at toy size: ViT 2x64 on 48-pixel images (16 patches), Q-Former 2x64, and the family's
     language model (t5.SIZES["tiny"]: 2 + 2 layers x 64; opt.SIZES["tiny"]: 2 x 128). eos_token_id: the caption's end
@@ -141,10 +154,7 @@ def tiny_config(vocab_size, image_token_id, lm=t5, eos_token_id=None):
 def pretrain_base(processor, rng, lm=t5, steps=600, batch_images=32, log=print):
     """Train every weight of a fresh tiny BLIP-2 on freshly drawn images with PRETRAIN_TEMPLATE captions."""
     torch.manual_seed(0)
-    tokenizer = processor.tokenizer
-    end = tokenizer.convert_tokens_to_ids("\n") if lm is opt else None  # OPT's captions end in "\n"
-    model = Blip2ForConditionalGeneration(tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), lm,
-                                                      end))
+    model = Blip2ForConditionalGeneration(processor_config(processor, lm))
     # transformers starts the queries at zero; the Q-Former's first LayerNorm of an all-zero input has a huge
     # gradient (1 / sqrt(eps)). BLIP-2's own pretraining draws them from N(0, 0.02), as here.
     torch.nn.init.normal_(model.query_tokens, std=0.02)

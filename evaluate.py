@@ -22,7 +22,7 @@ from blip2 import autocast_context, autocast_dtype
 from captioning import (add_generation_arguments, caption_items, captions_without_adapter,
                         load_for_captioning, read_caption_settings, resolve_generation, resolve_model)
 from data import add_collection_arguments, prompt_ids, read_captions
-from files import check_output, one_line_errors, output_kind, read_json, require_writable_folder, write_json
+from files import check_output, one_line_errors, read_json, require_writable_folder, write_json
 from scoring import SCALE, ScoringError, print_table, score_split, write_html
 
 
@@ -50,8 +50,7 @@ def run(args):
     for path in filter(None, (args.out, args.html)):  # now, not after the captioning
         if os.path.isdir(path):
             raise ScoringError(f"{path}: is a directory; give a file name, e.g. {os.path.join(path, 'scores.json')}")
-        check_output(path)  # a link to a file, a socket: refused; a device or FIFO: written through
-        if output_kind(path) != "stream":
+        if check_output(path) != "stream":  # a link to a file, a socket: refused; a device or FIFO: written through
             require_writable_folder(os.path.dirname(os.path.abspath(path)), f"file {path}")
     notes = []
     adapter, model_name = resolve_model(args.adapter, args.model, log=notes.append)  # said if no error follows

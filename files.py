@@ -113,11 +113,13 @@ def output_kind(path):
 
 
 def check_output(path):
-    """One line now, before any work, for an output path this project will not write: see output_kind."""
-    if output_kind(path) is None:
+    """output_kind(path), or one line now, before any work, for an output path this project will not write."""
+    kind = output_kind(path)
+    if kind is None:
         what = "folder" if os.path.isdir(path) else "symbolic link" if os.path.islink(path) else "special file"
         raise UserError(f"{path}: is a {what}, which is not replaced; name a file (or a device or FIFO to write "
                         "through)")
+    return kind
 
 
 def atomic_write(path, data):
@@ -125,8 +127,7 @@ def atomic_write(path, data):
     `data` may also be a function that writes a file at the path it is given (e.g. safetensors' save_file).
     A FIFO or a device (or a link to one) is written in place instead; anything else that is not a file is refused
     (check_output)."""
-    check_output(path)
-    if output_kind(path) == "stream":
+    if check_output(path) == "stream":
         if callable(data):  # a writer that wants a file path: let it write a temporary file, then pass its bytes on
             with tempfile.TemporaryDirectory() as folder:
                 with writer_errors_as_os_errors(path):

@@ -505,8 +505,8 @@ def _one_per_image(cells, root):
     """(name, DatasetImage, captions, split) per image: a name held by one cell as it is; the cells of a name held by
     several grouped by their bytes (read batch by batch, only for those rows), each group one image."""
     repeated = {}  # (file, column) -> the rows whose bytes must be compared
-    for group in cells.values():
-        for cell, _, _ in group if len(group) > 1 else ():
+    for group in (g for g in cells.values() if len(g) > 1):
+        for cell, _, _ in group:
             repeated.setdefault((cell.file, cell.column), set()).add(cell.row)
     digests = {(file, row): digest for (file, column), rows in repeated.items()
                for row, digest in _cell_digests(file, column, rows)}
@@ -664,7 +664,7 @@ def _dataset_columns(path, schema, options):
                 (pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type)))):
             raise DataError(f"{path}: caption column {c!r} holds {kind}, not text; name the caption column with "
                             "caption_column=NAME")
-    split = features.get("split") if isinstance(features, dict) else None
+    split = features.get("split")
     names = split.get("names") if isinstance(split, dict) and split.get("_type") == "ClassLabel" else None
     return image_column, caption_columns, names if isinstance(names, list) else []
 

@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from blip2 import train_mode
 from lora import inject_lora
-from model import (KEEP_UNQUANTIZED, family, grouped_caption_loss, lora_targets, per_pair_caption_loss, prepare,
+from model import (family, grouped_caption_loss, lora_targets, per_pair_caption_loss, prepare, unquantized,
                    use_gradient_checkpointing)
 
 
@@ -125,9 +125,8 @@ class EmulatedQuantLinear(nn.Linear):
 
 
 def quantize_language_model(model, bits):
-    """Swap the language model's Linear layers that bitsandbytes quantizes: all but those model.KEEP_UNQUANTIZED and
-    the family keep, matched as transformers matches them (a whole path from the start, or a suffix)."""
-    keep = (*KEEP_UNQUANTIZED, *family(model.config).KEEP_UNQUANTIZED)
+    """Swap the language model's Linear layers that bitsandbytes quantizes: all but model.unquantized's."""
+    keep = unquantized(model.config)
     for name, module in list(model.named_modules()):
         kept = any(name == k or name.startswith(k + ".") or name.endswith(k) for k in keep)
         if isinstance(module, nn.Linear) and name.startswith("language_model.") and not kept:
@@ -217,8 +216,9 @@ def predict(config, batch, dtype, levers, settings, eval_batch=32, num_beams=5, 
             p.grad = torch.zeros_like(p)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        flops = {f"{name}_flops": count_flops(model, {k: fake.from_tensor(v) for k, v in batch.items()}, dtype, name,
-                                              autocast) for name in (("step", "per_pair") if flops else ())}
+        counted_flops = {f"{name}_flops": count_flops(model, {k: fake.from_tensor(v) for k, v in batch.items()},
+                                                      dtype, name, autocast) for name in (("step", "per_pair") if flops
+                                                                                          else ())}
         step_batch = {k: fake.from_tensor(v) for k, v in batch.items() if k != "pixel_values"}  # the cache has them
         with counter:
             for tensor in (t for state in optimizer.state.values() for t in state.values()):
@@ -230,7 +230,7 @@ def predict(config, batch, dtype, levers, settings, eval_batch=32, num_beams=5, 
     return {"frozen_weights": frozen, "language_model_weights": text,
             "lora_weights_grads_adamw": steady - frozen + lora_bytes,  # weights and AdamW state, and the gradients
             "activations_peak": step_peak - steady - lora_bytes, "predicted_peak": step_peak,
-            "generation_peak": generation_peak, **flops, "seconds": round(time.time() - started, 1)}
+            "generation_peak": generation_peak, **counted_flops, "seconds": round(time.time() - started, 1)}
 
 
 def vision_tokens(config):

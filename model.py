@@ -170,7 +170,7 @@ def load_blip2(name_or_path, device="cpu", dtype=torch.float32, base_bits=16, lo
             raise ModelError(f"{name_or_path}: its processor puts {processor.num_query_tokens!r} image tokens in a "
                              f"prompt, the model reads {config.num_query_tokens}; save the processor again with "
                              f"num_query_tokens={config.num_query_tokens}")
-        extra = {"quantization_config": quantization_config(base_bits, dtype, family(config)),
+        extra = {"quantization_config": quantization_config(base_bits, dtype, config),
                  "device_map": {"": device}} if base_bits < 16 else {}
         # sdpa: opt.grouped_caption_loss hands OPT's attention a boolean mask, as scaled_dot_product_attention takes it
         model = Blip2ForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, local_files_only=local_only,
@@ -210,9 +210,15 @@ class _Once(logging.Filter):
 ONCE = _Once()
 
 
-def quantization_config(base_bits, compute_dtype, lm):
+def unquantized(config):
+    """The module-path patterns a 4/8-bit base keeps 16-bit: BLIP-2's parts and the family's (matched as transformers
+    matches them: a path from its start to a module boundary, or a suffix)."""
+    return [*KEEP_UNQUANTIZED, *family(config).KEEP_UNQUANTIZED]
+
+
+def quantization_config(base_bits, compute_dtype, config):
     """bitsandbytes for the frozen language model only: BLIP-2's ViT, Q-Former, projection and lm_head stay 16-bit, and
-    what the family keeps (lm.KEEP_UNQUANTIZED). 4-bit is QLoRA's recipe: NF4, double quantization."""
+    what the family keeps (unquantized). 4-bit is QLoRA's recipe: NF4, double quantization."""
     try:
         import bitsandbytes  # noqa: F401  (imported only when asked for)
     except ImportError:
@@ -220,7 +226,7 @@ def quantization_config(base_bits, compute_dtype, lm):
     for name in [n for n in logging.root.manager.loggerDict if n.startswith("bitsandbytes")]:
         logging.getLogger(name).addFilter(ONCE)  # its notices (24 in 3 steps of an 8-bit run): each said once
     from transformers import BitsAndBytesConfig
-    keep = [*KEEP_UNQUANTIZED, *lm.KEEP_UNQUANTIZED]
+    keep = unquantized(config)
     if base_bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
