@@ -6,26 +6,29 @@ Caption images with BLIP-2 and a LoRA adapter; or export base + adapter as one p
     python caption.py --adapter none --model Salesforce/blip2-flan-t5-xl photo.jpg
     python caption.py --adapter out/adapter --export-merged out/merged    # then: from_pretrained("out/merged")
 
-Prints `path<TAB>caption` per image, one line each (control characters in a file name are written as escapes).
+Prints `path<TAB>caption` per image, one line each (control characters in a file name are written as escapes), or
+with --json one JSON object a line, {"path": ..., "caption": ...}, for programs.
 The adapter names its base model and carries the prompt and generation settings it was trained with
 (caption_settings.json); options override them. Captioning goes through captioning.caption_stream, the path
 evaluate.py and train.py use. A missing, non-image or corrupt file, or a folder with no images, gets one line on
 stderr; the rest are still captioned, and the exit code is then 1.
 """
 import argparse
+import json
 import os
 import shutil
 import sys
 
 from blip2 import autocast_context, autocast_dtype
-from captioning import (CAPTION_SETTINGS_FILE, GENERATION_DEFAULTS, add_generation_arguments, caption_stream,
-                        load_for_captioning, read_caption_settings, resolve_generation, resolve_model)
+from captioning import (CAPTION_SETTINGS_FILE, GENERATION_DEFAULTS, add_generation_arguments, base_model_reference,
+                        caption_stream, load_for_captioning, read_caption_settings, resolve_generation, resolve_model)
 from data import ImageCaptions, prompt_ids
 from files import (UserError, inside, make_temp_dir, one_line_errors, printable, read_json, user_permissions_tree,
                    write_json, writer_errors_as_os_errors)
 from images import IMAGE_SUFFIXES
 from lora import merge_lora
 from model import family
+from model_card import merged_card
 
 EXPORT_MARKER = "merged_from.json"  # written into every export: how a folder is known to be an earlier export
 
@@ -37,10 +40,13 @@ def main(argv=None):
     parser.add_argument("--model", help="base model hub id or directory (default: the adapter's base model)")
     add_generation_arguments(parser, batch_size=16)
     parser.add_argument("--export-merged", metavar="DIR", help="merge the adapter into the base and save it to DIR")
+    parser.add_argument("--json", action="store_true",
+                        help='print JSON lines {"path": ..., "caption": ...} instead of path<TAB>caption')
     args = parser.parse_args(argv)
     if not args.images and not args.export_merged:
         parser.error("give image files or directories (or --export-merged DIR)")
     return one_line_errors(lambda: run(args))
+
 
 def run(args):
     notes = []  # said once the model has loaded: an error is then the only line
@@ -74,7 +80,8 @@ def run(args):
                                      autocast_context(args.device, autocast_dtype(args.device)),
                                      batch_size=args.batch_size, on_unreadable=unreadable, num_beams=args.num_beams,
                                      max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens):
-        print(f"{printable(item.name)}\t{text}", flush=True)
+        line = json.dumps({"path": item.name, "caption": text}) if args.json else f"{printable(item.name)}\t{text}"
+        print(line, flush=True)
     return 1 if errors else 0
 
 
@@ -140,6 +147,7 @@ def export_merged(model, processor, args, adapter, model_name):
             model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         write_json(os.path.join(tmp, CAPTION_SETTINGS_FILE), {**generation, "trained_on": {"adapter": adapter}})
+        write_merged_card(tmp, model_name, adapter, generation)
         write_json(os.path.join(tmp, EXPORT_MARKER), {"adapter": os.path.abspath(adapter), "base_model": model_name,
                                                      "files": sorted(os.listdir(tmp))})
         user_permissions_tree(tmp)
@@ -159,6 +167,22 @@ def export_merged(model, processor, args, adapter, model_name):
             raise
         raise UserError(f"--export-merged {args.export_merged}: cannot write the export ({e.strerror}); nothing "
                         "was changed") from None
+
+
+def write_merged_card(folder, model_name, adapter, generation):
+    """The export's model card (model_card.py), with the test scores of train.py's results.json beside the adapter
+    when they are this adapter's."""
+    trained_on = read_caption_settings(adapter).get("trained_on", {})
+    results_path, scores, images = os.path.join(os.path.dirname(os.path.abspath(adapter)), "results.json"), None, 0
+    try:
+        results = read_json(results_path)
+        if os.path.abspath(str(results.get("adapter"))) == os.path.abspath(adapter):
+            scores = {"zero-shot": dict(results["zero_shot"]), "fine-tuned": dict(results["fine_tuned"])}
+            images = int(results["images"])
+    except (UserError, AttributeError, KeyError, TypeError, ValueError):
+        pass  # no scores of this adapter's: the card says what it is and how to use it
+    merged_card(folder, base_model_reference(model_name), adapter, trained_on, generation["prompt"],
+                {k: v for k, v in generation.items() if k != "prompt"}, scores, images)
 
 
 def remove_export(folder, keep_as):

@@ -10,9 +10,9 @@ them unless told otherwise, from any working directory. peft ignores the file.
 """
 import argparse
 import os
+import sys
 
 import torch
-from tqdm import tqdm
 
 from adapter_files import load_adapter, read_adapter_config
 from blip2 import autocast_dtype, move_vision, vision_embeds
@@ -20,6 +20,7 @@ from data import warn_unreadable
 from files import UserError, printable, read_json, write_json
 from images import UnreadableImage, load_image
 from lora import lora_layers
+from progress import progress as progress_of
 from model import DEFAULT_MODEL, generate_captions, load_prepared, looks_like_hub_id
 
 DEFAULT_ADAPTER = "out/adapter"
@@ -117,13 +118,20 @@ def load_for_captioning(model_name, adapter, device, base_bits=16, log=print):
     return model.eval(), processor
 
 
+def print_to_stderr(line):
+    print(line, file=sys.stderr, flush=True)
+
+
 @torch.no_grad()
-def caption_stream(model, processor, items, prompt_ids, device, autocast, cache=None, batch_size=32, progress=False,
-                   on_unreadable=lambda item, error: warn_unreadable(error), **generate_kwargs):
+def caption_stream(model, processor, items, prompt_ids, device, autocast, cache=None, batch_size=32, progress="",
+                   progress_log=print_to_stderr, on_unreadable=lambda item, error: warn_unreadable(error),
+                   **generate_kwargs):
     """Caption data.ImageCaptions items batch by batch, yielding (item, caption): the one captioning path of
     train.py, evaluate.py and caption.py. Vision outputs come from the cache when it has them; an image that cannot
-    be read goes to on_unreadable(item, error) and the rest are still captioned."""
-    for start in tqdm(range(0, len(items), batch_size), desc="captioning", unit="batch", disable=not progress):
+    be read goes to on_unreadable(item, error) and the rest are still captioned. progress: what to call the work
+    in a progress bar (a terminal) or an occasional line (progress_log), "" for neither."""
+    starts = range(0, len(items), batch_size)
+    for start in progress_of(starts, len(starts), progress, "batches", progress_log) if progress else starts:
         chunk = items[start:start + batch_size]
         if cache is not None and cache.complete:
             chunk = [i for i in chunk if i.name not in cache.missing]

@@ -268,7 +268,7 @@ def check_out_dir(out_dir):
         if os.path.lexists(path) and not _ours(path, kind):
             raise CheckpointError(f"{path}: exists and was not written by train.py; move it away or choose "
                                   "another out_dir (nothing was changed)")
-    for name, folder in (("vision_cache", True),):
+    for name, folder in (("vision_cache", True), ("tensorboard", True)):
         path = os.path.join(out_dir, name)
         if os.path.lexists(path) and os.path.isdir(path) != folder:
             raise CheckpointError(f"{path}: is a {'file' if folder else 'folder'}, where train.py keeps its "

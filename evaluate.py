@@ -128,13 +128,14 @@ def caption_split(args, adapter, model_name, items, notes):
     for note in notes:
         print(note, file=sys.stderr)
     prompt = prompt_ids(processor.tokenizer, args.prompt, model.config)
-    generation = dict(batch_size=args.batch_size, progress=True, num_beams=args.num_beams,
+    generation = dict(batch_size=args.batch_size, progress="captioning", num_beams=args.num_beams,
                       max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens)
     autocast = autocast_context(args.device, autocast_dtype(args.device))
     predictions = caption_items(model, processor, items, prompt, args.device, autocast, **generation)
     zero_shot = None
     if adapter is not None and (args.zero_shot_too if args.zero_shot_too is not None else bool(args.html)):
-        zero_shot = captions_without_adapter(model, processor, items, prompt, args.device, autocast, **generation)
+        zero_shot = captions_without_adapter(model, processor, items, prompt, args.device, autocast,
+                                             **{**generation, "progress": "captioning zero-shot"})
     return predictions, zero_shot
 
 

@@ -15,6 +15,7 @@ import shutil
 import sys
 from contextlib import contextmanager, redirect_stdout
 
+from curves import CSS as CURVES_CSS
 from files import UserError, atomic_write, printable
 from images import UnreadableImage, load_image
 
@@ -111,12 +112,13 @@ def score_split(items, captions, label, zero_shot=None, spice=False, log=print):
     references = {i.name: i.captions for i in items if i.name in captions}  # unreadable images were skipped
     per_image = {}
     require_java()
+    columns = {}  # zero-shot first, the adapter's column last: the order of the console's table and the page
     with meteor_process() as meteor:  # one for both columns
-        columns = {label: score_captions(captions, references, spice=spice, log=log, per_image=per_image,
-                                         meteor=meteor)}
         if zero_shot is not None:
             columns["zero-shot"] = score_captions(zero_shot, {n: references[n] for n in zero_shot}, spice=spice,
                                                   log=log, meteor=meteor)
+        columns[label] = score_captions(captions, references, spice=spice, log=log, per_image=per_image,
+                                        meteor=meteor)
     rows = [{"image": i.name, "source": i.image, "caption": captions[i.name], "references": i.captions,
              "cider": per_image[i.name], "zero_shot": (zero_shot or {}).get(i.name)} for i in items
             if i.name in captions]
@@ -145,10 +147,11 @@ def thumbnail(source):
     return f"<img src='data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}'>"
 
 
-def write_html(path, title, columns, rows, about=()):
+def write_html(path, title, columns, rows, about=(), curves=""):
     """One self-contained page for finding failures: what was scored (about: lines such as the adapter, its step and
-    the collection), the scores (columns {label: metrics}), then every image with its captions and references, the
-    lowest CIDEr first. rows: {image, source, caption, references, cider, zero_shot?}."""
+    the collection), the scores (columns {label: metrics}, the captions' own column last), the training curves if
+    given (curves.curves_html), then every image with its captions and references, the lowest CIDEr first.
+    rows: {image, source, caption, references, cider, zero_shot?}."""
     labels = list(columns)
     metrics = [m for m in METRICS + ("SPICE",) if any(m in c for c in columns.values())]
     esc = html.escape
@@ -157,18 +160,18 @@ def write_html(path, title, columns, rows, about=()):
              "body{font-family:sans-serif;max-width:1100px;margin:auto;padding:0 1em}table{border-collapse:collapse}"
              "th,td{vertical-align:top;padding:4px 8px;text-align:left}.scores td{text-align:right}"
              ".images tr{border-top:1px solid #ddd}img{max-width:160px}.gen{font-weight:bold}.zs{color:#666}"
-             ".low{color:#b00}</style>", f"<h1>{esc(title)}</h1>"]
+             ".low{color:#b00}" + CURVES_CSS + "</style>", f"<h1>{esc(title)}</h1>"]
     parts += [f"<p>{esc(printable(line))}</p>" for line in about]  # names: escaped, even bytes that are not UTF-8
     parts += ["<p>Scores x100 (the 0..1 scores of the COCO caption toolkit, as papers print them).</p>",
               "<table class='scores'><tr><th>metric</th>" + "".join(f"<th>{esc(n)}</th>" for n in labels) + "</tr>"]
     parts += [f"<tr><th>{m}</th>" + "".join(f"<td>{columns[n][m]:.1f}</td>" if m in columns[n] else "<td>-</td>"
                                            for n in labels) + "</tr>" for m in metrics]
-    parts.append(f"</table><h2>{len(rows)} images, lowest CIDEr first</h2><table class='images'>"
+    parts += ["</table>", curves]
+    parts.append(f"<h2>{len(rows)} images, lowest CIDEr first</h2><table class='images'>"
                  "<tr><th>image</th><th>CIDEr x100</th><th>captions</th><th>references</th></tr>")
     for row in sorted(rows, key=lambda r: r["cider"]):
-        captions = f"<div class='gen'>{esc(labels[0])}: {esc(row['caption'])}</div>"
-        if row.get("zero_shot") is not None:
-            captions += f"<div class='zs'>zero-shot: {esc(row['zero_shot'])}</div>"
+        captions = "" if row.get("zero_shot") is None else f"<div class='zs'>zero-shot: {esc(row['zero_shot'])}</div>"
+        captions += f"<div class='gen'>{esc(labels[-1])}: {esc(row['caption'])}</div>"
         references = "".join(f"<li>{esc(r)}</li>" for r in row["references"])
         parts.append(f"<tr><td>{thumbnail(row['source'])}</td><td class='{'low' if row['cider'] < 10 else ''}'>"
                      f"{row['cider']:.1f}</td><td><div>{esc(printable(row['image']))}</div>{captions}</td>"

@@ -29,6 +29,7 @@ What a run does, top to bottom:
 Settings: the block below; `python train.py --help` lists them. Config files (Python assignments of literals, e.g.
 config/demo.py) and --key=value or --key value override them (settings.py); a mistake is one line.
 """
+import importlib.util
 import json
 import math
 import os
@@ -48,9 +49,12 @@ from adapter_files import load_adapter, save_adapter
 from blip2 import autocast_context, autocast_dtype, move_vision, train_mode, vision_embeds
 from captioning import GENERATION_DEFAULTS, base_model_reference, caption_items, captions_without_adapter
 from captioning import save_caption_settings
+from curves import curves_html
 from data import CaptionCollator, ImageCaptionDataset, caption_token_stats, prompt_ids, read_captions
 from files import UserError, printable, read_json, require_writable_folder, write_json
+from progress import duration
 from lora import inject_lora, lora_state_dict, lora_summary
+from model_card import adapter_card
 from model import DEFAULT_MODEL, caption_tokenizer, grouped_caption_loss, load_prepared, use_gradient_checkpointing
 from model import lora_targets as default_lora_targets  # (lora_targets is a setting's name)
 from scoring import SCALE, print_table, require_java, score_captions, score_split, write_html
@@ -103,6 +107,7 @@ max_new_tokens = GENERATION_DEFAULTS["max_new_tokens"]  # longest generated capt
 min_new_tokens = GENERATION_DEFAULTS["min_new_tokens"]  # shortest generated caption in tokens (saved, as above)
 checkpoint_interval = 200              # steps between checkpoints
 log_interval = 10                      # steps between log lines (also written to log.jsonl)
+tensorboard = False                    # also write the curves as TensorBoard event files in out_dir/tensorboard/
 seed = 1337                            # LoRA init, dropout and the data order
 # -------------------------------------------------------------------------------------------------------------
 SETTINGS = {k: v for k, v in globals().items()  # the block's names and defaults, in order
@@ -152,6 +157,9 @@ def main(argv=None):
 
 def train(cfg, stop):
     """The whole run, stage by stage."""
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise RunError("tensorboard=True needs the tensorboard package: pip install tensorboard (or leave it False; "
+                       "the curves are in out_dir/report.html either way)")
     p = start_processes(cfg)
     torch.manual_seed(cfg.seed)
     resume = check_resume(cfg, p)
@@ -164,15 +172,20 @@ def train(cfg, stop):
     run = RunState(cfg, p, t.steps_per_epoch)
     if resume_from:
         restore(cfg, p, t, run, resume_from, state)
-    stop.deferred = True  # from here a SIGTERM ends the current step, then saves a checkpoint (train_steps)
-    train_mode(t.model)
-    train_steps(cfg, p, t, run, stop)
-    stop.deferred = False
-    if p.master and not t.choose_by_val:  # no (usable) evaluation: the final adapter is the one kept
-        save_trained_adapter(cfg, t.model, os.path.join(cfg.out_dir, "adapter"), run.step)
-    run.checkpoint(t, checkpoint.rng_state(), finished=True)
-    if cfg.final_eval and p.master:
-        final_evaluation(cfg, p, t, run)
+    run.open_log(resumed=bool(resume_from))
+    try:
+        stop.deferred = True  # from here a SIGTERM ends the current step, then saves a checkpoint (train_steps)
+        train_mode(t.model)
+        train_steps(cfg, p, t, run, stop)
+        stop.deferred = False
+        if p.master and not t.choose_by_val:  # no (usable) evaluation: the final adapter is the one kept
+            save_trained_adapter(cfg, t.model, os.path.join(cfg.out_dir, "adapter"), run.step)
+            write_model_card(cfg, p, t, run.step)
+        run.checkpoint(t, checkpoint.rng_state(), finished=True)
+        if cfg.final_eval and p.master:
+            final_evaluation(cfg, p, t, run)
+    finally:
+        run.close_log()
     if p.ddp:
         dist.barrier()
         dist.destroy_process_group()
@@ -188,7 +201,7 @@ def train(cfg, stop):
 def train_steps(cfg, p, t, run, stop):
     """The loop: from run.step to the last step, epoch by epoch, with the data order fixed by (seed, epoch)."""
     loader_rng = torch.Generator()  # the loader draws its worker seeds here, not from the global RNG (dropout's)
-    resumed_at, speed = run.step, Speedometer(cfg, p, run, t.total_steps)
+    resumed_at, speed = run.step, Speedometer(cfg, p, t, run)
     while run.step < t.total_steps:
         epoch, offset = divmod(run.step, t.steps_per_epoch)
         batches = iter(epoch_loader(cfg, p, t, epoch, offset, loader_rng))
@@ -221,7 +234,7 @@ def train_steps(cfg, p, t, run, stop):
                 p.log(f"torch.compile: the first step took {time.time() - started:.0f} s, compiling included")
             speed.update(epoch, loss, lr, sum(b["labels"].shape[0] for b in step_batches), skipped)
             if t.evaluating and (run.step % cfg.eval_interval == 0 or run.step == t.total_steps):
-                speed.pause(lambda: evaluate_val(cfg, p, t, run))
+                speed.pause(lambda: evaluate_val(cfg, p, t, run), evaluation=True)
             if stop.requested(p):  # SIGTERM: the step is whole; keep it, and say how to go on
                 run.checkpoint(t, checkpoint.rng_state())
                 raise Terminated(f"checkpoint saved at step {run.step}; run the same command again to resume")
@@ -301,6 +314,7 @@ class Processes:
     ddp: bool
     rank: int
     world_size: int
+    local_rank: int                # the process's number on its own machine (node)
     device: str
     dtype: torch.dtype
     compiling: bool
@@ -344,16 +358,51 @@ class Training:
 
 class RunState:
     """What the loop carries from step to step and a checkpoint saves beside the weights: the step, the best val
-    CIDEr so far (x100) and the val history; and the log (out_dir/log.jsonl, one JSON object a line)."""
+    CIDEr so far (x100) and the val history; and the log: out_dir/log.jsonl (one JSON object a line, what the
+    report's curves are drawn from) and, with tensorboard=True, the same scalars in out_dir/tensorboard/."""
+    SCALARS = {"loss": "train/loss", "lr": "train/lr", "captions_per_s": "train/captions_per_s",
+               "val_CIDEr": "val/CIDEr"}  # log.jsonl key -> TensorBoard tag
 
     def __init__(self, cfg, p, steps_per_epoch):
         self.cfg, self.p, self.steps_per_epoch = cfg, p, steps_per_epoch
         self.step, self.best_cider, self.history = 0, -1.0, []
+        self.writers = {}
+
+    def open_log(self, resumed):
+        """A resumed run goes on from its checkpoint's step: what the stopped run logged after it is superseded
+        (a "resumed" line in log.jsonl; TensorBoard's purge_step), so every curve reads as one uninterrupted run."""
+        if not self.p.master:
+            return
+        if resumed:
+            self.record({"step": self.step, "resumed": True})
+        if self.cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # (checked installed before any work)
+            folder = os.path.join(self.cfg.out_dir, "tensorboard")
+            self.writers[""] = SummaryWriter(folder, purge_step=self.step + 1 if resumed else None, flush_secs=10)
 
     def record(self, entry):
         if self.p.master:
             with open(os.path.join(self.cfg.out_dir, "log.jsonl"), "a") as log_file:
                 log_file.write(json.dumps(entry) + "\n")
+            for key, tag in self.SCALARS.items():
+                if key in entry and "" in self.writers:
+                    self.writers[""].add_scalar(tag, entry[key], entry["step"])
+
+    def record_test_scores(self, columns):
+        """The final scores (x100) as test/<metric>, in the runs zero_shot and fine_tuned: one chart per metric
+        with both beside each other in TensorBoard."""
+        if "" not in self.writers:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        for label, scores in columns.items():
+            run = label.replace("-", "_")  # zero_shot, fine_tuned
+            writer = self.writers.setdefault(run, SummaryWriter(os.path.join(self.cfg.out_dir, "tensorboard", run)))
+            for metric, value in scores.items():
+                writer.add_scalar(f"test/{metric}", value, self.step)
+
+    def close_log(self):
+        for writer in self.writers.values():
+            writer.close()
 
     def checkpoint(self, t, rng, finished=False):
         if self.p.master:
@@ -391,27 +440,31 @@ class StopRequest:
 
 
 class Speedometer:
-    """The log line every log_interval steps: loss, learning rate, and speed over the steps since the last line,
-    leaving out the time spent on checkpoints and evaluations."""
+    """The log line every log_interval steps: the step of how many, loss, learning rate, speed over the steps since
+    the last line (leaving out the time spent on checkpoints and evaluations) and the time left."""
 
-    def __init__(self, cfg, p, run, total_steps):
-        self.cfg, self.p, self.run, self.total_steps = cfg, p, run, total_steps
+    def __init__(self, cfg, p, t, run):
+        self.cfg, self.p, self.t, self.run = cfg, p, t, run
         self.t_last, self.step_last, self.captions, self.skipped = time.time(), run.step, 0, 0
+        self.first_step, self.train_seconds, self.eval_seconds = run.step, 0.0, []
 
-    def pause(self, work):
+    def pause(self, work, evaluation=False):
         """Run work (a checkpoint, an evaluation) without counting its time as training time."""
         since = time.time()
         work()
         self.t_last += time.time() - since
+        if evaluation:
+            self.eval_seconds.append(time.time() - since)
 
     def update(self, epoch, loss, lr, captions, skipped):
         self.captions, self.skipped = self.captions + captions, self.skipped + skipped
         step = self.run.step
-        if step % self.cfg.log_interval and step != self.total_steps:
+        if step % self.cfg.log_interval and step != self.t.total_steps:
             return
         if self.p.device_type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.time() - self.t_last
+        self.train_seconds += elapsed
         entry = {"step": step, "epoch": epoch, "loss": round(loss, 5), "lr": float(f"{lr:.3g}"),
                  "ms_per_step": round(1000 * elapsed / (step - self.step_last), 1),
                  "captions_per_s": round(self.captions * self.p.world_size / elapsed, 1)}
@@ -419,9 +472,23 @@ class Speedometer:
             entry["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
         if self.skipped:
             entry["skipped_images"] = self.skipped
-        self.p.log("  ".join(f"{k} {v}" for k, v in entry.items()))
+        entry["eta_s"] = round(self.seconds_left())
+        shown = {**entry, "step": f"{step}/{self.t.total_steps}", "eta_s": None, "eta": duration(entry["eta_s"])}
+        self.p.log("  ".join(f"{k} {v}" for k, v in shown.items() if v is not None))
         self.run.record(entry)
         self.t_last, self.step_last, self.captions, self.skipped = time.time(), step, 0, 0
+
+    def seconds_left(self):
+        """The steps left at this run's measured speed, plus the evaluations left at the measured time per image
+        of those done (the final one captions the test split twice: zero-shot and fine-tuned)."""
+        step, total, interval = self.run.step, self.t.total_steps, self.cfg.eval_interval
+        seconds = self.train_seconds / (step - self.first_step) * (total - step)
+        if self.eval_seconds:
+            per_image = sum(self.eval_seconds) / len(self.eval_seconds) / len(self.t.val_items)
+            evaluations = total // interval - step // interval + (total % interval > 0 and step < total)
+            seconds += evaluations * per_image * len(self.t.val_items)
+            seconds += 2 * per_image * len(self.t.test_items) if self.cfg.final_eval else 0
+        return seconds
 
 
 # ------------------------------------------------------------------------------------------- the run, in stages
@@ -433,16 +500,17 @@ def start_processes(cfg):
         cuda = torch.cuda.is_available() and cfg.device != "cpu"
         dist.init_process_group(backend="nccl" if cuda else "gloo")
         rank, world_size = dist.get_rank(), dist.get_world_size()
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
         if cuda:
             torch.cuda.set_device(device)
     else:
         rank, world_size = 0, 1
         device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dtype = {"auto": autocast_dtype(device), "bfloat16": torch.bfloat16, "float16": torch.float16,
              "float32": torch.float32}[cfg.dtype]
     compiling = device.startswith("cuda") if cfg.torch_compile == "auto" else cfg.torch_compile
-    p = Processes(ddp, rank, world_size, device, dtype, compiling)
+    p = Processes(ddp, rank, world_size, local_rank, device, dtype, compiling)
     if dtype == torch.float16:
         p.log("float16" + (" (this GPU has no bfloat16)" if cfg.dtype == "auto" else "") + ": a GradScaler guards the "
               "gradients (and T5's wo layers run in float32); a NaN loss stops the run, naming the cause")
@@ -451,10 +519,44 @@ def start_processes(cfg):
 
 def check_resume(cfg, p):
     """Lock out_dir, check that what train.py writes there is its own, and read its checkpoint if any: (path or None,
-    state). A changed setting that defines the run is refused; a finished run prints its results, returning None."""
-    if p.master:
-        checkpoint.lock_out_dir(cfg.out_dir)  # held until the process ends, however it ends
-        checkpoint.check_out_dir(cfg.out_dir)
+    state). A changed setting that defines the run is refused; a finished run prints its results, returning None.
+    Under torchrun every process must start from the same checkpoint, or all stop (agree_on_the_start)."""
+    problem, (resume_from, state, finished) = None, (None, {}, False)
+    try:
+        if p.master:
+            checkpoint.lock_out_dir(cfg.out_dir)  # held until the process ends, however it ends
+            checkpoint.check_out_dir(cfg.out_dir)
+        resume_from, state, finished = read_checkpoint(cfg, p)
+    except UserError as e:
+        problem = e
+    if p.ddp:
+        finished = agree_on_the_start(cfg, p, problem, state.get("step", -1), finished)
+    if problem:
+        raise problem
+    return None if finished else (resume_from, state)
+
+
+def agree_on_the_start(cfg, p, problem, step, finished):
+    """One collective before any work: if a process failed to start, all stop (none waits for it); rank 0 says
+    whether the run has finished; a checkpoint that differs between processes (machines that do not share out_dir)
+    stops the run. Returns whether it has finished."""
+    flags = torch.tensor([float(problem is not None), float(p.master and finished), step, -step], device=p.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    failed, finished, highest, lowest = flags[0].item(), flags[1].item(), flags[2].item(), -flags[3].item()
+    if failed and not problem:
+        raise RunError(f"rank {p.rank}: stopping, another process could not start (its error says why)")
+    if not failed and not finished and highest != lowest:
+        other = highest if step != highest else lowest
+        found = [f"the checkpoint of step {s:g}" if s >= 0 else "no checkpoint" for s in (step, other)]
+        raise RunError(f"rank {p.rank}: the processes found different checkpoints ({cfg.out_dir}: {found[0]} here, "
+                       f"{found[1]} elsewhere): a run over several machines resumes only when every machine sees rank "
+                       "0's out_dir/checkpoint; put out_dir on a shared filesystem, or copy rank 0's checkpoint folder "
+                       "to each machine's out_dir")
+    return bool(finished)
+
+
+def read_checkpoint(cfg, p):
+    """check_resume's reading: (path or None, state, whether the run has finished)."""
     checkpoint_dir, results_path = os.path.join(cfg.out_dir, "checkpoint"), os.path.join(cfg.out_dir, "results.json")
     resume_from = checkpoint.find(checkpoint_dir)
     try:
@@ -467,15 +569,17 @@ def check_resume(cfg, p):
         raise RunError(f"{resume_from} was written with {key}={changed[key]!r}, this run has {key}="
                        f"{settings_now[key]!r}: resume with the same value, or train afresh in another out_dir "
                        f"(or delete {checkpoint_dir})")
-    if state.get("finished") and (os.path.isfile(results_path) or not cfg.final_eval):
-        p.log(f"{cfg.out_dir}: this run has finished (delete {checkpoint_dir} to train again)")
+    extended = {"max_steps", "epochs"} & changed.keys()  # a finished run given more steps trains on (restore)
+    if state.get("finished") and not extended and (os.path.isfile(results_path) or not cfg.final_eval):
+        p.log(f"{cfg.out_dir}: this run has finished (raise max_steps or epochs to train it on from its last step; "
+              f"delete {checkpoint_dir} to train again from the start)")
         if os.path.isfile(results_path) and p.master:
             print_results(results_path)
-        return None
+        return resume_from, state, True
     if changed:
         p.log("resuming with changed settings: " + ", ".join(f"{k} {w!r} -> {settings_now[k]!r}"
                                                            for k, w in changed.items()))
-    return resume_from, state
+    return resume_from, state, False
 
 
 def print_results(path):
@@ -554,16 +658,12 @@ def prepare_vision_cache(cfg, p, t):
     if cache.problem and p.master:
         p.log(f"vision cache: {cache.dir} cannot be used ({cache.problem}); building it again")
     if not cache.complete and p.master:
-        p.log(f"vision cache: computing ViT outputs of {len(items)} images once ({size(cache.nbytes)} in "
-              f"{cache.dir}) ...")
-        require_disk_space(cache, len(items))
-        # its own generator: drawing worker seeds from the global RNG would change the dropout of the run
-        loader = torch.utils.data.DataLoader(ImageCaptionDataset(items, t.processor.image_processor), batch_size=32,
-                                             num_workers=min(cfg.num_workers, os.cpu_count() or 1),
-                                             collate_fn=CaptionCollator(items, t.caption_ids, t.prompt_ids),
-                                             generator=torch.Generator())
-        cache.build(t.model, loader, p.device, p.autocast, log=p.log)
+        build_vision_cache(cfg, p, t, cache, items, log=p.log)
     if p.ddp:
+        dist.barrier()
+        cache = VisionCache(os.path.join(cfg.out_dir, "vision_cache"), *key)  # complete where rank 0 built it
+        if not cache.complete and p.local_rank == 0:  # a node that does not share rank 0's out_dir: its own copy
+            build_vision_cache(cfg, p, t, cache, items, log=lambda line: print(f"[rank {p.rank}] {line}", flush=True))
         dist.barrier()
         cache = VisionCache(os.path.join(cfg.out_dir, "vision_cache"), *key)  # now complete on every rank
     if cache.missing:
@@ -573,6 +673,17 @@ def prepare_vision_cache(cfg, p, t):
         move_vision(t.model, "cpu")
         torch.cuda.empty_cache()
     return cache
+
+
+def build_vision_cache(cfg, p, t, cache, items, log):
+    log(f"vision cache: computing ViT outputs of {len(items)} images once ({size(cache.nbytes)} in {cache.dir}) ...")
+    require_disk_space(cache, len(items))
+    # its own generator: drawing worker seeds from the global RNG would change the dropout of the run
+    loader = torch.utils.data.DataLoader(ImageCaptionDataset(items, t.processor.image_processor), batch_size=32,
+                                         num_workers=min(cfg.num_workers, os.cpu_count() or 1),
+                                         collate_fn=CaptionCollator(items, t.caption_ids, t.prompt_ids),
+                                         generator=torch.Generator())
+    cache.build(t.model, loader, p.device, p.autocast, log=log)
 
 
 def size(nbytes):
@@ -639,6 +750,10 @@ def restore(cfg, p, t, run, resume_from, state):
                        "epochs lowered?); resume with the settings it was written with, or train afresh")
     run.step, run.best_cider, run.history = state["step"], state["best_cider"], state["history"]
     p.log(f"resuming from {resume_from} at step {run.step}")
+    if state["finished"] and run.step < t.total_steps:
+        p.log(f"extending the finished run from step {run.step} to {t.total_steps}: the learning rate's cosine is "
+              f"re-planned to end at step {t.total_steps} (now {lr_at(cfg, t, run.step):.3g}, it ended at "
+              f"{cfg.learning_rate * cfg.min_lr_ratio:.3g})")
 
 
 def save_trained_adapter(cfg, blip2, path, step):
@@ -656,6 +771,25 @@ def save_trained_adapter(cfg, blip2, path, step):
                   "base_model": base_model_reference(cfg.model), "step": step}
     save_caption_settings(path, vars(cfg), trained_on)
     save_adapter(blip2, path, base_model_reference(cfg.model))
+
+
+CARD_SETTINGS = ("batch_images", "grad_accum", "epochs", "max_steps", "learning_rate", "warmup_steps", "min_lr_ratio",
+                 "weight_decay", "grad_clip", "max_caption_tokens", "base_bits", "gradient_checkpointing", "seed")
+
+
+def write_model_card(cfg, p, t, step, scores=None, test_images=0):
+    """out_dir/adapter/README.md, the model card the hub shows (model_card.py): rewritten with each adapter kept,
+    and with the test scores once the final evaluation has them."""
+    generation = {k: getattr(cfg, k) for k in GENERATION_DEFAULTS if k != "prompt"}
+    adapter_card(os.path.join(cfg.out_dir, "adapter"), {
+        "base_model": base_model_reference(cfg.model), "r": cfg.lora_r, "alpha": cfg.lora_alpha,
+        "dropout": cfg.lora_dropout, "targets": cfg.lora_targets or default_lora_targets(t.model.config),
+        "collection": cfg.data_dir, "layout": t.data.layout,
+        "splits": {name: (len(items), sum(len(i.captions) for i in items)) for name, items in t.data.splits.items()},
+        "settings": {**{k: getattr(cfg, k) for k in CARD_SETTINGS}, "precision": str(p.dtype).split(".")[-1],
+                     "processes": p.world_size},
+        "step": step, "total_steps": t.total_steps, "prompt": cfg.prompt, "generation": generation,
+        "scores": scores, "test_images": test_images})
 
 
 def stop_on_a_non_finite_loss(cfg, p, loss, step):
@@ -676,6 +810,7 @@ def evaluate_val(cfg, p, t, run):
     if p.master:
         t.model.eval()
         predictions = caption_items(t.model, t.processor, t.val_items, t.prompt_ids, p.device, p.autocast, t.cache,
+                                    progress=f"step {run.step}: val captions", progress_log=p.log,
                                     batch_size=cfg.eval_batch, num_beams=cfg.num_beams,
                                     max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens)
         cider = score_captions(predictions, {i.name: i.captions for i in t.val_items}, metrics=("CIDEr",))["CIDEr"]
@@ -685,6 +820,7 @@ def evaluate_val(cfg, p, t, run):
         if improved:
             run.best_cider = cider
             save_trained_adapter(cfg, t.model, os.path.join(cfg.out_dir, "adapter"), run.step)
+            write_model_card(cfg, p, t, run.step)
         p.log(f"step {run.step}: val CIDEr {cider:.1f}" + (" (best so far: adapter saved)" if improved else
                                                            f" (best {run.best_cider:.1f})" if t.choose_by_val else ""))
         train_mode(t.model)
@@ -702,18 +838,21 @@ def final_evaluation(cfg, p, t, run):
     load_adapter(t.model, adapter)  # the best one by val CIDEr, or the final one
     kept_step = read_json(os.path.join(adapter, "caption_settings.json")).get("trained_on", {}).get("step", "?")
     generation = dict(batch_size=cfg.eval_batch, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
-                      min_new_tokens=cfg.min_new_tokens)
+                      min_new_tokens=cfg.min_new_tokens, progress_log=p.log)
     args = (t.model, t.processor, t.test_items, t.prompt_ids, p.device, p.autocast, t.cache)
-    fine_tuned = caption_items(*args, **generation)
-    zero_shot = captions_without_adapter(*args, **generation)
+    fine_tuned = caption_items(*args, **generation, progress="test captions, fine-tuned")
+    zero_shot = captions_without_adapter(*args, **generation, progress="test captions, zero-shot")
     columns, rows = score_split(t.test_items, fine_tuned, "fine-tuned", zero_shot)
+    run.record_test_scores(columns)
+    write_model_card(cfg, p, t, kept_step, scores=columns, test_images=len(fine_tuned))
     results_path, report_path = os.path.join(cfg.out_dir, "results.json"), os.path.join(cfg.out_dir, "report.html")
     write_json(results_path, {"scale": SCALE, "split": "test", "images": len(fine_tuned), "adapter": adapter,
                               "step": kept_step, "zero_shot": columns["zero-shot"],
                               "fine_tuned": columns["fine-tuned"]})
     write_html(report_path, f"BLIP-2 captions, {cfg.data_dir} test split", columns, rows,
                about=[f"adapter: {adapter} (step {kept_step} of {run.step})", f"collection: {cfg.data_dir} "
-                      f"({t.data.layout}), test split, {len(fine_tuned)} images", f"base model: {cfg.model}"])
+                      f"({t.data.layout}), test split, {len(fine_tuned)} images", f"base model: {cfg.model}"],
+               curves=curves_html(os.path.join(cfg.out_dir, "log.jsonl")))
     unread = len(t.test_items) - len(fine_tuned)
     p.log(f"test split: {len(fine_tuned)} images" + (f" ({unread} unreadable, left out)" if unread else "")
           + f", beam {cfg.num_beams}, scores x100:")

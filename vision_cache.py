@@ -15,6 +15,8 @@ import torch
 from blip2 import vision_embeds
 from files import UserError, read_json, write_json
 from images import DECODE_VERSION, source_key
+from progress import progress
+
 
 def _fingerprint(items):
     """A hash of each image's name and source (file path, size, modification time): a cheap sign of a change."""
@@ -94,7 +96,7 @@ class VisionCache:
         self.table = self._map()
         items = loader.dataset.items
         self.missing = set(self.row)
-        for batch in loader:
+        for batch in progress(loader, len(loader), "vision cache", "batches", log):
             should_stop()
             if "pixel_values" not in batch:
                 continue  # every image of this batch was unreadable (already said)

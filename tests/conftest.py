@@ -104,9 +104,9 @@ def demo_world():
 
 @pytest.fixture(scope="session")
 def demo_run(demo_world, tmp_path_factory):
-    """python train.py config/demo.py, exactly as the README's quick start, into a temporary out_dir."""
+    """python train.py config/demo.py --tensorboard=True, as the README's quick start, into a temporary out_dir."""
     out_dir = str(tmp_path_factory.mktemp("demo_run"))
-    result = run_script("train.py", "config/demo.py", f"--out_dir={out_dir}", timeout=600)
+    result = run_script("train.py", "config/demo.py", f"--out_dir={out_dir}", "--tensorboard=True", timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out_dir, result
 

@@ -49,6 +49,66 @@ def test_the_demo_writes_a_report_with_both_captions_worst_first(demo_run):
     assert f"adapter: {os.path.join(out_dir, 'adapter')} (step " in page and "collection: data/demo/flickr8k" in page
 
 
+def test_the_demo_log_counts_steps_to_the_total_with_the_time_left(demo_run):
+    _, result = demo_run
+    lines = [line for line in result.stdout.splitlines() if line.startswith("step ") and "loss" in line]
+    assert [line.split()[1] for line in lines] == [f"{s}/100" for s in range(10, 101, 10)]
+    assert all(re.search(r"  eta (\d+m)?\d+s$", line) for line in lines), lines[0]
+
+
+def test_the_report_shows_the_curves_above_the_images_and_zero_shot_first(demo_run):
+    out_dir, _ = demo_run
+    page = open(os.path.join(out_dir, "report.html")).read()
+    curves = page[page.index("<h2>Training</h2>"):page.index("images, lowest CIDEr first")]
+    assert curves.count("<svg") == 3 and curves.count("<polyline") == 3  # loss, learning rate, val CIDEr
+    for title in ("training loss", "learning rate", "val CIDEr (x100)", "optimizer step"):
+        assert title in curves
+    assert curves.count("<circle") == 10 + 10 + 2  # every logged step (10) and evaluation (2) drawn
+    assert page.index("<th>zero-shot</th>") < page.index("<th>fine-tuned</th>")  # the console's order
+
+
+def test_the_demo_writes_tensorboard_scalars_read_back_by_tensorboard(demo_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out_dir, _ = demo_run
+    records = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+    events = EventAccumulator(os.path.join(out_dir, "tensorboard"))
+    events.Reload()
+    for tag, key in (("train/loss", "loss"), ("train/lr", "lr"), ("train/captions_per_s", "captions_per_s"),
+                     ("val/CIDEr", "val_CIDEr")):
+        logged = [(r["step"], r[key]) for r in records if key in r]
+        assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in events.Scalars(tag)] == logged, tag
+    results = json.load(open(os.path.join(out_dir, "results.json")))
+    for run, column in (("zero_shot", "zero_shot"), ("fine_tuned", "fine_tuned")):
+        test = EventAccumulator(os.path.join(out_dir, "tensorboard", run))
+        test.Reload()
+        for metric, value in results[column].items():
+            assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in test.Scalars(f"test/{metric}")] == [(100, value)]
+
+
+def test_the_adapter_has_a_hub_model_card_with_the_scores_and_still_loads_in_peft(demo_run, demo_world):
+    from huggingface_hub import ModelCard
+    from transformers import Blip2ForConditionalGeneration
+    peft = pytest.importorskip("peft")
+    out_dir, _ = demo_run
+    adapter = os.path.join(out_dir, "adapter")
+    card = ModelCard.load(os.path.join(adapter, "README.md"))
+    assert card.data.base_model == os.path.abspath(demo_world[1]) and card.data.library_name == "peft"
+    assert card.data.pipeline_tag == "image-to-text" and "lora" in card.data.tags and card.data.license is None
+    results = json.load(open(os.path.join(out_dir, "results.json")))
+    cider = [r for r in card.data.eval_results if r.metric_type == "cider"]
+    assert len(cider) == 1 and cider[0].metric_value == pytest.approx(results["fine_tuned"]["CIDEr"], abs=0.01)
+    assert cider[0].dataset_split == "test"
+    text = card.text
+    for words in ("r=8", "alpha=16", "`EncDecAttention.q`", "train 200 images / 1000 captions", "| learning_rate | 0.01",
+                  f"| CIDEr | {results['zero_shot']['CIDEr']:.1f} | {results['fine_tuned']['CIDEr']:.1f} |",
+                  "'a photo of'", "python caption.py --adapter", "PeftModel.from_pretrained", "hf upload"):
+        assert words in text, words
+    loaded = peft.PeftModel.from_pretrained(Blip2ForConditionalGeneration.from_pretrained(demo_world[1]), adapter)
+    saved = adapter_tensors(out_dir)
+    lora = {n.replace(".default", ""): q for n, q in loaded.named_parameters() if "lora_" in n}
+    assert lora.keys() == saved.keys() and all(torch.equal(q, saved[n]) for n, q in lora.items())
+
+
 def test_a_finished_run_is_not_trained_again(demo_run):
     out_dir, _ = demo_run
     before = adapter_tensors(out_dir)

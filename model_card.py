@@ -1,0 +1,159 @@
+"""
+The model card beside a trained adapter (out_dir/adapter/README.md) or a merged export: the README a Hugging Face
+model repository shows, so that `hf upload your-name/your-adapter out/adapter` publishes something people can find
+and use. Hub metadata first (YAML front matter: base_model, library_name, pipeline_tag, tags, and the test scores as
+model-index; the license is the user's to add), then what it is, what it was trained on and with, its scores, and
+how to use it. train.py writes it with each adapter it keeps and again once the test scores are in; caption.py
+--export-merged writes one for the merged model. peft and transformers ignore the file.
+"""
+import os
+import re
+
+import yaml  # PyYAML comes with transformers
+
+from files import atomic_write
+
+CARD_FILE = "README.md"
+METRICS = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+LOAD_IMAGE = """from PIL import Image, ImageOps
+
+
+def load_image(path):  # as caption.py reads images: EXIF orientation applied, transparency on white
+    image = ImageOps.exif_transpose(Image.open(path)).convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
+
+"""  # the README's snippet too (tests/test_evaluate.py: the same pixels as images.load_image)
+
+
+def write_card(folder, parts):
+    atomic_write(os.path.join(folder, CARD_FILE), re.sub(r"\n{3,}", "\n\n", "\n".join(parts)))
+
+
+def front_matter(meta):
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def model_index(name, collection, scores, images):
+    """The hub's evaluation results: the fine-tuned scores on the collection's test split (x100)."""
+    metrics = [{"type": metric.lower(), "name": f"{metric} (x100)", "value": round(value, 2)}
+               for metric, value in scores.items() if metric in METRICS]
+    return [{"name": name, "results": [{"task": {"type": "image-to-text", "name": "Image captioning"},
+                                        "dataset": {"name": f"{collection} ({images} test images)",
+                                                    "type": collection, "split": "test"},
+                                        "metrics": metrics}]}]
+
+
+def score_table(scores):
+    """scores {"zero-shot": {metric: x100}, "fine-tuned": {...}} as a Markdown table."""
+    labels = list(scores)
+    rows = [m for m in METRICS if any(m in s for s in scores.values())]
+    return "\n".join([f"| metric | {' | '.join(labels)} |", "| --- |" + " ---: |" * len(labels)]
+                     + [f"| {m} | " + " | ".join(f"{scores[n][m]:.1f}" if m in scores[n] else "-" for n in labels)
+                        + " |" for m in rows])
+
+
+def collection_name(data_dir):
+    return os.path.basename(os.path.abspath(str(data_dir))) or "captions"
+
+
+def base_note(base_model):
+    if os.path.isabs(base_model):
+        return (f"\n`base_model` is the local folder it was trained from ({base_model}); put the base's hub id there "
+                "before uploading, so that the hub links the two.\n")
+    return ""
+
+
+def adapter_card(folder, facts):
+    """Write folder/README.md for a LoRA adapter. facts: base_model, targets, r, alpha, dropout, collection,
+    layout, splits {split: (images, captions)}, settings {name: value}, step, total_steps, prompt, generation
+    {name: value}, and once measured scores {"zero-shot": ..., "fine-tuned": ...} with test_images."""
+    collection, scores = collection_name(facts["collection"]), facts.get("scores")
+    name = f"blip2-lora-{collection}"
+    meta = {"base_model": facts["base_model"], "library_name": "peft", "pipeline_tag": "image-to-text",
+            "tags": ["blip-2", "lora", "image-captioning", collection]}
+    if scores:
+        meta["model-index"] = model_index(name, collection, scores["fine-tuned"], facts["test_images"])
+    splits = ", ".join(f"{split} {images} images / {captions} captions"
+                       for split, (images, captions) in facts["splits"].items())
+    settings = "\n".join(f"| {k} | {v} |" for k, v in facts["settings"].items())
+    text = [front_matter(meta), f"# {name}: BLIP-2 LoRA adapter for captioning images like `{collection}`\n",
+            f"LoRA (rank r={facts['r']}, alpha={facts['alpha']:g}, so updates scaled by {facts['alpha'] / facts['r']:g};"
+            f" dropout {facts['dropout']:g}) on the modules {', '.join(f'`{t}`' for t in facts['targets'])} of "
+            "BLIP-2's Q-Former and language model, everything else frozen; only the adapter's weights are here "
+            "(peft's layout). Trained with blip2-lora-captioning's `train.py`.",
+            base_note(facts["base_model"]),
+            "\n## Training data\n", f"`{facts['collection']}` ({facts['layout']}): {splits}.\n",
+            "\n## Training\n", f"Kept: the adapter of step {facts['step']} of {facts['total_steps']}.\n",
+            "| setting | value |\n| --- | --- |\n" + settings + "\n",
+            "\n## Test scores (x100, the COCO caption toolkit's scores as papers print them)\n"]
+    text.append(f"{facts['test_images']} test images, beam search as below.\n\n" + score_table(scores) + "\n" if scores
+                else "Not measured yet: train.py's final evaluation writes them here.\n")
+    text.append(usage(facts["prompt"], facts["generation"], facts["base_model"]))
+    write_card(folder, text)
+
+
+def usage(prompt, generation, base_model):
+    settings = ", ".join(f"{k}={v}" for k, v in generation.items())
+    return f"""
+## Use it
+
+Every caption starts from the prompt {prompt!r} (BLIP-2 continues it), with {settings}.
+
+With blip2-lora-captioning:
+
+```bash
+python caption.py --adapter path/to/this/folder photo.jpg
+```
+
+With peft and transformers:
+
+```python
+from peft import PeftModel
+from transformers import Blip2ForConditionalGeneration, Blip2Processor
+{LOAD_IMAGE}
+base = {base_model!r}
+model = PeftModel.from_pretrained(Blip2ForConditionalGeneration.from_pretrained(base), "path/to/this/folder")
+processor = Blip2Processor.from_pretrained(base)
+inputs = processor(images=[load_image("photo.jpg")], text=[{prompt!r}], return_tensors="pt")
+ids = model.generate(**inputs, {settings})
+print(processor.batch_decode(ids, skip_special_tokens=True))
+```
+
+An OPT base returns the prompt's tokens before the caption: decode `ids[:, inputs.input_ids.shape[1]:]`.
+
+Publish it: `hf upload your-name/your-adapter path/to/this/folder` (huggingface_hub's command line).
+"""
+
+
+def merged_card(folder, base_model, adapter, trained_on, prompt, generation, scores=None, test_images=0):
+    """Write folder/README.md for a merged export: a plain transformers BLIP-2 checkpoint."""
+    collection = collection_name(trained_on.get("data_dir", "captions"))
+    name = f"blip2-lora-{collection}-merged"
+    meta = {"base_model": base_model, "library_name": "transformers", "pipeline_tag": "image-to-text",
+            "tags": ["blip-2", "lora", "merged", "image-captioning", collection]}
+    if scores:
+        meta["model-index"] = model_index(name, collection, scores["fine-tuned"], test_images)
+    settings = ", ".join(f"{k}={v}" for k, v in generation.items())
+    text = [front_matter(meta), f"# {name}: BLIP-2 fine-tuned for image captioning\n",
+            f"{base_model} with the LoRA adapter {adapter} (trained on `{trained_on.get('data_dir', '?')}`, step "
+            f"{trained_on.get('step', '?')}) folded into its weights by blip2-lora-captioning's `caption.py "
+            "--export-merged`: a plain transformers checkpoint, no peft needed.", base_note(base_model)]
+    if scores:
+        text.append(f"\n## Test scores (x100), {test_images} images\n\n" + score_table(scores) + "\n")
+    text.append(f"""
+## Use it
+
+The prompt {prompt!r} and the generation settings ({settings}) are in `caption_settings.json` and
+`generation_config.json`:
+
+```python
+from transformers import Blip2ForConditionalGeneration, Blip2Processor
+{LOAD_IMAGE}
+model = Blip2ForConditionalGeneration.from_pretrained("path/to/this/folder")
+processor = Blip2Processor.from_pretrained("path/to/this/folder")
+inputs = processor(images=[load_image("photo.jpg")], text=[{prompt!r}], return_tensors="pt")
+ids = model.generate(**inputs, generation_config=model.generation_config)
+print(processor.batch_decode(ids, skip_special_tokens=True))
+```
+""")
+    write_card(folder, text)

@@ -1,0 +1,36 @@
+"""
+Progress of the long loops (the vision-cache build, evaluations) and the time left, as a person reads it.
+
+On a terminal: a tqdm bar with its ETA. Piped or logged (nohup, a cluster's log file, CI): a bar's carriage returns
+would fill the file with half lines, so a plain line now and then instead ("captioning: 12/40 batches, 1m05s so
+far, 2m50s left"), at most one every `every_s` seconds, so that short loops such as the demo's stay quiet.
+"""
+import sys
+import time
+
+from tqdm import tqdm
+
+
+def duration(seconds):
+    """3725 -> '1h02m', 125 -> '2m05s', 7 -> '7s'."""
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def progress(iterable, total, desc, unit, log=print, every_s=30.0, terminal=None):
+    """Yield iterable's items (total of them, counted as `unit`, a plural: "batches"), showing how far along."""
+    terminal = sys.stderr.isatty() if terminal is None else terminal
+    if terminal:
+        yield from tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+        return
+    start = last_line = time.time()
+    done = 0
+    for done, item in enumerate(iterable, 1):
+        yield item  # the caller's work on it happens here
+        now = time.time()
+        if now - last_line >= every_s and done < total:
+            left = (now - start) / done * (total - done)
+            log(f"{desc}: {done}/{total} {unit}, {duration(now - start)} so far, {duration(left)} left")
+            last_line = now
