@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_main, run_script
+from conftest import ROOT, run_main, run_script
 from scoring import score_captions
 
 REFERENCES = {"a.jpg": ["A dog runs on the grass .", "A brown dog is running outside", "dog on grass"],
@@ -198,6 +198,12 @@ def test_exported_merged_model_captions_like_caption_py_with_plain_transformers(
     merged = tmp_path / "merged"
     code, _, stderr = run_main("caption", "--adapter", os.path.join(out_dir, "adapter"), "--export-merged", merged)
     assert code == 0, stderr[-2000:]
+    from huggingface_hub import ModelCard
+    card = ModelCard.load(merged / "README.md")  # the hub's card, with the test scores train.py measured
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-to-text"
+    cider = json.load(open(os.path.join(out_dir, "results.json")))["fine_tuned"]["CIDEr"]
+    assert [r.metric_value for r in card.data.eval_results if r.metric_type == "cider"] == [round(cider, 2)]
+    assert "README.md" in json.load(open(merged / "merged_from.json"))["files"]  # a re-export replaces it
     model = Blip2ForConditionalGeneration.from_pretrained(str(merged))  # plain transformers, no LoRA anywhere
     processor = Blip2Processor.from_pretrained(str(merged))
     assert not any("lora" in name for name, _ in model.named_parameters())
@@ -205,7 +211,8 @@ def test_exported_merged_model_captions_like_caption_py_with_plain_transformers(
     images = [os.path.join(folder, n) for n in sorted(os.listdir(folder))[:4]]
     _, with_adapter, _ = run_main("caption", "--adapter", os.path.join(out_dir, "adapter"), *images)
     prompt = json.load(open(merged / "caption_settings.json"))["prompt"]
-    inputs = processor(images=[load_image(i) for i in images], text=[prompt] * 4, return_tensors="pt")
+    readme_load_image = readme_image_loader()  # the README's snippet, as a user copies it
+    inputs = processor(images=[readme_load_image(i) for i in images], text=[prompt] * 4, return_tensors="pt")
     with torch.no_grad():
         ids = model.generate(**inputs, generation_config=model.generation_config)
         no_prompt = model.generate(pixel_values=inputs.pixel_values, generation_config=model.generation_config)
@@ -216,6 +223,49 @@ def test_exported_merged_model_captions_like_caption_py_with_plain_transformers(
     os.umask(mask)
     assert stat.S_IMODE(os.stat(merged).st_mode) == 0o777 & ~mask
     assert stat.S_IMODE(os.stat(merged / "model.safetensors").st_mode) == 0o666 & ~mask
+
+
+def readme_image_loader():
+    """load_image as the README's merged-model snippet defines it."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    code = readme[readme.index("from PIL import Image, ImageOps"):]
+    namespace = {}
+    exec(code[:code.index("\nmodel = ")], namespace)  # its imports and the function
+    return namespace["load_image"]
+
+
+def test_the_readme_snippet_loads_images_as_caption_py_does(tmp_path):
+    """Transparency on white (a transparent PNG was "against black" with Image.open(...).convert("RGB")) and the
+    EXIF orientation applied: the same pixels as the project's loader."""
+    import numpy as np
+    from PIL import Image
+    from images import load_image
+    transparent = Image.new("RGBA", (12, 8), (200, 30, 30, 0))
+    transparent.putpixel((3, 3), (10, 200, 10, 128))
+    transparent.save(tmp_path / "transparent.png")
+    rotated = Image.new("RGB", (12, 8), (20, 40, 60))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees to show"
+    rotated.save(tmp_path / "rotated.jpg", exif=exif)
+    Image.new("P", (6, 6), 3).save(tmp_path / "palette.png", transparency=3)
+    readme_load_image = readme_image_loader()
+    for name in ("transparent.png", "rotated.jpg", "palette.png"):
+        ours, snippet = load_image(str(tmp_path / name)), readme_load_image(str(tmp_path / name))
+        assert np.array_equal(np.asarray(ours), np.asarray(snippet)), name
+    assert readme_load_image(str(tmp_path / "rotated.jpg")).size == (8, 12)
+    assert readme_load_image(str(tmp_path / "transparent.png")).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_caption_py_json_lines_carry_the_path_and_the_caption(demo_run, demo_world):
+    out_dir, _ = demo_run
+    folder = os.path.join(demo_world[0], "Flicker8k_Dataset")
+    images = [os.path.join(folder, n) for n in sorted(os.listdir(folder))[:3]]
+    adapter = os.path.join(out_dir, "adapter")
+    _, tabbed, _ = run_main("caption", "--adapter", adapter, *images)
+    code, lines, err = run_main("caption", "--adapter", adapter, "--json", *images)
+    assert code == 0, err
+    rows = [json.loads(line) for line in lines.splitlines()]
+    assert [(r["path"], r["caption"]) for r in rows] == [tuple(line.split("\t")) for line in tabbed.splitlines()]
 
 
 def test_spice_that_cannot_run_is_one_line_and_the_rest_is_reported(demo_world, tmp_path):

@@ -161,4 +161,4 @@ def test_an_8bit_run_says_each_bitsandbytes_notice_once(demo_world, tmp_path):
                               "--final_eval=False", f"--out_dir={tmp_path}")
     assert code == 0, err[-2000:]
     lines = [line for line in (out + err).splitlines() if "MatMul8bitLt" in line]
-    assert len(lines) <= 1 and "step 3 " in out
+    assert len(lines) <= 1 and "step 3/" in out

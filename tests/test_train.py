@@ -109,6 +109,27 @@ def test_the_adapter_has_a_hub_model_card_with_the_scores_and_still_loads_in_pef
     assert lora.keys() == saved.keys() and all(torch.equal(q, saved[n]) for n, q in lora.items())
 
 
+def test_progress_piped_to_a_file_is_plain_lines_with_the_time_left():
+    from progress import duration, progress
+    lines = []
+    done = list(progress(range(4), 4, "vision cache", "batches", log=lines.append, every_s=0, terminal=False))
+    assert done == [0, 1, 2, 3] and "\r" not in "".join(lines)
+    assert [line.split(",")[0] for line in lines] == ["vision cache: 1/4 batches", "vision cache: 2/4 batches",
+                                                      "vision cache: 3/4 batches"]
+    assert all(line.endswith(" left") for line in lines)
+    assert (duration(7), duration(125), duration(3725)) == ("7s", "2m05s", "1h02m")
+
+
+def test_tensorboard_without_the_package_is_one_line_before_any_work(tmp_path, monkeypatch):
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard"
+                        else real_find_spec(name, *a))
+    code, out, err = run_main("train", "config/demo.py", "--tensorboard=True", f"--out_dir={tmp_path}")
+    assert code == 1 and err.count("\n") == 1 and "pip install tensorboard" in err
+    assert not os.listdir(tmp_path)
+
+
 def test_a_finished_run_is_not_trained_again(demo_run):
     out_dir, _ = demo_run
     before = adapter_tensors(out_dir)
@@ -182,7 +203,7 @@ def interrupt_at_step_4(args, signal_number):
     run = subprocess.Popen([sys.executable, "-c", SLOW_STEPS.format(args=args)], cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in run.stdout:
-        if line.startswith("step 4 "):  # checkpoint 2 is written; 4 more steps to go
+        if line.startswith("step 4/"):  # checkpoint 2 is written; 4 more steps to go
             run.send_signal(signal_number)
             break
     _, stderr = run.communicate(timeout=120)
@@ -190,16 +211,40 @@ def interrupt_at_step_4(args, signal_number):
 
 
 def test_ctrl_c_says_how_to_resume_and_the_same_settings_end_as_an_uninterrupted_run(uninterrupted, tmp_path):
+    """...and the curves of the resumed run (log.jsonl, TensorBoard) are one run's: step 3, logged before the
+    interrupt and again after resuming from step 2, appears once."""
     import signal
-    args = SHORT + [f"--out_dir={tmp_path}", "--log_interval=1"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from curves import read_log
+    args = SHORT + [f"--out_dir={tmp_path}", "--log_interval=1", "--tensorboard=True"]
     code, stderr = interrupt_at_step_4(args, signal.SIGINT)
     assert code == 130 and "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1].startswith("interrupted: run the same command again to resume from")
     code, _, err = run_main("train", *args, "--batch_images=4")  # the data order would no longer be the run's
     assert code == 1 and "batch_images=8, this run has batch_images=4" in err.strip().splitlines()[-1]
     code, out, err = run_main("train", *args)
-    assert code == 0 and "resuming from" in out, err[-2000:]
+    assert code == 0 and "resuming from" in out and "at step 2" in out, err[-2000:]
     assert same_tensors(adapter_tensors(uninterrupted), adapter_tensors(tmp_path))
+    logged = [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")]
+    assert logged.count(3) == 2  # the stopped run's and the resumed run's (step 4's line may come before its entry)
+    assert [s for s, _ in read_log(tmp_path / "log.jsonl")["loss"]] == list(range(1, 9))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
+
+
+def test_a_finished_run_given_more_steps_trains_on_from_its_end(uninterrupted, tmp_path):
+    import shutil
+    shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
+    before = adapter_tensors(tmp_path)
+    code, out, err = run_main("train", *SHORT, f"--out_dir={tmp_path}", "--max_steps=12", "--log_interval=1")
+    assert code == 0, err[-2000:]
+    assert "extending the finished run from step 8 to 12: the learning rate's cosine is re-planned to end at step " \
+           "12 (now " in out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("step ")] == \
+        ["9/12", "10/12", "11/12", "12/12"]
+    assert not same_tensors(before, adapter_tensors(tmp_path))
+    assert json.load(open(tmp_path / "checkpoint" / "state.json"))["step"] == 12
 
 
 def test_sigterm_saves_the_step_and_resuming_gives_the_uninterrupted_adapter(uninterrupted, tmp_path):
@@ -219,19 +264,63 @@ def test_sigterm_saves_the_step_and_resuming_gives_the_uninterrupted_adapter(uni
     assert same_tensors(adapter_tensors(uninterrupted), adapter_tensors(tmp_path))
 
 
-def test_two_processes_match_one_with_the_same_global_batch(demo_world, tmp_path):
-    common = ["config/demo.py", "--max_steps=3", "--batch_images=4", "--eval_interval=0", "--final_eval=False",
-              "--lora_dropout=0.0"]
-    code, _, err = run_main("train", *common, "--grad_accum=2", f"--out_dir={tmp_path / 'one'}")
+DDP_RUN = ["config/demo.py", "--max_steps=3", "--batch_images=4", "--eval_interval=0", "--final_eval=False",
+           "--lora_dropout=0.0"]
+
+
+@pytest.fixture(scope="module")
+def one_process(demo_world, tmp_path_factory):
+    """The run the multi-process runs must equal: one process, the same global batch by grad_accum=2."""
+    out_dir = tmp_path_factory.mktemp("one_process")
+    code, _, err = run_main("train", *DDP_RUN, "--grad_accum=2", f"--out_dir={out_dir}")
     assert code == 0, err[-2000:]
-    ddp = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *common,
-                     "--grad_accum=1", f"--out_dir={tmp_path / 'two'}", env={"OMP_NUM_THREADS": "1"})
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    one, two = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
+    one = adapter_tensors(out_dir)
     assert any(t.abs().max() > 0 for k, t in one.items() if "lora_B" in k)  # it trained
-    for k in one:
-        assert torch.allclose(one[k], two[k], atol=1e-6, rtol=1e-4), k
-    assert sum(line.startswith("step 3 ") for line in ddp.stdout.splitlines()) == 1  # only rank 0 logs
+    return one
+
+
+def same_adapter(one, two):
+    return one.keys() == two.keys() and all(torch.allclose(one[k], two[k], atol=1e-6, rtol=1e-4) for k in one)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(one_process, tmp_path):
+    ddp = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *DDP_RUN,
+                     "--grad_accum=1", f"--out_dir={tmp_path}", env={"OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert same_adapter(one_process, adapter_tensors(tmp_path))
+    assert sum(line.startswith("step 3/") for line in ddp.stdout.splitlines()) == 1  # only rank 0 logs
+
+
+def launch_two_nodes(out_dirs, *extra):
+    """torchrun on two "machines" of one process each, joined by a c10d rendezvous (README "Several machines"); each
+    has its own out_dir, as machines without a shared filesystem do."""
+    import socket
+    import subprocess
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=test",
+                               "train.py", *DDP_RUN, "--grad_accum=1", f"--out_dir={out_dir}", *extra], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for out_dir in out_dirs]
+    return [(node.wait(timeout=300), *node.communicate()) for node in nodes]
+
+
+def test_two_machines_through_a_rendezvous_match_one_process_and_resume_only_from_one_checkpoint(one_process,
+                                                                                                  tmp_path):
+    out_dirs = [tmp_path / "a", tmp_path / "b"]
+    nodes = launch_two_nodes(out_dirs)
+    assert all(code == 0 for code, _, _ in nodes), [err[-2000:] for _, _, err in nodes]
+    kept = [d for d in out_dirs if (d / "adapter").is_dir()]
+    assert len(kept) == 1  # rank 0's machine writes the adapter; the other only its own vision cache
+    assert same_adapter(one_process, adapter_tensors(kept[0]))
+    assert all(any((d / "vision_cache").iterdir()) for d in out_dirs)
+    # more steps: rank 0 finds its checkpoint, the other machine none; both stop with one line, nothing trained
+    nodes = launch_two_nodes(out_dirs, "--max_steps=6")
+    for code, out, err in nodes:
+        assert code != 0 and "the processes found different checkpoints" in err and "shared filesystem" in err
+        assert not any(line.startswith("step ") for line in out.splitlines())
 
 
 def test_a_non_finite_loss_stops_and_keeps_a_checkpoint_whose_loss_was_finite(demo_world, tmp_path, monkeypatch):
@@ -313,7 +402,7 @@ def test_options_are_spelled_as_in_the_other_scripts(demo_world, tmp_path):
                               "data/demo/blip2-tiny", "--batch-images", "8", "--eval-interval", "0", "--final_eval",
                               "false", "--num_workers=0", "--out-dir", tmp_path)
     assert code == 0, err[-2000:]
-    assert "flickr8k-text: train 200 images" in out and "step 4 " in out
+    assert "flickr8k-text: train 200 images" in out and "step 4/" in out
     state = json.load(open(tmp_path / "checkpoint" / "state.json"))
     assert state["settings"]["data_dir"] == "data/demo/flickr8k" and state["settings"]["max_steps"] == 4
 
