@@ -31,7 +31,7 @@ MAX_PROMPT_CHARACTERS = 1000
 CAPTION_SETTINGS_FILE = "caption_settings.json"
 # What caption_settings.json's trained_on holds, and the type each value must have when read back
 TRAINED_ON = {"data_dir": str, "caption_column": str, "image_column": str, "symlinks_out": bool, "base_model": str,
-              "step": int, "adapter": str}
+              "step": int, "adapter": str, "val_from_train": bool}
 
 
 def check_generation(settings, where):

@@ -31,7 +31,7 @@ from scoring import is_our_report
 # Settings a resumed run must keep: they define the adapter's shape and meaning, the inputs, and the data order.
 # Others (learning rate after a NaN, evaluation, logging, memory levers) may change; the log says which did.
 FIXED_ON_RESUME = {"model", "data_dir", "caption_column", "image_column", "prompt", "lora_r", "lora_alpha",
-                   "lora_targets", "batch_images", "grad_accum", "max_caption_tokens", "seed"}
+                   "lora_targets", "batch_images", "grad_accum", "max_caption_tokens", "seed", "val_from_train"}
 
 
 class CheckpointError(UserError):

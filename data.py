@@ -5,6 +5,7 @@ model batches.
 Check a collection before training (prints the layout found, images and captions per split, what was skipped and why):
     python data.py data/flickr8k
     python data.py my_photos/ --json
+    python data.py my_photos/ --check-images                   # also decode every image: lists the unreadable ones
     python data.py my_hub_dataset/ --caption-column=caption_0,caption_1,caption_2 --image-column=img
 
 read_captions finds the layout (layouts.py: Flickr8k's three, Karpathy's JSON, Hugging Face imagefolder metadata,
@@ -33,8 +34,13 @@ import images
 from files import inside, one_line_errors, printable
 from images import IMAGE_SUFFIXES, DatasetImage, UnreadableImage, load_image
 from layouts import CAPTION_COLUMNS, LAYOUTS, SPLITS, DataError, Options, clean_relative_path
+from progress import progress
 
 MIN_IMAGES_TO_HOLD_OUT = 10  # a hash split of fewer images keeps them all for training
+# A collection with train but no val (hub datasets ship train and test): val is carved from train, 5% of it by the
+# md5 order, at least enough images to choose an adapter by (train.py's MIN_VAL_TO_CHOOSE) and at most 500 (the
+# default eval_images), from a train split large enough to keep 80% of itself.
+VAL_FROM_TRAIN = (0.05, 20, 500)
 
 
 @dataclass
@@ -52,16 +58,20 @@ class CaptionCollection:
     skipped: list = field(default_factory=list)      # [{"item": ..., "reason": ...}]
     files: list = field(default_factory=list)        # the caption files read
     rows: int = 0                                    # the records read from them (lines, rows, images)
+    caption_columns: list = field(default_factory=list)  # the table columns the captions came from
+    val_note: str = ""                               # how val was carved from train, when the collection had none
 
     def report(self):
         return {"layout": self.layout, "split_source": self.split_source, "files": self.files, "rows": self.rows,
+                "caption_columns": self.caption_columns, "val_note": self.val_note,
                 "splits": {s: {"images": len(items), "captions": sum(len(i.captions) for i in items)}
                            for s, items in self.splits.items()},
                 "skipped": self.skipped}
 
 
-def read_captions(root, caption_column=None, image_column=None, symlinks_out=False):
-    """Detect the layout in `root` and return a CaptionCollection with every split's images and captions."""
+def read_captions(root, caption_column=None, image_column=None, symlinks_out=False, val_from_train=True):
+    """Detect the layout in `root` and return a CaptionCollection with every split's images and captions; a
+    collection with no val split gets one carved from train (VAL_FROM_TRAIN) unless val_from_train is False."""
     if not os.path.isdir(root):
         raise DataError(f"{root}: no such directory. Put your images and captions there (README: 'Your own "
                         "captions') or try the offline demo: python train.py config/demo.py")
@@ -74,7 +84,7 @@ def read_captions(root, caption_column=None, image_column=None, symlinks_out=Fal
     else:
         raise DataError(f"{root}: no captions found (looked for Flickr8k.token.txt, dataset_*.json, captions.txt, "
                         "metadata.jsonl or metadata.csv, *.parquet, a save_to_disk folder; README: 'Your own "
-                        "captions')")
+                        "captions')" + _caption_file_hint(root))
     for file in found.files:  # the caption files read: what came from outside is not used, as images are not
         path = file if os.path.lexists(file) else os.path.join(root, file)  # (dataset files are named from root)
         if not symlinks_out and not inside(path, root):
@@ -93,8 +103,38 @@ def read_captions(root, caption_column=None, image_column=None, symlinks_out=Fal
             split_source = (f"all {len(usable)} images in train: fewer than {MIN_IMAGES_TO_HOLD_OUT} are too few "
                             "to hold out val and test images (add a split column or split folders to evaluate)")
     splits = _place(split, found, located, usable)
-    return CaptionCollection(layout.name, split_source, splits, found.skipped, found.files, found.rows)
+    val_note = _carve_val(splits) if val_from_train and not splits["val"] and found.split is not None else ""
+    return CaptionCollection(layout.name, split_source, splits, found.skipped, found.files, found.rows,
+                             found.caption_columns, val_note)
 
+
+def _carve_val(splits):
+    """Val images taken from train by the md5 order of their names, for a collection that has none; returns the
+    line that says so."""
+    fraction, fewest, most = VAL_FROM_TRAIN
+    train = splits["train"]
+    count = min(most, max(fewest, round(fraction * len(train))))
+    if len(train) < 5 * count:
+        return (f"no val split, and {len(train)} train images are too few to take {fewest} from: nothing is "
+                "evaluated during training")
+    held_out = set(_md5_order([i.name for i in train])[:count])
+    splits["val"] = [i for i in train if i.name in held_out]
+    splits["train"] = [i for i in train if i.name not in held_out]
+    return (f"no val split: {count} of the {len(train)} train images are val, chosen by the md5 of their names "
+            "(val_from_train=False in train.py, --no-val-from-train here, keeps them in train)")
+
+
+def _caption_file_hint(root):
+    """For a folder whose caption file has a name this project does not look for: how to name it."""
+    try:
+        tables = sorted(n for n in os.listdir(root) if n.lower().endswith((".csv", ".jsonl", ".tsv")))
+    except OSError:
+        return ""
+    if not tables:
+        return ""
+    return (f". Found {', '.join(printable(n) for n in tables[:3])}: if it holds your captions, name it "
+            "metadata.csv (or metadata.jsonl) with a file_name column (the image's path in this folder) and a caption "
+            "column, the Hugging Face imagefolder layout")
 
 def _place(split, found, located, usable):
     """The split's names as ImageCaptions, each image once; names in no split are reported."""
@@ -113,9 +153,13 @@ def _place(split, found, located, usable):
     return splits
 
 
+def _md5_order(names):
+    return sorted(names, key=lambda n: hashlib.md5(n.encode("utf-8", "surrogateescape")).hexdigest())
+
+
 def _hash_split(names, train_fraction, val_fraction):
     """A deterministic split when the collection has none: order by md5 of the name, cut by the fractions."""
-    ordered = sorted(names, key=lambda n: hashlib.md5(n.encode("utf-8", "surrogateescape")).hexdigest())
+    ordered = _md5_order(names)
     if len(ordered) < MIN_IMAGES_TO_HOLD_OUT:
         return {"train": ordered, "val": [], "test": []}
     n_train, n_val = round(len(ordered) * train_fraction), max(1, round(len(ordered) * val_fraction))
@@ -300,7 +344,11 @@ class CaptionCollator:
 
 def print_report(data):
     print(f"layout: {data.layout}   split: {data.split_source}")
-    print(f"read: {', '.join(printable(f) for f in data.files)} ({data.rows:,} records)")
+    print(f"read: {', '.join(printable(f) for f in data.files)} ({data.rows:,} records)"
+          + (f"; captions from the column(s) {', '.join(map(printable, data.caption_columns))}"
+             if data.caption_columns else ""))
+    if data.val_note:
+        print(data.val_note)
     for s, counts in data.report()["splits"].items():
         print(f"  {s:5s} {counts['images']:6,d} images {counts['captions']:7,d} captions")
     by_reason = {}
@@ -320,6 +368,9 @@ def add_collection_arguments(parser):
                         "(default: the column the dataset marks as images, else image)")
     parser.add_argument("--symlinks-out", "--symlinks_out", action="store_true",
                         help="follow symbolic links that lead out of the collection's folder")
+    parser.add_argument("--no-val-from-train", "--no_val_from_train", dest="val_from_train", action="store_false",
+                        help="a collection without a val split: keep every train image in train (by default some "
+                        "are taken as val, as train.py does)")
 
 
 def main(argv=None):
@@ -327,19 +378,41 @@ def main(argv=None):
                                      "captions per split, and every skipped entry with its reason.")
     parser.add_argument("dir", help="the collection's folder")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    parser.add_argument("--check-images", "--check_images", action="store_true",
+                        help="also decode every image, as training will, and list those that cannot be read")
     add_collection_arguments(parser)
     args = parser.parse_args(argv)
     return one_line_errors(lambda: report(args))
 
 
 def report(args):
-    data = read_captions(args.dir, args.caption_column, args.image_column, args.symlinks_out)
+    data = read_captions(args.dir, args.caption_column, args.image_column, args.symlinks_out, args.val_from_train)
+    unreadable = unreadable_images(data) if args.check_images else []
     if args.json:
-        print(json.dumps(data.report(), ensure_ascii=False, default=str).encode("utf-8", "backslashreplace")
-              .decode("utf-8"))
+        print(json.dumps({**data.report(), **({"unreadable": unreadable} if args.check_images else {})},
+                         ensure_ascii=False, default=str).encode("utf-8", "backslashreplace").decode("utf-8"))
     else:
         print_report(data)
-    return 0
+        if args.check_images:
+            print(f"images decoded: {sum(map(len, data.splits.values())) - len(unreadable):,}, unreadable: "
+                  f"{len(unreadable)}" + (" (training leaves them out)" if unreadable else ""))
+            for entry in unreadable:
+                print(f"  {printable(entry['reason'])}")
+    return 1 if unreadable else 0
+
+
+def unreadable_images(data):
+    """Decode every image of every split as training does: [{"item", "reason"}] for each that fails (a cut or
+    corrupt file, a format Pillow cannot read, one too large), which the caption files alone cannot show."""
+    items = [item for split in data.splits.values() for item in split]
+    unreadable = []
+    for item in progress(items, len(items), "decoding images", "images",
+                         log=lambda line: print(line, file=sys.stderr, flush=True)):
+        try:
+            load_image(item.image)
+        except UnreadableImage as e:
+            unreadable.append({"item": item.name, "reason": str(e)})
+    return unreadable
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def run(args):
     resolve_generation(args, saved)
     collection = choose_collection(args, saved.get("trained_on", {}), model_name)
     data = read_captions(collection["data_dir"], collection["caption_column"], collection["image_column"],
-                         collection["symlinks_out"])
+                         collection["symlinks_out"], collection["val_from_train"])
     items = data.splits[args.split]
     if not items:
         raise ScoringError(f"{collection['data_dir']}: the {args.split} split has no images (split: "
@@ -105,7 +105,8 @@ def choose_collection(args, trained_on, model_name):
     return {"data_dir": data_dir, "source": source,
             "caption_column": args.caption_column or (trained_on.get("caption_column", "") if own else ""),
             "image_column": args.image_column or (trained_on.get("image_column", "") if own else ""),
-            "symlinks_out": args.symlinks_out or (trained_on.get("symlinks_out") is True and own)}
+            "symlinks_out": args.symlinks_out or (trained_on.get("symlinks_out") is True and own),
+            "val_from_train": args.val_from_train and (trained_on.get("val_from_train") is not False or not own)}
 
 
 def read_predictions(path, items, split):

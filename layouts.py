@@ -57,6 +57,7 @@ class Found:
     split_source: str = None
     split_fractions: tuple = (0.8, 0.1)              # (train, val) of a hash split
     skipped: list = field(default_factory=list)
+    caption_columns: list = field(default_factory=list)  # the columns the captions came from (tables only)
 
 
 class Layout(NamedTuple):
@@ -341,6 +342,7 @@ def _read_metadata(path, options, prefix, found):
     if "file_name" not in columns:
         raise DataError(f"{path}: no 'file_name' column (found: {', '.join(sorted(columns))})")
     caption_columns, row_split = _caption_columns(path, columns, options.caption_column), {}
+    found.caption_columns += [c for c in caption_columns if c not in found.caption_columns]
     for number, record in records:
         file_name = record.get("file_name")
         name = clean_relative_path(file_name) if isinstance(file_name, str) and _valid_text(file_name) else None
@@ -473,7 +475,7 @@ def _read_dataset_files(root, files, options):
         relative = os.path.relpath(path, root)
         file_split = next(filter(None, map(_split_word, reversed(relative.split(os.sep)))), None)
         from_names = from_names or file_split is not None
-        for row, image_column, image_path, embedded, captions, label in _dataset_rows(path, options, found.skipped):
+        for row, image_column, image_path, embedded, captions, label in _dataset_rows(path, options, found):
             found.rows += 1
             split = file_split or (label.strip() if isinstance(label, str) else label)  # another label is reported
             if not captions or not (embedded or image_path):
@@ -539,7 +541,7 @@ def _cell_digests(path, column, rows):
         start += batch.num_rows
 
 
-def _dataset_rows(path, options, skipped):
+def _dataset_rows(path, options, found):
     """(row, image column, the image's own path or None, whether its bytes are in the file, captions or None, split
     label or None) for each row of a parquet or Arrow file. Image bytes are not read, only their presence."""
     import pyarrow as pa
@@ -549,6 +551,7 @@ def _dataset_rows(path, options, skipped):
         raise DataError(f"{path}: not a readable {os.path.splitext(path)[1][1:]} file ({type(e).__name__})") from None
     schema = source.schema_arrow if path.endswith(".parquet") else source.schema
     image_column, caption_columns, split_names = _dataset_columns(path, schema, options)
+    found.caption_columns += [c for c in caption_columns if c not in found.caption_columns]
     text_columns = caption_columns + (["split"] if "split" in schema.names else [])
     row, batches = 0, _dataset_batches(path, source, image_column, text_columns)
     while True:
@@ -566,8 +569,8 @@ def _dataset_rows(path, options, skipped):
             yield row, image_column, paths[i], embedded[i], captions, label
             row += 1
     if not whole:
-        skipped.append({"item": path, "reason": f"the Arrow stream ends without its end marker: the file was cut "
-                        f"short, and only the {row} rows before the cut were read"})
+        found.skipped.append({"item": path, "reason": f"the Arrow stream ends without its end marker: the file was "
+                              f"cut short, and only the {row} rows before the cut were read"})
 
 
 ARROW_END = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the last 8 bytes of every whole Arrow IPC stream

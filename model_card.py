@@ -76,9 +76,10 @@ def adapter_card(folder, facts):
     splits = ", ".join(f"{split} {images} images / {captions} captions"
                        for split, (images, captions) in facts["splits"].items())
     settings = "\n".join(f"| {k} | {v} |" for k, v in facts["settings"].items())
+    modules = ", ".join(f"`{t}`" for t in facts["targets"])
     text = [front_matter(meta), f"# {name}: BLIP-2 LoRA adapter for captioning images like `{collection}`\n",
-            f"LoRA (rank r={facts['r']}, alpha={facts['alpha']:g}, so updates scaled by {facts['alpha'] / facts['r']:g};"
-            f" dropout {facts['dropout']:g}) on the modules {', '.join(f'`{t}`' for t in facts['targets'])} of "
+            f"LoRA (rank r={facts['r']}, alpha={facts['alpha']:g}, so updates scaled by "
+            f"{facts['alpha'] / facts['r']:g}; dropout {facts['dropout']:g}) on the modules {modules} of "
             "BLIP-2's Q-Former and language model, everything else frozen; only the adapter's weights are here "
             "(peft's layout). Trained with blip2-lora-captioning's `train.py`.",
             base_note(facts["base_model"]),

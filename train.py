@@ -67,6 +67,7 @@ data_dir = "data/flickr8k"             # any layout data.py reads (python data.p
 caption_column = ""                    # the caption column(s), comma-separated ("" = text, caption, captions, ...)
 image_column = ""                      # parquet/arrow datasets: the image column ("" = the one marked as images)
 symlinks_out = False                   # follow symbolic links that lead out of the collection's folder
+val_from_train = True                  # a collection without a val split: take val images from train (data.py)
 out_dir = "out"                        # checkpoint/, adapter/, vision_cache/, log.jsonl, results.json, report.html
 prompt = GENERATION_DEFAULTS["prompt"]  # the text after the image tokens: "a photo of", as LAVIS's recipe
 # LoRA
@@ -598,7 +599,7 @@ def load_data_and_model(cfg, p):
         demo.ensure_demo_world(cfg.model, log=p.log)
     if p.ddp:
         dist.barrier()
-    data = read_captions(cfg.data_dir, cfg.caption_column, cfg.image_column, cfg.symlinks_out)
+    data = read_captions(cfg.data_dir, cfg.caption_column, cfg.image_column, cfg.symlinks_out, cfg.val_from_train)
     if cfg.eval_interval or cfg.final_eval:
         require_java()  # now, not after hours of training
     # the frozen base in the compute dtype on a GPU (half the memory); LoRA tensors stay float32 (lora.py)
@@ -611,6 +612,8 @@ def load_data_and_model(cfg, p):
     splits = data.splits
     p.log(f"{data.layout}: " + ", ".join(f"{s} {len(v)} images" for s, v in splits.items())
           + (f"; {len(data.skipped)} entries skipped (python data.py {cfg.data_dir})" if data.skipped else ""))
+    if data.val_note:
+        p.log(data.val_note)
     p.log(lora_summary(blip2))
     describe_captions(cfg, p, splits["train"], caption_ids, processor.tokenizer.unk_token_id)
     val_items = splits["val"][:cfg.eval_images] if cfg.eval_images else splits["val"]
@@ -768,7 +771,7 @@ def save_trained_adapter(cfg, blip2, path, step):
     os.makedirs(path, exist_ok=True)
     trained_on = {"data_dir": os.path.abspath(cfg.data_dir), "caption_column": cfg.caption_column,
                   "image_column": cfg.image_column, "symlinks_out": cfg.symlinks_out,
-                  "base_model": base_model_reference(cfg.model), "step": step}
+                  "val_from_train": cfg.val_from_train, "base_model": base_model_reference(cfg.model), "step": step}
     save_caption_settings(path, vars(cfg), trained_on)
     save_adapter(blip2, path, base_model_reference(cfg.model))
 

@@ -419,3 +419,51 @@ def test_images_inside_a_dataset_are_never_merged_by_a_name_that_repeats(demo_wo
     assert counts(report(tmp_path / "per_caption"))["train"] == (4, 12)  # 4 images, 3 captions each
     names = {i.name for i in read_captions(str(tmp_path / "same_names")).splits["train"]}
     assert names == {f"data/train-00000-of-00001.parquet#{row}" for row in range(12)}
+
+
+def test_a_hub_dataset_with_train_and_test_only_gets_val_from_train(demo_world, tmp_path):
+    """Hub datasets usually ship train and test shards: val is carved from train (by the md5 of the names, the same
+    every time), said in one line, so that training can choose its adapter; --no-val-from-train keeps train whole."""
+    import pyarrow.parquet as pq
+    images = demo_image_bytes(demo_world, 130)
+    os.makedirs(tmp_path / "hub" / "data")
+    for split, rows in (("train", slice(0, 120)), ("test", slice(120, 130))):
+        pq.write_table(image_table(images[rows], [f"{i:03d}.jpg" for i in range(130)][rows],
+                                   {"text": [f"picture {i}" for i in range(130)][rows]}),
+                       tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet")
+    got = report(tmp_path / "hub")
+    assert counts(got) == {"train": (100, 100), "val": (20, 20), "test": (10, 10)}
+    assert got["val_note"].startswith("no val split: 20 of the 120 train images are val, chosen by the md5")
+    assert got["caption_columns"] == ["text"]
+    data = read_captions(str(tmp_path / "hub"))
+    assert not {i.name for i in data.splits["val"]} & {i.name for i in data.splits["train"]}
+    assert [i.name for i in data.splits["val"]] == [i.name for i in read_captions(str(tmp_path / "hub")).splits["val"]]
+    kept_whole = report(tmp_path / "hub", "--no-val-from-train")
+    assert counts(kept_whole)["train"] == (120, 120) and counts(kept_whole)["val"] == (0, 0)
+    code, out, err = run_main("train", "--model=data/demo/blip2-tiny", f"--data_dir={tmp_path / 'hub'}",
+                              "--max_steps=1", "--eval_interval=0", "--final_eval=False", "--batch_images=4",
+                              f"--out_dir={tmp_path / 'out'}")
+    assert code == 0, err[-2000:]
+    assert "parquet: train 100 images, val 20 images, test 10 images" in out
+    assert sum(line.startswith("no val split: 20 of the 120 train images") for line in out.splitlines()) == 1
+
+
+def test_a_caption_file_with_another_name_says_how_to_name_it(tmp_path):
+    write_images(tmp_path, ["a.jpg", "b.jpg"])
+    (tmp_path / "captions.csv").write_text("image,caption\na.jpg,a dog\nb.jpg,a cat\n")
+    code, _, err = run_main("data", tmp_path)
+    assert code == 1 and err.count("\n") == 1
+    assert "Found captions.csv: if it holds your captions, name it metadata.csv" in err and "file_name" in err
+
+
+def test_check_images_decodes_every_image_and_lists_the_unreadable_ones(tmp_path):
+    write_images(tmp_path, [f"{i:02d}.jpg" for i in range(12)])
+    cut = (tmp_path / "05.jpg").read_bytes()
+    (tmp_path / "05.jpg").write_bytes(cut[:len(cut) // 3])  # a download cut short: its captions are all fine
+    write_jsonl(tmp_path / "metadata.jsonl", [{"file_name": f"{i:02d}.jpg", "text": f"photo {i}"} for i in range(12)])
+    assert report(tmp_path)["skipped"] == [] and "unreadable" not in report(tmp_path)  # not decoded without asking
+    code, out, err = run_main("data", tmp_path, "--check-images")
+    assert code == 1, err
+    assert "images decoded: 11, unreadable: 1" in out and re.search(r"^  .*05\.jpg: not a readable image", out, re.M)
+    code, out, _ = run_main("data", tmp_path, "--check-images", "--json")
+    assert code == 1 and [e["item"] for e in json.loads(out)["unreadable"]] == ["05.jpg"]
