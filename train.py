@@ -8,6 +8,7 @@ Fine-tune BLIP-2 (Salesforce/blip2-flan-t5-xl, or an OPT one) on image captions 
     python train.py --data my_photos --prompt "a product photo of"        # your own captions (README)
     python train.py --data my_photos --base_bits=4 --gradient_checkpointing=True     # a 6-8 GB GPU (README)
     torchrun --standalone --nproc_per_node=4 train.py --data_dir=data/flickr8k       # several GPUs (or processes)
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...  # machines
 
 What a run does, top to bottom:
 - LoRA on the Q-Former and the language model's attention; everything else frozen; AdamW over the LoRA tensors only.
@@ -23,8 +24,11 @@ What a run does, top to bottom:
   (with a val split too small to choose by, the last one), with the prompt and generation settings and what it was
   trained on (caption.py and evaluate.py use them).
 - Every checkpoint_interval steps, and on SIGTERM: out_dir/checkpoint. Running the same command again resumes from it
-  and ends with the adapter an uninterrupted run gives.
-- At the end: zero-shot base and adapter scored on the test split -> out_dir/results.json and out_dir/report.html.
+  and ends with the adapter an uninterrupted run gives; with a larger max_steps or epochs, a finished run trains on.
+- Every log_interval steps: a line with the step of how many and the time left, and an entry in out_dir/log.jsonl
+  (and TensorBoard's files with tensorboard=True).
+- At the end: zero-shot base and adapter scored on the test split -> out_dir/results.json, out_dir/report.html (with
+  the training curves) and the adapter's model card (out_dir/adapter/README.md, model_card.py).
 
 Settings: the block below; `python train.py --help` lists them. Config files (Python assignments of literals, e.g.
 config/demo.py) and --key=value or --key value override them (settings.py); a mistake is one line.

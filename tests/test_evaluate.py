@@ -193,7 +193,6 @@ def test_exported_merged_model_captions_like_caption_py_with_plain_transformers(
     get the user's normal permissions."""
     import stat
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
-    from images import load_image
     out_dir, _ = demo_run
     merged = tmp_path / "merged"
     code, _, stderr = run_main("caption", "--adapter", os.path.join(out_dir, "adapter"), "--export-merged", merged)
