@@ -72,14 +72,15 @@ def run(args):
         print("\n".join(notes[:1]), file=sys.stderr)
     else:
         predictions, zero_shot = caption_split(args, adapter, model_name, items, notes)
-    columns, rows = score_split(items, predictions, "zero-shot" if adapter is None else "fine-tuned", zero_shot,
+    label = "zero-shot" if adapter is None else "fine-tuned"
+    columns, rows = score_split(items, predictions, label, zero_shot,
                                 spice=args.spice, log=lambda message: print(message, file=sys.stderr))
     print(f"{args.split} split, {len(predictions)} of {len(items)} images scored, {what}, scores x100:")
     print_table(columns)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "html")}
     settings.update(adapter=adapter, model=model_name, data=collection["data_dir"])
     if args.out:
-        write_json(args.out, {"scale": SCALE, "metrics": columns[next(iter(columns))], "settings": settings,
+        write_json(args.out, {"scale": SCALE, "metrics": columns[label], "settings": settings,
                               "captions": [{k: r[k] for k in ("image", "caption", "cider", "references")}
                                            for r in rows]})
         print(f"scores and captions: {args.out}")

@@ -169,20 +169,22 @@ def _csv_header(path, rows, required):
     return header
 
 
-def _official_split(root, skipped):
+def _official_split(root, found):
     paths = {s: _find(root, [f], TEXT_DIRS) for s, f in SPLIT_FILES.items()}
     if not all(paths.values()):
         return None
-    return {s: [line.strip() for _, line in _lines(p, skipped) if line.strip()] for s, p in paths.items()}
+    found.files += list(paths.values())  # read, so checked like the caption file (read_captions)
+    return {s: [line.strip() for _, line in _lines(p, found.skipped) if line.strip()] for s, p in paths.items()}
 
 
-def _flickr8k_split(root, skipped):
+def _flickr8k_split(root, found):
     """The Flickr8k caption files' split: the official split files, else Karpathy's JSON beside them, else none."""
-    official = _official_split(root, skipped)
+    official = _official_split(root, found)
     if official:
         return official, "official split files"
     karpathy = _find(root, KARPATHY_FILES[:1])
     if karpathy:
+        found.files.append(karpathy)
         return _read_karpathy(root, karpathy, Options()).split, KARPATHY_FILES[0]
     return None, None
 
@@ -218,7 +220,7 @@ def _read_token_file(root, path, options):
         found.captions.setdefault(name, []).append(caption.strip())
     folder = _image_folder(root, list(found.captions))
     found.images = {name: _in_folder(folder, name) for name in found.captions}
-    found.split, found.split_source = _flickr8k_split(root, found.skipped)
+    found.split, found.split_source = _flickr8k_split(root, found)
     return found
 
 
@@ -239,7 +241,7 @@ def _read_kaggle(root, path, options):
         found.captions.setdefault(row[0].strip(), []).append(row[1].strip())
     folder = _image_folder(root, list(found.captions))
     found.images = {name: _in_folder(folder, name) for name in found.captions}
-    found.split, found.split_source = _flickr8k_split(root, found.skipped)
+    found.split, found.split_source = _flickr8k_split(root, found)
     if found.split is None:
         found.split_fractions = (6000 / 8091, 1000 / 8091)
         found.split_source = "deterministic md5 split (6000/1000/rest of 8091, scaled)"
@@ -456,6 +458,7 @@ def _read_arrow(root, states, options):
         unlisted += sorted(os.path.join(folder, f) for f in os.listdir(folder)
                            if f.endswith(".arrow") and os.path.join(folder, f) not in ours)
     found = _read_dataset_files(root, files, options)
+    found.files += states + [f for f in (os.path.join(root, "dataset_dict.json"),) if os.path.lexists(f)]
     found.skipped += [{"item": os.path.relpath(f, root), "reason": "not listed in its state.json (a cache file "
                        "`datasets` leaves after map() or filter()): not read"} for f in unlisted]
     return found

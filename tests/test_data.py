@@ -105,7 +105,9 @@ def test_report_command_json_and_text(tmp_path):
     code, out, _ = run_main("data", tmp_path, "--json")
     assert code == 0
     report = json.loads(out)
-    assert report["layout"] == "flickr8k-text" and report["files"] == [str(tmp_path / "Flickr8k.token.txt")]
+    assert report["layout"] == "flickr8k-text" and report["files"] == [  # every file whose contents were used
+        str(tmp_path / name) for name in ("Flickr8k.token.txt", "Flickr_8k.trainImages.txt", "Flickr_8k.devImages.txt",
+                                          "Flickr_8k.testImages.txt")]
     assert report["splits"]["train"] == {"images": 8, "captions": 41} and report["rows"] == 62
     assert {"item": "2258277193_586949ec62.jpg.1", "reason": "no image file (1 captions)"} in report["skipped"]
     text = run_main("data", tmp_path)[1]

@@ -186,6 +186,9 @@ class FakeLoader:
     def __iter__(self):
         return iter(self.batches)
 
+    def __len__(self):
+        return len(self.batches)
+
 
 def built_cache(model, tmp_path, items, batch):
     def open_cache(**changed):

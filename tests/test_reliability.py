@@ -587,10 +587,10 @@ def test_an_export_checks_its_folder_again_when_it_replaces_it(demo_run, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temporary folder left
 
 
-@pytest.mark.parametrize("layout", ["parquet", "imagefolder"])
+@pytest.mark.parametrize("layout", ["parquet", "imagefolder", "flickr8k split file", "save_to_disk state.json"])
 def test_caption_files_reached_through_a_link_out_of_the_collection_are_not_used(outside, layout):
-    """A parquet shard or a metadata.jsonl that is a symbolic link to elsewhere: its captions are not used, unless
-    symlinks_out says to follow links out."""
+    """A parquet shard, a metadata.jsonl, a Flickr8k split file or a save_to_disk state.json that is a symbolic link
+    to elsewhere: what it says is not used, unless symlinks_out says to follow links out."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     write_images(outside, [f"{i}.jpg" for i in range(3)])
@@ -602,9 +602,25 @@ def test_caption_files_reached_through_a_link_out_of_the_collection_are_not_used
                                            for i in range(3)], "text": ["from outside"] * 3}),
                        elsewhere / "train-00000-of-00001.parquet")
         os.symlink(elsewhere / "train-00000-of-00001.parquet", outside / "data" / "train-00000-of-00001.parquet")
-    else:
+    elif layout == "imagefolder":
         write_jsonl(elsewhere / "metadata.jsonl", [{"file_name": f"{i}.jpg", "text": "from outside"} for i in range(3)])
         os.symlink(elsewhere / "metadata.jsonl", outside / "metadata.jsonl")
+    elif layout == "flickr8k split file":  # the captions are inside; the split that decides train and test is not
+        (outside / "Flickr8k.token.txt").write_text("".join(f"{i}.jpg#0\tcaption {i}\n" for i in range(3)))
+        (outside / "Flickr_8k.devImages.txt").write_text("")
+        (outside / "Flickr_8k.testImages.txt").write_text("")
+        (elsewhere / "Flickr_8k.trainImages.txt").write_text("0.jpg\n1.jpg\n2.jpg\n")
+        os.symlink(elsewhere / "Flickr_8k.trainImages.txt", outside / "Flickr_8k.trainImages.txt")
+    else:
+        table = pa.table({"image": [{"bytes": open(outside / f"{i}.jpg", "rb").read(), "path": f"{i}.jpg"}
+                                    for i in range(3)], "text": ["a caption"] * 3})
+        (outside / "train").mkdir()
+        (outside / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+        with pa.OSFile(str(outside / "train" / "data-00000-of-00001.arrow"), "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                writer.write_table(table)
+        (elsewhere / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+        os.symlink(elsewhere / "state.json", outside / "train" / "state.json")
     code, _, err = run_main("data", outside, "--json")
     assert code == 1 and err.count("\n") == 1 and "a symbolic link to outside the collection's folder" in err
     assert data_report(outside, "--symlinks-out")["splits"]["train"]["captions"] == 3
