@@ -464,6 +464,45 @@ def _read_arrow(root, states, options):
     return found
 
 
+_READ_IN_A_CHILD = set()  # (path, size, mtime) of dataset files a child process read without dying
+_CHILD_READS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import layouts
+options = layouts.Options(**json.loads(sys.argv[2]))
+for path in sys.argv[3:]:
+    print(path, flush=True)  # the file being read, should the process die
+    try:
+        for _ in layouts._dataset_rows(path, options, layouts.Found({}, {}, [])):
+            pass
+    except Exception:
+        pass  # an error pyarrow raises: the parent meets it again and says it in one line
+"""
+
+
+def _read_in_a_child_first(files, options):
+    """Some damaged parquet files make pyarrow abort the whole process (a C++ exception it does not catch:
+    "terminate called after throwing an instance of 'parquet::ParquetException'", exit 134), which no except clause
+    can turn into one line. So the files are first read as _dataset_rows reads them in a child process (once per
+    file version per process, about a second); if it dies, the file it was reading is named."""
+    import subprocess
+    import sys
+    stamps = {f: (f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files}
+    todo = [f for f in files if stamps[f] not in _READ_IN_A_CHILD]
+    if not todo:
+        return
+    child = subprocess.run([sys.executable, "-c", _CHILD_READS, os.path.dirname(os.path.abspath(__file__)),
+                            json.dumps(vars(options)), *todo], capture_output=True, text=True,
+                           errors="surrogateescape")
+    if child.returncode != 0:
+        reading = (child.stdout.splitlines() or todo)[-1]
+        said = [line.strip() for line in child.stderr.splitlines() if line.strip()]
+        why = said[-1][:200] if said else f"exit status {child.returncode}"
+        raise DataError(f"{reading}: damaged: reading it stopped the reading process itself ({why}); download the "
+                        "file again")
+    _READ_IN_A_CHILD.update(stamps[f] for f in todo)
+
+
 def _read_dataset_files(root, files, options):
     """parquet shards or Arrow files -> Found. The split of a file comes from its name or its folder
     (train-00000-of-00001.parquet, validation/data-00000-of-00001.arrow), else from a `split` column, else none.
@@ -472,6 +511,7 @@ def _read_dataset_files(root, files, options):
     cats/0.png and dogs/0.png are both 0.png) are one image only if their bytes are the same (a dataset with a row per
     caption); different bytes are different images, named FILE#ROW. A cell holding only a path names a file beside
     the data, and the same path is the same file."""
+    _read_in_a_child_first(files, options)
     found, labels, from_names = Found({}, {}, [os.path.relpath(f, root) for f in files]), {}, False
     cells = {}  # name -> [(DatasetImage, captions, split)] of the rows whose image is inside the file
     for path in files:
@@ -550,9 +590,13 @@ def _dataset_rows(path, options, found):
     import pyarrow as pa
     try:
         source, whole = _open_dataset_file(path)
+        schema = source.schema_arrow if path.endswith(".parquet") else source.schema
     except (OSError, pa.ArrowException) as e:
-        raise DataError(f"{path}: not a readable {os.path.splitext(path)[1][1:]} file ({type(e).__name__})") from None
-    schema = source.schema_arrow if path.endswith(".parquet") else source.schema
+        raise DataError(f"{path}: not a readable {os.path.splitext(path)[1][1:]} file ({type(e).__name__}: "
+                        f"{first_line(e)[:200]})") from None
+    except UnicodeDecodeError:  # pyarrow decodes the names it reads as UTF-8
+        raise DataError(f"{path}: a column name in it is not UTF-8 text (a damaged file, or not one the datasets "
+                        "library wrote); download it again or rename the column") from None
     image_column, caption_columns, split_names = _dataset_columns(path, schema, options)
     found.caption_columns += [c for c in caption_columns if c not in found.caption_columns]
     text_columns = caption_columns + (["split"] if "split" in schema.names else [])

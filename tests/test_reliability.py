@@ -651,3 +651,42 @@ def test_a_damaged_or_odd_parquet_file_is_one_line_naming_it(tmp_path):
     damaged.write_bytes(bytes(data))
     code, _, err = run_main("data", tmp_path / "damaged")
     assert code == 1 and err.count("\n") == 1 and f"{damaged}: damaged after row" in err
+
+
+def test_a_parquet_column_name_that_is_not_utf8_and_a_damaged_footer_are_one_line_naming_the_file(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / "names" / "data").mkdir(parents=True)
+    names = tmp_path / "names" / "data" / "train-00000-of-00001.parquet"
+    pq.write_table(pa.table({"image": [{"bytes": b"x", "path": f"{i}.jpg"} for i in range(3)], "QQQQ": ["a"] * 3}),
+                   names)
+    names.write_bytes(names.read_bytes().replace(b"QQQQ", b"\xffQQQ"))  # a column named with byte 0xff
+    code, _, err = run_main("data", tmp_path / "names", "--caption-column", "QQQQ")
+    assert code == 1 and err.count("\n") == 1 and f"{names}: a column name in it is not UTF-8 text" in err
+    (tmp_path / "footer" / "data").mkdir(parents=True)
+    footer = tmp_path / "footer" / "data" / "train-00000-of-00001.parquet"
+    footer.write_bytes(names.read_bytes()[:-12] + b"\x01\x02\x03\x04" + b"\x00\x01\x00\x00PAR1")  # its length wrong
+    code, _, err = run_main("data", tmp_path / "footer")
+    assert code == 1 and err.count("\n") == 1 and f"{footer}: not a readable parquet file (" in err
+
+
+def test_a_dataset_file_that_kills_pyarrow_is_named_and_this_process_lives(demo_world, tmp_path, monkeypatch):
+    """Some damaged parquet files make pyarrow abort the process (`terminate called after throwing an instance of
+    'parquet::ParquetException'`, exit 134): the files are read in a child process first, so only the child dies.
+    The child here aborts on the second file as pyarrow would."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import layouts
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    for split in ("train", "test"):
+        pq.write_table(pa.table({"image": [{"bytes": b"x", "path": f"{split}{i}.jpg"} for i in range(3)],
+                                 "text": ["a caption"] * 3}), tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet")
+    monkeypatch.setattr(layouts, "_CHILD_READS", layouts._CHILD_READS.replace(
+        "        for _ in layouts", "        if 'train-' in path:\n"
+        "            print(\"terminate called after throwing an instance of 'parquet::ParquetException'\", "
+        "file=sys.stderr, flush=True)\n            import os; os.abort()\n        for _ in layouts"))
+    code, _, err = run_main("data", tmp_path / "hub")
+    shard = tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"
+    assert code == 1 and err.count("\n") == 1
+    assert f"{shard}: damaged: reading it stopped the reading process itself (terminate called after throwing an " \
+        "instance of 'parquet::ParquetException')" in err
