@@ -151,9 +151,10 @@ def tiny_config(vocab_size, image_token_id, lm=t5, eos_token_id=None):
         text_config=text, num_query_tokens=NUM_QUERY_TOKENS, image_token_id=image_token_id)
 
 
-def pretrain_base(processor, rng, lm=t5, steps=600, batch_images=32, log=print):
-    """Train every weight of a fresh tiny BLIP-2 on freshly drawn images with PRETRAIN_TEMPLATE captions."""
-    torch.manual_seed(0)
+def pretrain_base(processor, rng, lm=t5, steps=600, batch_images=32, log=print, seed=0):
+    """Train every weight of a fresh tiny BLIP-2 on freshly drawn images with PRETRAIN_TEMPLATE captions. Another
+    seed gives a base as another CPU's float sums might (python demo.py --base-seed N DIR)."""
+    torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(processor_config(processor, lm))
     # transformers starts the queries at zero; the Q-Former's first LayerNorm of an all-zero input has a huge
     # gradient (1 / sqrt(eps)). BLIP-2's own pretraining draws them from N(0, 0.02), as here.
@@ -224,9 +225,9 @@ def _build_flickr8k(path, log):
     build_dataset(path, random.Random(8))
 
 
-def _build_model(path, log, lm=t5):
+def _build_model(path, log, lm=t5, seed=0):
     processor = build_processor(lm=lm)
-    model = pretrain_base(processor, random.Random(1), lm, log=log)
+    model = pretrain_base(processor, random.Random(1), lm, log=log, seed=seed)
     hf_logging.disable_progress_bar()
     model.save_pretrained(path)
     processor.save_pretrained(path)
@@ -238,7 +239,18 @@ PARTS = {"flickr8k": _build_flickr8k, "blip2-tiny": _build_model,
 
 if __name__ == "__main__":
     import argparse
-    argparse.ArgumentParser(description="Build the offline demo world in data/demo/ (a synthetic Flickr8k and two tiny "
-                            "pretrained BLIP-2s, with T5 and with OPT), if it is not there yet.").parse_args()
-    build_demo_world()
+    parser = argparse.ArgumentParser(description="Build the offline demo world in data/demo/ (a synthetic Flickr8k and "
+                                     "two tiny pretrained BLIP-2s, with T5 and with OPT), if it is not there yet.")
+    parser.add_argument("--base-seed", type=int, help="instead, pretrain the T5 demo base with this torch seed "
+                        "(the demo's is 0) into --out: how a result holds on a base another machine pretrains "
+                        "(README 'Which GPU')")
+    parser.add_argument("--out", help="the new folder for --base-seed's base")
+    args = parser.parse_args()
+    if args.base_seed is not None:
+        if not args.out or os.path.exists(args.out):
+            parser.error("--base-seed needs --out NEW_FOLDER")
+        torch.set_num_threads(min(4, os.cpu_count() or 1))  # as build_demo_world: float sums depend on it
+        _build_model(args.out, print, seed=args.base_seed)
+    else:
+        build_demo_world()
     sys.exit(0)
