@@ -56,11 +56,11 @@ from captioning import save_caption_settings
 from curves import curves_html
 from data import CaptionCollator, ImageCaptionDataset, caption_token_stats, prompt_ids, read_captions
 from files import UserError, printable, read_json, require_writable_folder, write_json
-from progress import duration
 from lora import inject_lora, lora_state_dict, lora_summary
-from model_card import adapter_card
 from model import DEFAULT_MODEL, caption_tokenizer, grouped_caption_loss, load_prepared, use_gradient_checkpointing
 from model import lora_targets as default_lora_targets  # (lora_targets is a setting's name)
+from model_card import adapter_card
+from progress import duration
 from scoring import SCALE, print_table, require_java, score_captions, score_split, write_html
 from vision_cache import VisionCache
 
