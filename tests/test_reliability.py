@@ -679,8 +679,9 @@ def test_a_dataset_file_that_kills_pyarrow_is_named_and_this_process_lives(demo_
     import layouts
     (tmp_path / "hub" / "data").mkdir(parents=True)
     for split in ("train", "test"):
+        shard = tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet"
         pq.write_table(pa.table({"image": [{"bytes": b"x", "path": f"{split}{i}.jpg"} for i in range(3)],
-                                 "text": ["a caption"] * 3}), tmp_path / "hub" / "data" / f"{split}-00000-of-00001.parquet")
+                                 "text": ["a caption"] * 3}), shard)
     monkeypatch.setattr(layouts, "_CHILD_READS", layouts._CHILD_READS.replace(
         "        for _ in layouts", "        if 'train-' in path:\n"
         "            print(\"terminate called after throwing an instance of 'parquet::ParquetException'\", "

@@ -82,7 +82,8 @@ def test_the_demo_writes_tensorboard_scalars_read_back_by_tensorboard(demo_run):
         test = EventAccumulator(os.path.join(out_dir, "tensorboard", run))
         test.Reload()
         for metric, value in results[column].items():
-            assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in test.Scalars(f"test/{metric}")] == [(100, value)]
+            scalars = test.Scalars(f"test/{metric}")
+            assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in scalars] == [(100, value)]
 
 
 def test_the_adapter_has_a_hub_model_card_with_the_scores_and_still_loads_in_peft(demo_run, demo_world):
@@ -99,7 +100,8 @@ def test_the_adapter_has_a_hub_model_card_with_the_scores_and_still_loads_in_pef
     assert len(cider) == 1 and cider[0].metric_value == pytest.approx(results["fine_tuned"]["CIDEr"], abs=0.01)
     assert cider[0].dataset_split == "test"
     text = card.text
-    for words in ("r=8", "alpha=16", "`EncDecAttention.q`", "train 200 images / 1000 captions", "| learning_rate | 0.01",
+    for words in ("r=8", "alpha=16", "`EncDecAttention.q`", "train 200 images / 1000 captions",
+                  "| learning_rate | 0.01",
                   f"| CIDEr | {results['zero_shot']['CIDEr']:.1f} | {results['fine_tuned']['CIDEr']:.1f} |",
                   "'a photo of'", "python caption.py --adapter", "PeftModel.from_pretrained", "hf upload"):
         assert words in text, words
