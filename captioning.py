@@ -10,7 +10,6 @@ them unless told otherwise, from any working directory. peft ignores the file.
 """
 import argparse
 import os
-import sys
 
 import torch
 
@@ -20,7 +19,7 @@ from data import warn_unreadable
 from files import UserError, printable, read_json, write_json
 from images import UnreadableImage, load_image
 from lora import lora_layers
-from progress import progress as progress_of
+from progress import print_to_stderr, progress as progress_of
 from model import DEFAULT_MODEL, generate_captions, load_prepared, looks_like_hub_id
 
 DEFAULT_ADAPTER = "out/adapter"
@@ -116,10 +115,6 @@ def load_for_captioning(model_name, adapter, device, base_bits=16, log=print):
     if adapter is not None:
         load_adapter(model, adapter)
     return model.eval(), processor
-
-
-def print_to_stderr(line):
-    print(line, file=sys.stderr, flush=True)
 
 
 @torch.no_grad()

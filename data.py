@@ -406,8 +406,7 @@ def unreadable_images(data):
     corrupt file, a format Pillow cannot read, one too large), which the caption files alone cannot show."""
     items = [item for split in data.splits.values() for item in split]
     unreadable = []
-    for item in progress(items, len(items), "decoding images", "images",
-                         log=lambda line: print(line, file=sys.stderr, flush=True)):
+    for item in progress(items, len(items), "decoding images", "images"):
         try:
             load_image(item.image)
         except UnreadableImage as e:

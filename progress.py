@@ -19,8 +19,13 @@ def duration(seconds):
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
-def progress(iterable, total, desc, unit, log=print, every_s=30.0, terminal=None):
-    """Yield iterable's items (total of them, counted as `unit`, a plural: "batches"), showing how far along."""
+def print_to_stderr(line):
+    print(line, file=sys.stderr, flush=True)
+
+
+def progress(iterable, total, desc, unit, log=print_to_stderr, every_s=30.0, terminal=None):
+    """Yield iterable's items (total of them, counted as `unit`, a plural: "batches"), showing how far along; the
+    lines go where tqdm's bar would, to stderr, unless log says otherwise (train.py: its own log)."""
     terminal = sys.stderr.isatty() if terminal is None else terminal
     if terminal:
         yield from tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)

@@ -184,8 +184,7 @@ def train(cfg, stop):
         train_steps(cfg, p, t, run, stop)
         stop.deferred = False
         if p.master and not t.choose_by_val:  # no (usable) evaluation: the final adapter is the one kept
-            save_trained_adapter(cfg, t.model, os.path.join(cfg.out_dir, "adapter"), run.step)
-            write_model_card(cfg, p, t, run.step)
+            keep_adapter(cfg, p, t, run.step)
         run.checkpoint(t, checkpoint.rng_state(), finished=True)
         if cfg.final_eval and p.master:
             final_evaluation(cfg, p, t, run)
@@ -780,6 +779,12 @@ def save_trained_adapter(cfg, blip2, path, step):
     save_adapter(blip2, path, base_model_reference(cfg.model))
 
 
+def keep_adapter(cfg, p, t, step):
+    """The adapter the run keeps, in out_dir/adapter, with its model card."""
+    save_trained_adapter(cfg, t.model, os.path.join(cfg.out_dir, "adapter"), step)
+    write_model_card(cfg, p, t, step)
+
+
 CARD_SETTINGS = ("batch_images", "grad_accum", "epochs", "max_steps", "learning_rate", "warmup_steps", "min_lr_ratio",
                  "weight_decay", "grad_clip", "max_caption_tokens", "base_bits", "gradient_checkpointing", "seed")
 
@@ -826,8 +831,7 @@ def evaluate_val(cfg, p, t, run):
         improved = t.choose_by_val and cider > run.best_cider
         if improved:
             run.best_cider = cider
-            save_trained_adapter(cfg, t.model, os.path.join(cfg.out_dir, "adapter"), run.step)
-            write_model_card(cfg, p, t, run.step)
+            keep_adapter(cfg, p, t, run.step)
         p.log(f"step {run.step}: val CIDEr {cider:.1f}" + (" (best so far: adapter saved)" if improved else
                                                            f" (best {run.best_cider:.1f})" if t.choose_by_val else ""))
         train_mode(t.model)
