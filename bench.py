@@ -21,11 +21,12 @@ caption; nothing is timed. The step's shape is Flickr8k's (5 captions of 16 toke
 (b) grouped        ViT, Q-Former and what depends only on the image (T5's encoder and cross-attention keys and
                    values, OPT's prefix) once per image, the rest once per caption (train.py's step)
 (c) grouped_cached (b) with the frozen ViT's outputs read from a cache instead of computed (train.py's default)
-Each is one optimizer step as train.py takes it (its LoRA settings, frozen base in eval mode, gradient clipping,
-AdamW) over the same images x 5 captions of 16 tokens. Also: beam-5 caption generation, images/s; FLOPs per caption
-counted by torch.utils.flop_counter (matmuls and attention), the speedups those FLOPs predict beside the measured
-ones, aten operations per step (what a launch-bound GPU step's time follows), peak memory, the projected time of a
-Flickr8k epoch, and on CUDA the model FLOPs utilisation against the bf16 peak. The JSON records the commit and the
+Each is one optimizer step as train.py takes it (train.train_step with train.make_optimizer's AdamW and scaler, its
+LoRA settings, frozen base in eval mode, gradient clipping) over the same images x 5 captions of 16 tokens. Also:
+beam-5 caption generation, images/s; FLOPs per caption counted by torch.utils.flop_counter (matmuls and attention),
+the speedups those FLOPs predict beside the measured ones, aten operations per step (what a launch-bound GPU step's
+time follows), peak memory, the projected time of a Flickr8k epoch, and on CUDA the model FLOPs utilisation against
+the bf16 peak. The JSON records the commit and the
 torch and transformers versions.
 """
 import argparse
@@ -36,14 +37,13 @@ from dataclasses import dataclass
 
 import torch
 
-import memory
-import opt
-import t5
-from blip2 import autocast_context, train_mode, vision_embeds
+import train
+from blip2lora import memory, opt, t5
+from blip2lora.blip2 import autocast_context, train_mode, vision_embeds
+from blip2lora.files import UserError, one_line_errors
+from blip2lora.model import generate_captions, grouped_caption_loss, per_pair_caption_loss
+from train import SETTINGS  # its settings block: the LoRA, clipping and optimizer defaults a training run uses
 from data import add_collection_arguments
-from files import UserError, one_line_errors
-from model import generate_captions, grouped_caption_loss, per_pair_caption_loss
-from train import SETTINGS  # its settings block: the LoRA and clipping defaults a training run uses
 
 ARCHS = {"flan-t5-xl": (t5, "Salesforce/blip2-flan-t5-xl"), "flan-t5-xxl": (t5, "Salesforce/blip2-flan-t5-xxl"),
          "opt-2.7b": (opt, "Salesforce/blip2-opt-2.7b"), "opt-6.7b": (opt, "Salesforce/blip2-opt-6.7b")}
@@ -95,16 +95,15 @@ def make_world(root, size, images, device, arch="flan-t5-xl"):
     lm = ARCHS[arch][0]
     config = blip2_config(size, arch)
     processor = demo.build_processor(config.vision_config.image_size, config.num_query_tokens, lm)
-    config.image_token_id, end = demo.special_ids(processor, lm)
-    if end is not None:  # OPT's captions end in "\n"
-        config.text_config.eos_token_id = end
+    config.image_token_id, config.text_config.eos_token_id = demo.special_ids(processor, lm)
     config.vision_config.initializer_range = 0.02  # random weights with signal (the default is 1e-10)
     torch.manual_seed(0)
     with torch.device(device):
         model = Blip2ForConditionalGeneration(config).to(torch.bfloat16 if size == "full" else torch.float32)
-        if size != "tiny" and lm is t5:  # an lm_head of its own, as blip2-flan-t5-xl's (other values: loading keeps
-            lm.as_released(model)        # it apart)
-            torch.nn.init.normal_(model.language_model.lm_head.weight)
+        if size != "tiny":  # the weights laid out as the checkpoint's: blip2-flan-t5-xl has an lm_head of its own
+            lm.as_released(model)
+        if model.language_model.lm_head.weight is not model.get_input_embeddings().weight:
+            torch.nn.init.normal_(model.language_model.lm_head.weight)  # other values: loading keeps it apart
     name = f"blip2-{size}" + ("" if arch == "flan-t5-xl" else f"-{arch}")
     model.save_pretrained(os.path.join(root, name))
     processor.save_pretrained(os.path.join(root, name))
@@ -132,25 +131,26 @@ def make_batch(config, batch_images, device, shape=StepShape()):
     return {k: v.to(device) for k, v in batch.items()}, prompt
 
 
-def step_fn(model, batch, mode, cached_embeds, optimizer, autocast, grouped_loss=grouped_caption_loss):
-    """One optimizer step in the given mode; returns the loss."""
+def step_fn(model, batch, mode, cached_embeds, device, dtype, grouped_loss=grouped_caption_loss):
+    """train.py's step (train.train_step) in the given mode, with its optimizer and scaler (train.make_optimizer):
+    a function taking one step. The optimizer and scaler are attributes of it."""
+    def per_pair_loss(model, batch, _):
+        return per_pair_caption_loss(model, batch)
+
+    def image_embeds(batch):
+        if mode == "grouped_cached":  # as train.py: the cache lives in (memory-mapped) host memory, copied in
+            return cached_embeds.to(batch["labels"].device, non_blocking=True)
+        with torch.no_grad():
+            return vision_embeds(model, batch["pixel_values"])
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    optimizer, scaler = train.make_optimizer(model, SETTINGS["learning_rate"], SETTINGS["weight_decay"],
+                                             device_type, dtype)
+    loss = per_pair_loss if mode == "per_pair" else grouped_loss
+
     def run():
-        with autocast:
-            if mode == "per_pair":
-                loss_sum, tokens = per_pair_caption_loss(model, batch)
-            else:
-                if mode == "grouped_cached":
-                    # as train.py: the cache lives in (memory-mapped) host memory and is copied in each step
-                    image_embeds = cached_embeds.to(batch["labels"].device, non_blocking=True)
-                else:
-                    with torch.no_grad():
-                        image_embeds = vision_embeds(model, batch["pixel_values"])
-                loss_sum, tokens = grouped_loss(model, batch, image_embeds)
-        (loss_sum / tokens).backward()
-        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], SETTINGS["grad_clip"])  # as train.py
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss_sum / tokens
+        return train.train_step(model, [batch], loss, image_embeds, optimizer, scaler,
+                                autocast_context(device, dtype), SETTINGS["grad_clip"])
+    run.optimizer, run.scaler = optimizer, scaler
     return run
 
 
@@ -214,8 +214,6 @@ def measure(model, batch_images, device, dtype, repeats, grouped_loss):
     cuda = device.startswith("cuda")
     batch, prompt = make_batch(model.config, batch_images, device)
     autocast = autocast_context(device, dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=cuda)  # fused on CUDA, as train.py
     train_mode(model)
     with torch.no_grad(), autocast:
         cached = vision_embeds(model, batch["pixel_values"]).to("cpu")
@@ -227,8 +225,8 @@ def measure(model, batch_images, device, dtype, repeats, grouped_loss):
     flops = {}
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None) if cuda else None
     for mode in ("per_pair", "grouped", "grouped_cached"):
-        eager = step_fn(model, batch, mode, cached, optimizer, autocast)
-        fn = step_fn(model, batch, mode, cached, optimizer, autocast, grouped_loss)
+        eager = step_fn(model, batch, mode, cached, device, dtype)
+        fn = step_fn(model, batch, mode, cached, device, dtype, grouped_loss)
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -238,7 +236,7 @@ def measure(model, batch_images, device, dtype, repeats, grouped_loss):
             first_step = timed(fn, device, warmup=0, repeats=1)  # with --compile, grouped's first step compiles
             seconds = timed(fn, device, warmup=1, repeats=repeats)
         except torch.cuda.OutOfMemoryError:  # a batch too large for this GPU: say so, measure the rest
-            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)
             run[mode] = {"error": "out of memory"}
             continue
         run[mode] = {"captions_per_s": round(captions / seconds, 1), "ms_per_step": round(1000 * seconds, 1),
@@ -324,8 +322,8 @@ def predict_memory(args, dtype, shape):
             args.batch_images or [16], args.base_bits, args.gradient_checkpointing, args.vision_on_gpu):
         batch, _ = make_batch(config, batch_images, "cpu", shape)  # the step itself reads the ViT's outputs cached
         levers = memory.Levers(bits, checkpointing, vision_on_gpu)
-        counted = memory.predict(config, batch, dtype, levers, SETTINGS, eval_batch=args.eval_batch,
-                                 released=args.model != "tiny", flops=True)
+        counted = memory.predict(config, batch, dtype, levers, SETTINGS, train.train_step,
+                                 eval_batch=args.eval_batch, released=args.model != "tiny", flops=True)
         flops = {name: counted.pop(f"{name}_flops") / 1e9 / len(batch["labels"]) for name in ("step", "per_pair")}
         runs.append({"batch_images": batch_images, "base_bits": bits, "gradient_checkpointing": checkpointing,
                      "vision_on_gpu": vision_on_gpu, "eval_batch": args.eval_batch,
@@ -372,7 +370,7 @@ def step_shape(args):
 def caption_lengths(captions, arch, size):
     """Each caption's length in the arch's tokens with its end token: by its own tokenizer where one is at hand (the
     demo's for tiny; the checkpoint's if it is in the local Hugging Face cache), else estimated from words."""
-    from model import caption_tokenizer
+    from blip2lora.model import caption_tokenizer
     lm, hub_id = ARCHS[arch]
     try:
         if size == "tiny":

@@ -19,16 +19,17 @@ import os
 import shutil
 import sys
 
-from blip2 import autocast_context, autocast_dtype
-from captioning import (CAPTION_SETTINGS_FILE, GENERATION_DEFAULTS, add_generation_arguments, base_model_reference,
-                        caption_stream, load_for_captioning, read_caption_settings, resolve_generation, resolve_model)
+from blip2lora.blip2 import autocast_context, autocast_dtype
+from blip2lora.captioning import (CAPTION_SETTINGS_FILE, GENERATION_DEFAULTS, add_generation_arguments,
+                                  base_model_reference, caption_stream, load_for_captioning, read_caption_settings,
+                                  resolve_generation, resolve_model)
+from blip2lora.files import (UserError, inside, make_temp_dir, one_line_errors, printable, read_json,
+                             user_permissions_tree, write_json, writer_errors_as_os_errors)
+from blip2lora.images import IMAGE_SUFFIXES
+from blip2lora.model import family
+from blip2lora.model_card import merged_card
 from data import ImageCaptions, prompt_ids
-from files import (UserError, inside, make_temp_dir, one_line_errors, printable, read_json, user_permissions_tree,
-                   write_json, writer_errors_as_os_errors)
-from images import IMAGE_SUFFIXES
 from lora import merge_lora
-from model import family
-from model_card import merged_card
 
 EXPORT_MARKER = "merged_from.json"  # written into every export: how a folder is known to be an earlier export
 

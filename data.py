@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-import images
-from files import inside, one_line_errors, printable
-from images import IMAGE_SUFFIXES, DatasetImage, UnreadableImage, load_image
-from layouts import CAPTION_COLUMNS, LAYOUTS, SPLITS, DataError, Options, clean_relative_path
-from progress import progress
+from blip2lora import images
+from blip2lora.files import inside, one_line_errors, printable
+from blip2lora.images import IMAGE_SUFFIXES, DatasetImage, UnreadableImage, load_image, warn_unreadable
+from blip2lora.layouts import CAPTION_COLUMNS, LAYOUTS, SPLITS, DataError, Options, clean_relative_path
+from blip2lora.progress import progress
 
 MIN_IMAGES_TO_HOLD_OUT = 10  # a hash split of fewer images keeps them all for training
 # A collection with train but no val (hub datasets ship train and test): val is carved from train, 5% of it by the
@@ -251,6 +251,20 @@ def caption_token_stats(items, caption_ids, max_tokens, unknown_id):
             "unknown_fraction": unknown / max(tokens, 1)}
 
 
+def caption_notes(items, caption_ids, max_tokens, unknown_id):
+    """What train.py says at the start about the train captions (caption_token_stats): cut captions, unknown words."""
+    stats, notes = caption_token_stats(items, caption_ids, max_tokens, unknown_id), []
+    if stats["too_long"]:
+        notes.append(f"{stats['too_long']} train captions are longer than max_caption_tokens={max_tokens} (the "
+                     f"longest: {stats['longest']} tokens); training reads their first {max_tokens} tokens. Raise "
+                     "max_caption_tokens to keep them whole: memory and time per caption grow with it")
+    if stats["unknown_fraction"] > 0.02:
+        notes.append(f"warning: {100 * stats['unknown_fraction']:.0f}% of the train captions' tokens are unknown to "
+                     "this model's tokenizer (<unk>): it can neither learn nor write those words. The demo base knows "
+                     "only its own few dozen words; the released BLIP-2 checkpoints' tokenizers cover English text")
+    return notes
+
+
 def prompt_ids(tokenizer, prompt, config):
     """The language model's input before the caption, as Blip2Processor(images, text=prompt) makes it:
     config.num_query_tokens image tokens, then the tokenized prompt (T5: the prompt and </s>; OPT: BOS, the prompt)."""
@@ -272,31 +286,6 @@ def caption_labels(caption_ids, max_tokens, width=None):
     for row, ids in zip(labels, cut):
         row[:len(ids)] = torch.tensor(ids)
     return labels
-
-
-def warn_unreadable(error):
-    print(f"warning: skipping an unreadable image: {printable(str(error))}", file=sys.stderr)
-
-
-class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Item i = (i, pixel_values (3, H, W) or None if the image cannot be read)."""
-
-    def __init__(self, items, image_processor, load_images=True, on_unreadable=warn_unreadable):
-        self.items, self.image_processor, self.load_images = items, image_processor, load_images
-        self.on_unreadable = on_unreadable
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        if not self.load_images:
-            return i, None
-        try:
-            image = load_image(self.items[i].image)
-        except UnreadableImage as e:
-            self.on_unreadable(e)
-            return i, None
-        return i, self.image_processor(image, return_tensors="pt").pixel_values[0]
 
 
 class CaptionCollator:
@@ -338,6 +327,45 @@ class CaptionCollator:
         batch["labels"] = caption_labels(self.caption_ids(captions), self.max_caption_tokens, self.width)
         batch["caption_image"] = torch.tensor(caption_image, dtype=torch.long)
         return batch
+
+
+def image_loader(items, processor, num_workers):
+    """The images of `items`, 32 at a time, decoded in num_workers processes: what train.py builds its vision cache
+    from. Its own generator: drawing worker seeds from the global RNG would change a run's dropout."""
+    return torch.utils.data.DataLoader(ImageCaptionDataset(items, processor.image_processor), batch_size=32,
+                                       num_workers=min(num_workers, os.cpu_count() or 1), collate_fn=collate_images,
+                                       generator=torch.Generator())
+
+
+def collate_images(samples):
+    """[(index, pixel_values (3, H, W) or None)] -> image_index (B,) and pixel_values (B, 3, H, W) of the readable
+    images (none: no pixel_values)."""
+    good = [(i, px) for i, px in samples if px is not None]
+    batch = {"image_index": torch.tensor([i for i, _ in good], dtype=torch.long), "skipped": len(samples) - len(good)}
+    if good:
+        batch["pixel_values"] = torch.stack([px for _, px in good])
+    return batch
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Item i = (i, pixel_values (3, H, W) or None if the image cannot be read)."""
+
+    def __init__(self, items, image_processor, load_images=True, on_unreadable=warn_unreadable):
+        self.items, self.image_processor, self.load_images = items, image_processor, load_images
+        self.on_unreadable = on_unreadable
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        if not self.load_images:
+            return i, None
+        try:
+            image = load_image(self.items[i].image)
+        except UnreadableImage as e:
+            self.on_unreadable(e)
+            return i, None
+        return i, self.image_processor(image, return_tensors="pt").pixel_values[0]
 
 
 # --------------------------------------------------------------------------------------------------- the report

@@ -33,11 +33,10 @@ from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Proce
                           PreTrainedTokenizerFast)
 from transformers.utils import logging as hf_logging
 
-import opt
-import t5
-from blip2 import vision_embeds
+from blip2lora import opt, t5
+from blip2lora.blip2 import vision_embeds
+from blip2lora.model import caption_tokenizer, grouped_caption_loss
 from data import caption_labels, prompt_ids
-from model import caption_tokenizer, grouped_caption_loss
 
 DEMO_ROOT = "data/demo"
 DEMO_DATA, DEMO_MODEL, DEMO_OPT_MODEL = "data/demo/flickr8k", "data/demo/blip2-tiny", "data/demo/blip2-opt-tiny"
@@ -93,36 +92,35 @@ def build_dataset(root, rng, num_images=300, split=(200, 50, 50)):
 
 
 def build_processor(image_pixels=MODEL_PIXELS, num_query_tokens=NUM_QUERY_TOKENS, lm=t5):
-    """A word-level tokenizer over every word the demo uses, with the special ids of the family's real tokenizer (T5:
-    pad 0, </s> 1 at the end of a text; OPT: pad 1, </s> 2 as BOS at the start, and "\n" to end a caption), inside a
-    Blip2Processor."""
+    """A word-level tokenizer over every word the demo uses, with the special tokens laid out as the family's real
+    tokenizer lays them out (lm.SPECIAL_TOKENS; T5: pad 0, </s> 1 at the end of a text; OPT: pad 1, </s> 2 as BOS at
+    the start, and "\n" to end a caption), inside a Blip2Processor."""
     words = set("a photo of . backdrop".split())
     for text in CAPTION_TEMPLATES + (PRETRAIN_TEMPLATE,):
         words |= set(re.sub(r"\{\w+\}", " ", text).split())  # the template's own words, not its {fields}
     for group in (COLOURS, BACKGROUNDS, SIZES, PRETRAIN_WORDS.values()):
         words |= {w for phrase in group for w in phrase.split()}
-    if lm is t5:
-        vocab, template, bos = {"<pad>": 0, "</s>": 1, "<unk>": 2}, "$A </s>", None
-    else:
-        vocab, template, bos = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "\n": 4}, "</s> $A", "</s>"
+    special = lm.SPECIAL_TOKENS
+    vocab = {token: i for i, token in enumerate(special["first_ids"])}
     for w in sorted(words):
         vocab[w] = len(vocab)
     vocab["<image>"] = len(vocab)
     core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("</s>", vocab["</s>"])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", bos_token=bos,
+    core.post_processor = processors.TemplateProcessing(single=special["template"],
+                                                        special_tokens=[("</s>", vocab["</s>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
+                                        bos_token=special["bos"],
                                         unk_token="<unk>")
     image_processor = BlipImageProcessorPil(size={"height": image_pixels, "width": image_pixels})
     return Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)
 
 
 def special_ids(processor, lm=t5):
-    """(the image token's id, the caption end's id) in a processor build_processor made; the end is None for T5,
-    whose tiny config has its own (1), and "\n" for OPT."""
+    """(the image token's id, the caption end's id) in a processor build_processor made (T5: </s>, OPT: "\n")."""
     tokenizer = processor.tokenizer
-    return tokenizer.convert_tokens_to_ids("<image>"), tokenizer.convert_tokens_to_ids("\n") if lm is opt else None
+    return tokenizer.convert_tokens_to_ids("<image>"), tokenizer.convert_tokens_to_ids(lm.SPECIAL_TOKENS["caption_end"])
 
 
 def processor_config(processor, lm=t5):
@@ -133,15 +131,11 @@ def processor_config(processor, lm=t5):
 
 def tiny_config(vocab_size, image_token_id, lm=t5, eos_token_id=None):
     """BLIP-2's architecture at toy size: ViT 2x64 on 48-pixel images (16 patches), Q-Former 2x64, and the family's
-    language model (t5.SIZES["tiny"]: 2 + 2 layers x 64; opt.SIZES["tiny"]: 2 x 128). eos_token_id: the caption's end
-    token (T5's default 1; OPT's "\n" has no fixed id in a toy vocabulary: vocab_size - 2, beside the image token, if
-    None)."""
-    end = {} if eos_token_id is None else {"eos_token_id": eos_token_id}
-    if lm is t5:
-        text = t5.text_config("tiny", vocab_size=vocab_size, dropout_rate=0.0, **end)
-    else:
-        text = opt.text_config("tiny", vocab_size=vocab_size, max_position_embeddings=128, dropout=0.0,
-                               **(end or {"eos_token_id": vocab_size - 2}))
+    language model (lm.SIZES["tiny"]; T5: 2 + 2 layers x 64, OPT: 2 x 128). eos_token_id: the caption's end token;
+    None: its place among the first ids of a build_processor vocabulary (T5 </s>: 1, OPT "\n": 4)."""
+    if eos_token_id is None:
+        eos_token_id = lm.SPECIAL_TOKENS["first_ids"].index(lm.SPECIAL_TOKENS["caption_end"])
+    text = lm.text_config("tiny", vocab_size=vocab_size, eos_token_id=eos_token_id)
     return Blip2Config(
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            image_size=MODEL_PIXELS, patch_size=12,
@@ -159,15 +153,17 @@ def pretrain_base(processor, rng, lm=t5, steps=600, batch_images=32, log=print, 
     # transformers starts the queries at zero; the Q-Former's first LayerNorm of an all-zero input has a huge
     # gradient (1 / sqrt(eps)). BLIP-2's own pretraining draws them from N(0, 0.02), as here.
     torch.nn.init.normal_(model.query_tokens, std=0.02)
-    if lm is opt:
+    if model.config.text_config.tie_word_embeddings:
         # Pretraining shows the base a dozen words; every other word keeps its initial embedding, which is also its
-        # output row (OPT ties them). At OPT's std of 0.02 those rows stay small beside the trained ones, and LoRA
-        # hardly makes the model say the demo's words (config/demo_opt.py, beam 2: fine-tuned CIDEr 94, zero-shot
-        # 19); at 0.125 it does (276 to 374 over three seeds, zero-shot 34). A real OPT has trained its whole
-        # vocabulary.
+        # output row where the two are tied (OPT). At OPT's std of 0.02 those rows stay small beside the trained ones,
+        # and LoRA hardly makes the model say the demo's words (config/demo_opt.py, beam 2: fine-tuned CIDEr 94,
+        # zero-shot 19); at 0.125 it does (276 to 374 over three seeds, zero-shot 34). A real OPT has trained its
+        # whole vocabulary.
         torch.nn.init.normal_(model.get_input_embeddings().weight, std=0.125)
     prompt = prompt_ids(processor.tokenizer, "a photo of", model.config)
     caption_ids = caption_tokenizer(processor.tokenizer, model.config)
+    # A loop of its own, not train.py's step: this trains every weight of a model made from scratch (no LoRA, nothing
+    # frozen, dropout on everywhere), with weight decay and a one-cycle schedule suited to that.
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     model.train()

@@ -18,12 +18,12 @@ import os
 import sys
 
 import demo
-from blip2 import autocast_context, autocast_dtype
-from captioning import (add_generation_arguments, caption_items, captions_without_adapter,
-                        load_for_captioning, read_caption_settings, resolve_generation, resolve_model)
+from blip2lora.blip2 import autocast_context, autocast_dtype
+from blip2lora.captioning import (add_generation_arguments, caption_items, captions_without_adapter,
+                                  load_for_captioning, read_caption_settings, resolve_generation, resolve_model)
+from blip2lora.files import check_output, one_line_errors, read_json, require_writable_folder, write_json
+from blip2lora.scoring import SCALE, ScoringError, print_table, score_split, write_html
 from data import add_collection_arguments, prompt_ids, read_captions
-from files import check_output, one_line_errors, read_json, require_writable_folder, write_json
-from scoring import SCALE, ScoringError, print_table, score_split, write_html
 
 
 def main(argv=None):

@@ -162,10 +162,3 @@ def lora_summary(model):
     return (f"LoRA: {len(lora_layers(model))} layers, {trainable:,} trainable of {total:,} parameters "
             f"({100 * trainable / max(total, 1):.3f}%)")
 
-
-def __getattr__(name):
-    """Older code imports the adapter-file functions from here: they are in adapter_files.py, imported when asked."""
-    if name in ("save_adapter", "load_adapter", "read_adapter_config", "AdapterError"):
-        import adapter_files
-        return getattr(adapter_files, name)
-    raise AttributeError(f"module 'lora' has no attribute {name!r}")

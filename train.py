@@ -34,11 +34,8 @@ Settings: the block below; `python train.py --help` lists them. Config files (Py
 config/demo.py) and --key=value or --key value override them (settings.py); a mistake is one line.
 """
 import importlib.util
-import json
 import math
 import os
-import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,23 +43,21 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-import checkpoint
 import demo
-import settings
-from adapter_files import load_adapter, save_adapter
-from blip2 import autocast_context, autocast_dtype, move_vision, train_mode, vision_embeds
-from captioning import GENERATION_DEFAULTS, base_model_reference, caption_items, captions_without_adapter
-from captioning import save_caption_settings
-from curves import curves_html
-from data import CaptionCollator, ImageCaptionDataset, caption_token_stats, prompt_ids, read_captions
-from files import UserError, printable, read_json, require_writable_folder, write_json
-from lora import inject_lora, lora_state_dict, lora_summary
-from model import DEFAULT_MODEL, caption_tokenizer, grouped_caption_loss, load_prepared, use_gradient_checkpointing
-from model import lora_targets as default_lora_targets  # (lora_targets is a setting's name)
-from model_card import adapter_card
-from progress import duration
-from scoring import SCALE, print_table, require_java, score_captions, score_split, write_html
-from vision_cache import VisionCache
+from blip2lora import checkpoint, settings
+from blip2lora.adapter_files import load_adapter, save_adapter
+from blip2lora.blip2 import autocast_context, autocast_dtype, train_mode, vision_embeds
+from blip2lora.captioning import (GENERATION_DEFAULTS, base_model_reference, caption_items, captions_without_adapter,
+                                  save_caption_settings)
+from blip2lora.checkpoint import StopRequest, Terminated, check_resume, restore_run
+from blip2lora.curves import curves_html
+from blip2lora.files import UserError, printable, read_json, write_json
+from blip2lora.model import DEFAULT_MODEL, caption_tokenizer, family, load_blip2, prepare_for_training, weights_dtype
+from blip2lora.run_log import RunState, Speedometer, why_not_better, write_model_card
+from blip2lora.scoring import SCALE, print_table, require_java, score_captions, score_split, write_html
+from blip2lora.vision_cache import prepare_vision_cache
+from data import CaptionCollator, ImageCaptionDataset, caption_notes, image_loader, prompt_ids, read_captions
+from lora import lora_state_dict, lora_summary
 
 _names_before_the_settings = set(globals())
 # ----------------------------------------------------------------------------------------------------- settings
@@ -120,14 +115,6 @@ SETTINGS = {k: v for k, v in globals().items()  # the block's names and defaults
 MIN_VAL_TO_CHOOSE = (20, 50)  # a val split of fewer images or captions is too noisy to pick the best adapter by
 
 
-class RunError(UserError):
-    pass
-
-
-class Terminated(BaseException):
-    """SIGTERM (a cluster scheduler, a preemptible VM, docker stop): stop, saying how to resume."""
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if {"-h", "--help"} & set(argv):
@@ -163,20 +150,24 @@ def main(argv=None):
 def train(cfg, stop):
     """The whole run, stage by stage."""
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise RunError("tensorboard=True needs the tensorboard package: pip install tensorboard (or leave it False; "
-                       "the curves are in out_dir/report.html either way)")
+        raise UserError("tensorboard=True needs the tensorboard package: pip install tensorboard (or leave it False; "
+                        "the curves are in out_dir/report.html either way)")
     p = start_processes(cfg)
     torch.manual_seed(cfg.seed)
-    resume = check_resume(cfg, p)
+    resume = check_resume(cfg, p)  # checkpoint.py: lock out_dir, read its checkpoint, refuse changed settings
     if resume is None:
         return  # finished before: its results were printed
     resume_from, state = resume
     t = load_data_and_model(cfg, p)
-    t.cache = prepare_vision_cache(cfg, p, t)
+    t.cache = prepare_vision_cache(cfg, p, t, lambda items: image_loader(items, t.processor, cfg.num_workers))
     prepare_training(cfg, p, t)
-    run = RunState(cfg, p, t.steps_per_epoch)
+    run = RunState(cfg, p, t.steps_per_epoch)  # run_log.py: the step, the val record, log.jsonl
     if resume_from:
-        restore(cfg, p, t, run, resume_from, state)
+        restore_run(cfg, p, t, run, resume_from, state)
+        if state["finished"] and run.step < t.total_steps:
+            p.log(f"extending the finished run from step {run.step} to {t.total_steps}: the learning rate's cosine is "
+                  f"re-planned to end at step {t.total_steps} (now {lr_at(cfg, t, run.step):.3g}, it ended at "
+                  f"{cfg.learning_rate * cfg.min_lr_ratio:.3g})")
     run.open_log(resumed=bool(resume_from))
     try:
         stop.deferred = True  # from here a SIGTERM ends the current step, then saves a checkpoint (train_steps)
@@ -185,7 +176,7 @@ def train(cfg, stop):
         stop.deferred = False
         if p.master and not t.choose_by_val:  # no (usable) evaluation: the final adapter is the one kept
             keep_adapter(cfg, p, t, run.step)
-        run.checkpoint(t, checkpoint.rng_state(), finished=True)
+        save_checkpoint(cfg, p, t, run, checkpoint.rng_state(), finished=True)
         if cfg.final_eval and p.master:
             final_evaluation(cfg, p, t, run)
     finally:
@@ -198,12 +189,17 @@ def train(cfg, stop):
 # What the loop reads (the classes are in "the run's state" below):
 #   cfg  Settings: the block above, as attributes (cfg.grad_accum, cfg.checkpoint_interval, ...)
 #   p    Processes: device, dtype, autocast (a context), ddp, rank, world_size, master (rank 0 logs and saves)
-#   t    Training: model, caption_loss (the grouped loss, maybe compiled), params (exactly the LoRA tensors),
-#        optimizer, scaler (GradScaler, on for float16 only), total_steps, steps_per_epoch, cache (vision cache or
-#        None), train_items, evaluating (val CIDEr during training?)
-#   run  RunState: step (optimizer steps done), best_cider, history; run.checkpoint(...), run.record(...)
+#   t    Training: model, params (exactly the LoRA tensors), optimizer, scaler (GradScaler, on for float16 only),
+#        total_steps, steps_per_epoch, cache (vision cache or None), train_items, evaluating (val CIDEr during
+#        training?)
+#   run  RunState (run_log.py): step (optimizer steps done), best_cider, history; run.record(...) logs
 def train_steps(cfg, p, t, run, stop):
     """The loop: from run.step to the last step, epoch by epoch, with the data order fixed by (seed, epoch)."""
+    # The loss: the family's (t5.py or opt.py) grouped_caption_loss, what depends only on an image once per image.
+    # fullgraph: a graph break is an error, not a silent slowdown (tests/test_fast.py keeps the loss one graph).
+    caption_loss = family(t.model.config).grouped_caption_loss
+    if p.compiling:
+        caption_loss = torch.compile(caption_loss, fullgraph=True)
     loader_rng = torch.Generator()  # the loader draws its worker seeds here, not from the global RNG (dropout's)
     resumed_at, speed = run.step, Speedometer(cfg, p, t, run)
     while run.step < t.total_steps:
@@ -212,27 +208,24 @@ def train_steps(cfg, p, t, run, stop):
         for _ in range(t.steps_per_epoch - offset):
             if run.step >= t.total_steps:
                 break
-            # The checkpoint of step s (the weights after s updates) is written in the step that uses those weights,
-            # once their loss is known to be finite and before they change: it never holds weights that gave a NaN.
             started = time.time()
-            saving = run.step % cfg.checkpoint_interval == 0 and run.step != resumed_at
-            rng_before_step = checkpoint.rng_state() if saving else None  # what a resumed run starts this step from
             lr = lr_at(cfg, t, run.step)
             for group in t.optimizer.param_groups:
                 group["lr"] = lr
             step_batches = [next(batches) for _ in range(cfg.grad_accum)]
             skipped = sum(b["skipped"] for b in step_batches)
             step_batches = [b for b in step_batches if "labels" in b]
-            loss = forward_backward(p, t, step_batches)
-            stop_on_a_non_finite_loss(cfg, p, loss, run.step)
-            if saving:
-                speed.pause(lambda: run.checkpoint(t, rng_before_step))
-            if cfg.grad_clip > 0:
-                t.scaler.unscale_(t.optimizer)
-                torch.nn.utils.clip_grad_norm_(t.params, cfg.grad_clip)
-            t.scaler.step(t.optimizer)
-            t.scaler.update()
-            t.optimizer.zero_grad(set_to_none=True)
+            # The checkpoint of step s (the weights after s updates) is written in the step that uses those weights,
+            # once their loss is known to be finite and before they change: it never holds weights that gave a NaN.
+            saving = run.step % cfg.checkpoint_interval == 0 and run.step != resumed_at
+            rng_before_step = checkpoint.rng_state() if saving else None  # what a resumed run starts this step from
+
+            def before_update(loss):
+                stop_on_a_non_finite_loss(cfg, p, loss.item(), run.step)
+                if saving:
+                    speed.pause(lambda: save_checkpoint(cfg, p, t, run, rng_before_step))
+            loss = train_step(t.model, step_batches, caption_loss, lambda b: image_embeds(t, b, p.device),
+                              t.optimizer, t.scaler, p.autocast, cfg.grad_clip, p.ddp, before_update).item()
             run.step += 1
             if p.compiling and run.step == resumed_at + 1:
                 p.log(f"torch.compile: the first step took {time.time() - started:.0f} s, compiling included")
@@ -240,40 +233,71 @@ def train_steps(cfg, p, t, run, stop):
             if t.evaluating and (run.step % cfg.eval_interval == 0 or run.step == t.total_steps):
                 speed.pause(lambda: evaluate_val(cfg, p, t, run), evaluation=True)
             if stop.requested(p):  # SIGTERM: the step is whole; keep it, and say how to go on
-                run.checkpoint(t, checkpoint.rng_state())
+                save_checkpoint(cfg, p, t, run, checkpoint.rng_state())
                 raise Terminated(f"checkpoint saved at step {run.step}; run the same command again to resume")
 
 
-def forward_backward(p, t, step_batches):
-    """One optimizer step's micro-batches forward and backward; with several processes, the gradients summed over
-    them. Returns the step's loss: the caption-token mean over every micro-batch of every rank."""
+def train_step(model, micro_batches, caption_loss, image_embeds, optimizer, scaler, autocast, grad_clip, ddp=False,
+               before_update=None):
+    """One optimizer step, the one that train.py, bench.py and memory.py all take: each micro-batch forward and
+    backward, then (several processes) the gradients summed over them, clipping, and AdamW through the GradScaler
+    (which does nothing unless float16). caption_loss(model, batch, image_embeds(batch)) is a summed loss and its
+    token count (t5.py, opt.py). Returns the step's loss, a tensor: the caption-token mean over every micro-batch
+    of every rank. before_update(loss) runs once the loss is known and before the weights change."""
+    params = optimizer.param_groups[0]["params"]  # exactly the LoRA tensors
+    device = params[0].device
     # every token of the step, on every rank, counts once: the gradient is of the mean over all of them
-    tokens = torch.tensor(float(sum((b["labels"] != -100).sum() for b in step_batches)), device=p.device)
-    if p.ddp:
+    tokens = sum((b["labels"] != -100).sum() for b in micro_batches).to(device, torch.float32)
+    if ddp:
         dist.all_reduce(tokens)
-    loss_sum = torch.zeros((), device=p.device)
-    for b in step_batches:
-        b = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in b.items()}
-        with p.autocast:
-            if t.cache is None:
-                with torch.no_grad():  # the frozen ViT: no gradient flows into it
-                    image_embeds = vision_embeds(t.model, b["pixel_values"])                   # (B, V, Dv)
-            else:  # the same rows, computed once before training: skips the ViT (tests: the identical loss)
-                image_embeds = t.cache.lookup([t.train_items[i].name for i in b["image_index"].tolist()], p.device)
-            batch_loss, _ = t.caption_loss(t.model, b, image_embeds)  # summed over the micro-batch's caption tokens
-        t.scaler.scale(batch_loss / tokens).backward()
+    loss_sum = torch.zeros((), device=device)
+    for b in micro_batches:
+        b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+        with autocast:
+            batch_loss, _ = caption_loss(model, b, image_embeds(b))  # summed over the micro-batch's caption tokens
+        scaler.scale(batch_loss / tokens).backward()
         loss_sum += batch_loss.detach()
-    if p.ddp:
-        # data parallelism by hand: sum the LoRA gradients over ranks (one flat buffer; they are 0.26% of the
-        # model) and the losses for the log. Each rank divided by the global token count already.
-        flat = torch.cat([q.grad.flatten() if q.grad is not None else torch.zeros_like(q).flatten() for q in t.params])
-        dist.all_reduce(flat)
-        start = 0
-        for q in t.params:
-            q.grad = flat[start:start + q.numel()].view_as(q)
-            start += q.numel()
-        dist.all_reduce(loss_sum)
-    return (loss_sum / tokens).item()
+    if ddp:
+        sum_over_ranks(params, loss_sum)
+    loss = loss_sum / tokens
+    if before_update:
+        before_update(loss)
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def sum_over_ranks(params, loss_sum):
+    """Data parallelism by hand: sum the LoRA gradients over ranks (one flat buffer; they are 0.26% of the model)
+    and the losses for the log. Each rank divided by the global token count already."""
+    flat = torch.cat([q.grad.flatten() if q.grad is not None else torch.zeros_like(q).flatten() for q in params])
+    dist.all_reduce(flat)
+    start = 0
+    for q in params:
+        q.grad = flat[start:start + q.numel()].view_as(q)
+        start += q.numel()
+    dist.all_reduce(loss_sum)
+
+
+def image_embeds(t, batch, device):
+    """(B, V, Dv): the frozen ViT's outputs for the batch's images, read from the vision cache (computed once before
+    training: the identical rows, tested) or computed now, with no gradient flowing into the frozen ViT."""
+    if t.cache is not None:
+        return t.cache.lookup([t.train_items[i].name for i in batch["image_index"].tolist()], device)
+    with torch.no_grad():
+        return vision_embeds(t.model, batch["pixel_values"])
+
+
+def make_optimizer(model, learning_rate, weight_decay, device_type, dtype):
+    """AdamW over exactly the LoRA tensors (fused on CUDA), and the GradScaler, on for float16 only: the optimizer
+    of train.py's step, and bench.py's."""
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, fused=device_type == "cuda")
+    return optimizer, torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
 
 
 def lr_at(cfg, t, step):
@@ -336,7 +360,7 @@ class Processes:
 
 @dataclass
 class Training:
-    """What the loop uses: the model and data, the (compiled) loss, the optimizer and the schedule."""
+    """What the loop uses: the model and data, the optimizer and the schedule."""
     model: object
     processor: object
     data: object
@@ -346,153 +370,16 @@ class Training:
     val_items: list
     test_items: list
     cache: object = None
-    caption_loss: object = None
     dataset: object = None
     collate: object = None
     group: int = 1                 # micro-batches per optimizer step, all ranks together
     steps_per_epoch: int = 0
     total_steps: int = 0
     warmup_steps: int = 0
-    params: list = None            # exactly the LoRA tensors
-    optimizer: object = None
+    optimizer: object = None       # AdamW over exactly the LoRA tensors
     scaler: object = None
     evaluating: bool = False       # val CIDEr during training
     choose_by_val: bool = False    # keep the best adapter by val CIDEr (else the last)
-
-
-class RunState:
-    """What the loop carries from step to step and a checkpoint saves beside the weights: the step, the best val
-    CIDEr so far (x100) and the val history; and the log: out_dir/log.jsonl (one JSON object a line, what the
-    report's curves are drawn from) and, with tensorboard=True, the same scalars in out_dir/tensorboard/."""
-    SCALARS = {"loss": "train/loss", "lr": "train/lr", "captions_per_s": "train/captions_per_s",
-               "val_CIDEr": "val/CIDEr"}  # log.jsonl key -> TensorBoard tag
-
-    def __init__(self, cfg, p, steps_per_epoch):
-        self.cfg, self.p, self.steps_per_epoch = cfg, p, steps_per_epoch
-        self.step, self.best_cider, self.history = 0, -1.0, []
-        self.writers = {}
-
-    def open_log(self, resumed):
-        """A resumed run goes on from its checkpoint's step: what the stopped run logged after it is superseded
-        (a "resumed" line in log.jsonl; TensorBoard's purge_step), so every curve reads as one uninterrupted run."""
-        if not self.p.master:
-            return
-        if resumed:
-            self.record({"step": self.step, "resumed": True})
-        if self.cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # (checked installed before any work)
-            folder = os.path.join(self.cfg.out_dir, "tensorboard")
-            self.writers[""] = SummaryWriter(folder, purge_step=self.step + 1 if resumed else None, flush_secs=10)
-
-    def record(self, entry):
-        if self.p.master:
-            with open(os.path.join(self.cfg.out_dir, "log.jsonl"), "a") as log_file:
-                log_file.write(json.dumps(entry) + "\n")
-            for key, tag in self.SCALARS.items():
-                if key in entry and "" in self.writers:
-                    self.writers[""].add_scalar(tag, entry[key], entry["step"])
-
-    def record_test_scores(self, columns):
-        """The final scores (x100) as test/<metric>, in the runs zero_shot and fine_tuned: one chart per metric
-        with both beside each other in TensorBoard."""
-        if "" not in self.writers:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-        for label, scores in columns.items():
-            run = label.replace("-", "_")  # zero_shot, fine_tuned
-            writer = self.writers.setdefault(run, SummaryWriter(os.path.join(self.cfg.out_dir, "tensorboard", run)))
-            for metric, value in scores.items():
-                writer.add_scalar(f"test/{metric}", value, self.step)
-
-    def close_log(self):
-        for writer in self.writers.values():
-            writer.close()
-
-    def checkpoint(self, t, rng, finished=False):
-        if self.p.master:
-            epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)  # the data position (batches are seeded)
-            checkpoint.save(os.path.join(self.cfg.out_dir, "checkpoint"),
-                            {"step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                             "best_cider": self.best_cider, "history": self.history, "finished": finished,
-                             "settings": vars(self.cfg)},
-                            lambda path: save_trained_adapter(self.cfg, t.model, path, self.step), t.optimizer,
-                            t.scaler, rng)
-
-
-class StopRequest:
-    """SIGTERM, caught: before the loop and after it, it stops the run at once (Terminated); inside the loop
-    (deferred) the current step finishes, a checkpoint is saved, and then the run stops."""
-
-    def __init__(self):
-        self.deferred, self.signalled = False, False
-        self.previous = signal.signal(signal.SIGTERM, self.handle)
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self.previous)
-
-    def handle(self, signum, frame):
-        self.signalled = True
-        if not self.deferred:
-            raise Terminated()
-
-    def requested(self, p):
-        if not p.ddp:
-            return self.signalled
-        flag = torch.tensor(float(self.signalled), device=p.device)  # every rank stops at the same step
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-class Speedometer:
-    """The log line every log_interval steps: the step of how many, loss, learning rate, speed over the steps since
-    the last line (leaving out the time spent on checkpoints and evaluations) and the time left."""
-
-    def __init__(self, cfg, p, t, run):
-        self.cfg, self.p, self.t, self.run = cfg, p, t, run
-        self.t_last, self.step_last, self.captions, self.skipped = time.time(), run.step, 0, 0
-        self.first_step, self.train_seconds, self.eval_seconds = run.step, 0.0, []
-
-    def pause(self, work, evaluation=False):
-        """Run work (a checkpoint, an evaluation) without counting its time as training time."""
-        since = time.time()
-        work()
-        self.t_last += time.time() - since
-        if evaluation:
-            self.eval_seconds.append(time.time() - since)
-
-    def update(self, epoch, loss, lr, captions, skipped):
-        self.captions, self.skipped = self.captions + captions, self.skipped + skipped
-        step = self.run.step
-        if step % self.cfg.log_interval and step != self.t.total_steps:
-            return
-        if self.p.device_type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.time() - self.t_last
-        self.train_seconds += elapsed
-        entry = {"step": step, "epoch": epoch, "loss": round(loss, 5), "lr": float(f"{lr:.3g}"),
-                 "ms_per_step": round(1000 * elapsed / (step - self.step_last), 1),
-                 "captions_per_s": round(self.captions * self.p.world_size / elapsed, 1)}
-        if self.p.device_type == "cuda":
-            entry["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-        if self.skipped:
-            entry["skipped_images"] = self.skipped
-        entry["eta_s"] = round(self.seconds_left())
-        shown = {**entry, "step": f"{step}/{self.t.total_steps}", "eta_s": None, "eta": duration(entry["eta_s"])}
-        self.p.log("  ".join(f"{k} {v}" for k, v in shown.items() if v is not None))
-        self.run.record(entry)
-        self.t_last, self.step_last, self.captions, self.skipped = time.time(), step, 0, 0
-
-    def seconds_left(self):
-        """The steps left at this run's measured speed, plus the evaluations left at the measured time per image
-        of those done (the final one captions the test split twice: zero-shot and fine-tuned)."""
-        step, total, interval = self.run.step, self.t.total_steps, self.cfg.eval_interval
-        seconds = self.train_seconds / (step - self.first_step) * (total - step)
-        if self.eval_seconds:
-            per_image = sum(self.eval_seconds) / len(self.eval_seconds) / len(self.t.val_items)
-            evaluations = total // interval - step // interval + (total % interval > 0 and step < total)
-            seconds += evaluations * per_image * len(self.t.val_items)
-            seconds += 2 * per_image * len(self.t.test_items) if self.cfg.final_eval else 0
-        return seconds
 
 
 # ------------------------------------------------------------------------------------------- the run, in stages
@@ -517,86 +404,12 @@ def start_processes(cfg):
     p = Processes(ddp, rank, world_size, local_rank, device, dtype, compiling)
     if dtype == torch.float16:
         p.log("float16" + (" (this GPU has no bfloat16)" if cfg.dtype == "auto" else "") + ": a GradScaler guards the "
-              "gradients (and T5's wo layers run in float32); a NaN loss stops the run, naming the cause")
+              "gradients; a NaN loss stops the run, naming the cause")
     return p
 
 
-def check_resume(cfg, p):
-    """Lock out_dir, check that what train.py writes there is its own, and read its checkpoint if any: (path or None,
-    state). A changed setting that defines the run is refused; a finished run prints its results, returning None.
-    Under torchrun every process must start from the same checkpoint, or all stop (agree_on_the_start)."""
-    problem, (resume_from, state, finished) = None, (None, {}, False)
-    try:
-        if p.master:
-            checkpoint.lock_out_dir(cfg.out_dir)  # held until the process ends, however it ends
-            checkpoint.check_out_dir(cfg.out_dir)
-        resume_from, state, finished = read_checkpoint(cfg, p)
-    except UserError as e:
-        problem = e
-    if p.ddp:
-        finished = agree_on_the_start(cfg, p, problem, state.get("step", -1), finished)
-    if problem:
-        raise problem
-    return None if finished else (resume_from, state)
-
-
-def agree_on_the_start(cfg, p, problem, step, finished):
-    """One collective before any work: if a process failed to start, all stop (none waits for it); rank 0 says
-    whether the run has finished; a checkpoint that differs between processes (machines that do not share out_dir)
-    stops the run. Returns whether it has finished."""
-    flags = torch.tensor([float(problem is not None), float(p.master and finished), step, -step], device=p.device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    failed, finished, highest, lowest = flags[0].item(), flags[1].item(), flags[2].item(), -flags[3].item()
-    if failed and not problem:
-        raise RunError(f"rank {p.rank}: stopping, another process could not start (its error says why)")
-    if not failed and not finished and highest != lowest:
-        other = highest if step != highest else lowest
-        found = [f"the checkpoint of step {s:g}" if s >= 0 else "no checkpoint" for s in (step, other)]
-        raise RunError(f"rank {p.rank}: the processes found different checkpoints ({cfg.out_dir}: {found[0]} here, "
-                       f"{found[1]} elsewhere): a run over several machines resumes only when every machine sees rank "
-                       "0's out_dir/checkpoint; put out_dir on a shared filesystem, or copy rank 0's checkpoint folder "
-                       "to each machine's out_dir")
-    return bool(finished)
-
-
-def read_checkpoint(cfg, p):
-    """check_resume's reading: (path or None, state, whether the run has finished)."""
-    checkpoint_dir, results_path = os.path.join(cfg.out_dir, "checkpoint"), os.path.join(cfg.out_dir, "results.json")
-    resume_from = checkpoint.find(checkpoint_dir)
-    try:
-        state = checkpoint.read_state(resume_from) if resume_from else {}
-    except checkpoint.CheckpointError as e:
-        raise RunError(f"{e}; delete {checkpoint_dir} to train this run afresh") from None
-    settings_now = vars(cfg)
-    changed = {k: was for k, was in state.get("settings", {}).items() if k in settings_now and settings_now[k] != was}
-    for key in sorted(checkpoint.FIXED_ON_RESUME & changed.keys()):  # sorted: the same key is reported every time
-        raise RunError(f"{resume_from} was written with {key}={changed[key]!r}, this run has {key}="
-                       f"{settings_now[key]!r}: resume with the same value, or train afresh in another out_dir "
-                       f"(or delete {checkpoint_dir})")
-    extended = {"max_steps", "epochs"} & changed.keys()  # a finished run given more steps trains on (restore)
-    if state.get("finished") and not extended and (os.path.isfile(results_path) or not cfg.final_eval):
-        p.log(f"{cfg.out_dir}: this run has finished (raise max_steps or epochs to train it on from its last step; "
-              f"delete {checkpoint_dir} to train again from the start)")
-        if os.path.isfile(results_path) and p.master:
-            print_results(results_path)
-        return resume_from, state, True
-    if changed:
-        p.log("resuming with changed settings: " + ", ".join(f"{k} {w!r} -> {settings_now[k]!r}"
-                                                           for k, w in changed.items()))
-    return resume_from, state, False
-
-
-def print_results(path):
-    try:
-        results = read_json(path)
-        print(f"test split (scores {results.get('scale', SCALE).split(':')[0]}):")
-        print_table({"zero-shot": results["zero_shot"], "fine-tuned": results["fine_tuned"]})
-    except (UserError, KeyError, TypeError, AttributeError, ValueError):
-        print(f"({path} could not be read)")
-
-
 def load_data_and_model(cfg, p):
-    """The caption collection, BLIP-2 with LoRA injected, the prompt's ids and the captions' tokenizer."""
+    """The caption collection, BLIP-2 ready to train (LoRA injected), the prompt's ids and the captions' tokenizer."""
     if p.master:  # the demo world is built only for the demo's own paths (python train.py config/demo.py)
         demo.ensure_demo_world(cfg.data_dir, log=p.log)
         demo.ensure_demo_world(cfg.model, log=p.log)
@@ -606,10 +419,13 @@ def load_data_and_model(cfg, p):
     if cfg.eval_interval or cfg.final_eval:
         require_java()  # now, not after hours of training
     # the frozen base in the compute dtype on a GPU (half the memory); LoRA tensors stay float32 (lora.py)
-    blip2, processor = load_prepared(cfg.model, p.device, p.dtype, base_bits=cfg.base_bits, log=p.log)
-    inject(cfg, blip2)
-    if cfg.gradient_checkpointing:
-        use_gradient_checkpointing(blip2)
+    blip2, processor = load_blip2(cfg.model, p.device, weights_dtype(p.device, p.dtype), cfg.base_bits, log=p.log)
+    try:
+        note = prepare_for_training(blip2, p.dtype, vars(cfg), cfg.gradient_checkpointing)
+    except ValueError as e:  # a LoRA target that matches nothing, or matches inside the frozen ViT
+        raise settings.SettingsError(f"lora_targets: {e}") from None
+    if note:
+        p.log(note)
     prompt = prompt_ids(processor.tokenizer, cfg.prompt, blip2.config)
     caption_ids = caption_tokenizer(processor.tokenizer, blip2.config)
     splits = data.splits
@@ -618,117 +434,29 @@ def load_data_and_model(cfg, p):
     if data.val_note:
         p.log(data.val_note)
     p.log(lora_summary(blip2))
-    describe_captions(cfg, p, splits["train"], caption_ids, processor.tokenizer.unk_token_id)
+    for note in caption_notes(splits["train"], caption_ids, cfg.max_caption_tokens, processor.tokenizer.unk_token_id):
+        p.log(note)
     val_items = splits["val"][:cfg.eval_images] if cfg.eval_images else splits["val"]
     return Training(blip2, processor, data, prompt, caption_ids, splits["train"], val_items, splits["test"])
 
 
-def inject(cfg, blip2):
-    """LoRA on the lora_targets (none given: the model family's); one line for a target that matches nothing or lies
-    inside the frozen ViT."""
-    targets = cfg.lora_targets or default_lora_targets(blip2.config)
-    try:
-        wrapped = inject_lora(blip2, targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
-    except ValueError as e:
-        raise settings.SettingsError(f"lora_targets: {e}") from None
-    inside_vit = sorted({t for t in targets for path in wrapped
-                         if path.startswith("vision_model.") and (path == t or path.endswith("." + t))})
-    if inside_vit:
-        raise settings.SettingsError(f"lora_targets: {inside_vit[0]!r} matches layers inside the ViT "
-                                     "(vision_model...), which this project keeps frozen so that its outputs can be "
-                                     "computed once (the vision cache); leave it out")
-
-
-def describe_captions(cfg, p, train_items, caption_ids, unknown_id):
-    """What the tokenizer makes of the train captions, said once at the start: cut captions, unknown words."""
-    stats = caption_token_stats(train_items, caption_ids, cfg.max_caption_tokens, unknown_id)
-    if stats["too_long"]:
-        p.log(f"{stats['too_long']} train captions are longer than max_caption_tokens={cfg.max_caption_tokens} (the "
-              f"longest: {stats['longest']} tokens); training reads their first {cfg.max_caption_tokens} tokens. "
-              "Raise max_caption_tokens to keep them whole: memory and time per caption grow with it")
-    if stats["unknown_fraction"] > 0.02:
-        p.log(f"warning: {100 * stats['unknown_fraction']:.0f}% of the train captions' tokens are unknown to this "
-              "model's tokenizer (<unk>): it can neither learn nor write those words. The demo base knows only its "
-              "own few dozen words; blip2-flan-t5-xl's tokenizer covers English text")
-
-
-def prepare_vision_cache(cfg, p, t):
-    """The frozen ViT's outputs of every image, computed once (rank 0 builds, the others wait); None when off.
-    Once complete, the ViT leaves the GPU (vision_on_gpu=False): training and evaluation read the cache."""
-    if not cfg.vision_cache:
-        return None
-    items = t.data.splits["train"] + t.data.splits["val"] + t.test_items
-    image_size = "x".join(str(t.processor.image_processor.size[k]) for k in ("height", "width"))
-    key = (t.model, cfg.model, image_size, items, p.dtype)
-    cache = VisionCache(os.path.join(cfg.out_dir, "vision_cache"), *key)
-    if cache.problem and p.master:
-        p.log(f"vision cache: {cache.dir} cannot be used ({cache.problem}); building it again")
-    if not cache.complete and p.master:
-        build_vision_cache(cfg, p, t, cache, items, log=p.log)
-    if p.ddp:
-        dist.barrier()
-        cache = VisionCache(os.path.join(cfg.out_dir, "vision_cache"), *key)  # complete where rank 0 built it
-        if not cache.complete and p.local_rank == 0:  # a node that does not share rank 0's out_dir: its own copy
-            build_vision_cache(cfg, p, t, cache, items, log=lambda line: print(f"[rank {p.rank}] {line}", flush=True))
-        dist.barrier()
-        cache = VisionCache(os.path.join(cfg.out_dir, "vision_cache"), *key)  # now complete on every rank
-    if cache.missing:
-        p.log(f"vision cache: {len(cache.missing)} unreadable images are left out")
-        t.train_items = [i for i in t.train_items if i.name not in cache.missing]
-    if not cfg.vision_on_gpu and p.device_type == "cuda":
-        move_vision(t.model, "cpu")
-        torch.cuda.empty_cache()
-    return cache
-
-
-def build_vision_cache(cfg, p, t, cache, items, log):
-    log(f"vision cache: computing ViT outputs of {len(items)} images once ({size(cache.nbytes)} in {cache.dir}) ...")
-    require_disk_space(cache, len(items))
-    # its own generator: drawing worker seeds from the global RNG would change the dropout of the run
-    loader = torch.utils.data.DataLoader(ImageCaptionDataset(items, t.processor.image_processor), batch_size=32,
-                                         num_workers=min(cfg.num_workers, os.cpu_count() or 1),
-                                         collate_fn=CaptionCollator(items, t.caption_ids, t.prompt_ids),
-                                         generator=torch.Generator())
-    cache.build(t.model, loader, p.device, p.autocast, log=log)
-
-
-def size(nbytes):
-    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
-
-
-def require_disk_space(cache, num_images):
-    """The vision cache must fit on its disk (COCO in bf16 is about 90 GB): say so now, not when the disk is full."""
-    folder = os.path.dirname(cache.dir)
-    require_writable_folder(folder, "vision cache")
-    free = shutil.disk_usage(folder).free
-    if cache.nbytes > free:
-        raise RunError(f"vision cache: {num_images} images need {size(cache.nbytes)} in {folder}, but only "
-                       f"{size(free)} is free there. Set vision_cache=False (the ViT then runs in every step) or use "
-                       "an out_dir on a disk with room")
-
-
 def prepare_training(cfg, p, t):
-    """Batching, the (compiled) loss, the optimizer and the schedule."""
+    """Batching, the optimizer and the schedule."""
     t.collate = CaptionCollator(t.train_items, t.caption_ids, t.prompt_ids, cfg.max_caption_tokens,
                                 load_images=t.cache is None, fixed_length=p.compiling)
-    # fullgraph: a graph break is an error, not a silent slowdown (tests/test_fast.py keeps the loss one graph)
-    t.caption_loss = torch.compile(grouped_caption_loss, fullgraph=True) if p.compiling else grouped_caption_loss
     t.dataset = ImageCaptionDataset(t.train_items, t.processor.image_processor, load_images=t.cache is None)
     t.group = cfg.grad_accum * p.world_size
     t.steps_per_epoch = len(epoch_micro_batches(cfg, len(t.train_items), 0, t.group)) // t.group
     if t.steps_per_epoch == 0:
-        raise RunError(f"{cfg.data_dir}: no train images" if not t.train_items else
-                       f"{cfg.data_dir}: {len(t.train_items)} train images is fewer than one step needs "
-                       f"(batch_images * grad_accum * processes = {cfg.batch_images * t.group}); lower batch_images")
+        raise UserError(f"{cfg.data_dir}: no train images" if not t.train_items else
+                        f"{cfg.data_dir}: {len(t.train_items)} train images is fewer than one step needs "
+                        f"(batch_images * grad_accum * processes = {cfg.batch_images * t.group}); lower batch_images")
     t.total_steps = cfg.max_steps or cfg.epochs * t.steps_per_epoch
     t.warmup_steps = min(cfg.warmup_steps, t.total_steps // 5)
     if t.warmup_steps < cfg.warmup_steps:
         p.log(f"warmup: {t.warmup_steps} steps, not warmup_steps={cfg.warmup_steps}: a warmup longer than a fifth of "
               f"this run's {t.total_steps} steps would leave the learning rate low for most of it")
-    t.params = [q for q in t.model.parameters() if q.requires_grad]  # exactly the LoRA tensors
-    t.optimizer = torch.optim.AdamW(t.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                    fused=p.device_type == "cuda")
-    t.scaler = torch.amp.GradScaler(p.device_type, enabled=p.dtype == torch.float16)
+    t.optimizer, t.scaler = make_optimizer(t.model, cfg.learning_rate, cfg.weight_decay, p.device_type, p.dtype)
     choose_evaluation(cfg, p, t)
 
 
@@ -745,21 +473,12 @@ def choose_evaluation(cfg, p, t):
               "final adapter is the one kept")
 
 
-def restore(cfg, p, t, run, resume_from, state):
-    try:
-        load_adapter(t.model, resume_from)  # checks every tensor against the model
-        checkpoint.restore(resume_from, state, t.optimizer, t.scaler, p.device)
-    except UserError as e:
-        raise RunError(f"{e}; to start this run afresh, delete {os.path.join(cfg.out_dir, 'checkpoint')}") from None
-    if state["step"] > t.total_steps:
-        raise RunError(f"{resume_from}: step {state['step']} is beyond this run's {t.total_steps} steps (max_steps or "
-                       "epochs lowered?); resume with the settings it was written with, or train afresh")
-    run.step, run.best_cider, run.history = state["step"], state["best_cider"], state["history"]
-    p.log(f"resuming from {resume_from} at step {run.step}")
-    if state["finished"] and run.step < t.total_steps:
-        p.log(f"extending the finished run from step {run.step} to {t.total_steps}: the learning rate's cosine is "
-              f"re-planned to end at step {t.total_steps} (now {lr_at(cfg, t, run.step):.3g}, it ended at "
-              f"{cfg.learning_rate * cfg.min_lr_ratio:.3g})")
+def save_checkpoint(cfg, p, t, run, rng, finished=False):
+    """out_dir/checkpoint (checkpoint.py): the adapter, AdamW's and the scaler's state, the random state and the
+    run's (run.saved_state); rank 0 writes it."""
+    if p.master:
+        checkpoint.save(os.path.join(cfg.out_dir, "checkpoint"), run.saved_state(finished),
+                        lambda path: save_trained_adapter(cfg, t.model, path, run.step), t.optimizer, t.scaler, rng)
 
 
 def save_trained_adapter(cfg, blip2, path, step):
@@ -768,9 +487,10 @@ def save_trained_adapter(cfg, blip2, path, step):
     Weights that are not finite are never saved, as an adapter or in a checkpoint: the run stops instead."""
     if not all(torch.isfinite(q).all() for q in lora_state_dict(blip2).values()):
         kept = checkpoint.find(os.path.join(cfg.out_dir, "checkpoint"))
-        raise RunError(f"the LoRA weights hold NaN or infinity after step {step}; nothing was saved. "
-                       + (f"The last good checkpoint ({kept}) is kept; lower learning_rate (now {cfg.learning_rate:g}) "
-                          "and run again to resume from it" if kept else "Lower learning_rate or check the data"))
+        raise UserError(f"the LoRA weights hold NaN or infinity after step {step}; nothing was saved. "
+                        + (f"The last good checkpoint ({kept}) is kept; lower learning_rate (now "
+                           f"{cfg.learning_rate:g}) and run again to resume from it" if kept else
+                           "Lower learning_rate or check the data"))
     os.makedirs(path, exist_ok=True)
     trained_on = {"data_dir": os.path.abspath(cfg.data_dir), "caption_column": cfg.caption_column,
                   "image_column": cfg.image_column, "symlinks_out": cfg.symlinks_out,
@@ -780,28 +500,9 @@ def save_trained_adapter(cfg, blip2, path, step):
 
 
 def keep_adapter(cfg, p, t, step):
-    """The adapter the run keeps, in out_dir/adapter, with its model card."""
+    """The adapter the run keeps, in out_dir/adapter, with its model card (run_log.write_model_card)."""
     save_trained_adapter(cfg, t.model, os.path.join(cfg.out_dir, "adapter"), step)
     write_model_card(cfg, p, t, step)
-
-
-CARD_SETTINGS = ("batch_images", "grad_accum", "epochs", "max_steps", "learning_rate", "warmup_steps", "min_lr_ratio",
-                 "weight_decay", "grad_clip", "max_caption_tokens", "base_bits", "gradient_checkpointing", "seed")
-
-
-def write_model_card(cfg, p, t, step, scores=None, test_images=0):
-    """out_dir/adapter/README.md, the model card the hub shows (model_card.py): rewritten with each adapter kept,
-    and with the test scores once the final evaluation has them."""
-    generation = {k: getattr(cfg, k) for k in GENERATION_DEFAULTS if k != "prompt"}
-    adapter_card(os.path.join(cfg.out_dir, "adapter"), {
-        "base_model": base_model_reference(cfg.model), "r": cfg.lora_r, "alpha": cfg.lora_alpha,
-        "dropout": cfg.lora_dropout, "targets": cfg.lora_targets or default_lora_targets(t.model.config),
-        "collection": cfg.data_dir, "layout": t.data.layout,
-        "splits": {name: (len(items), sum(len(i.captions) for i in items)) for name, items in t.data.splits.items()},
-        "settings": {**{k: getattr(cfg, k) for k in CARD_SETTINGS}, "precision": str(p.dtype).split(".")[-1],
-                     "processes": p.world_size},
-        "step": step, "total_steps": t.total_steps, "prompt": cfg.prompt, "generation": generation,
-        "scores": scores, "test_images": test_images})
 
 
 def stop_on_a_non_finite_loss(cfg, p, loss, step):
@@ -809,12 +510,12 @@ def stop_on_a_non_finite_loss(cfg, p, loss, step):
         return
     kept = checkpoint.find(os.path.join(cfg.out_dir, "checkpoint"))
     kept_step = checkpoint.read_state(kept)["step"] if kept else None
-    raise RunError(f"the loss became {loss} at step {step}. "
-                   + ("float16 overflowed: use dtype=bfloat16 (on a GPU that has it) or float32. "
-                      if p.dtype == torch.float16 else f"Lower learning_rate (now {cfg.learning_rate:g}) or check the "
-                      "data. ")
-                   + (f"The last good checkpoint ({kept}, step {kept_step}) is kept; fix the setting and run again to "
-                      "resume from it." if kept else "No checkpoint was written yet."))
+    raise UserError(f"the loss became {loss} at step {step}. "
+                    + ("float16 overflowed: use dtype=bfloat16 (on a GPU that has it) or float32. "
+                       if p.dtype == torch.float16 else f"Lower learning_rate (now {cfg.learning_rate:g}) or check the "
+                       "data. ")
+                    + (f"The last good checkpoint ({kept}, step {kept_step}) is kept; fix the setting and run again to "
+                       "resume from it." if kept else "No checkpoint was written yet."))
 
 
 def evaluate_val(cfg, p, t, run):
@@ -869,23 +570,8 @@ def final_evaluation(cfg, p, t, run):
           + f", beam {cfg.num_beams}, scores x100:")
     print_table({"zero-shot": columns["zero-shot"], "fine-tuned": columns["fine-tuned"]})
     if columns["fine-tuned"]["CIDEr"] <= columns["zero-shot"]["CIDEr"]:
-        p.log(why_not_better(cfg, t, run, fine_tuned == zero_shot))
+        p.log(why_not_better(cfg, t, run.step, fine_tuned == zero_shot))
     p.log(f"adapter: {adapter}   scores: {results_path}   report: {report_path}")
-
-
-def why_not_better(cfg, t, run, unchanged):
-    """One line for a run that did not beat the zero-shot base: what happened, and the likely causes."""
-    causes = []
-    if run.step < 100:
-        causes.append(f"only {run.step} steps (a small collection needs a few hundred: README 'Small collections')")
-    if cfg.learning_rate < 1e-4:
-        causes.append(f"a low learning_rate ({cfg.learning_rate:g})")
-    if not t.choose_by_val and t.evaluating:
-        causes.append("a val split too small to choose by")
-    return ("note: fine-tuned CIDEr is not above zero-shot" + (" (the fine-tuned captions are the zero-shot ones: "
-            "the adapter changed nothing they show)" if unchanged else "") + ". Likely: "
-            + ("; ".join(causes) if causes else "the base already captions this collection well, or the captions' "
-               "style is too varied to learn from this many images"))
 
 
 # ------------------------------------------------------------------------------------------- messages

@@ -1,5 +1,5 @@
-"""The offline demo: python train.py config/demo.py (builds data/demo/ on first use: 45 s on 2 CPU cores in all,
-17 s once built; README "Quick start")."""
+"""The offline demo: python train.py config/demo.py (builds data/demo/ on first use; its time and scores: README
+"Quick start")."""
 model = "data/demo/blip2-tiny"
 data_dir = "data/demo/flickr8k"
 out_dir = "out/demo"

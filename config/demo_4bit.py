@@ -1,5 +1,5 @@
 """The offline demo with the frozen language model in 4 bits (NF4 through bitsandbytes, as QLoRA), on the CPU too:
-python train.py config/demo_4bit.py (about a minute on 2 CPU cores once data/demo/ is built). Twice the steps of
+python train.py config/demo_4bit.py (its time and scores: README "Which GPU"). Twice the steps of
 config/demo.py at half its learning rate: the tiny base rounded to NF4 needs them to end near the 16-bit demo's
 scores on any pretrained copy of the base (README "Which GPU")."""
 model = "data/demo/blip2-tiny"

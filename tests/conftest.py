@@ -63,7 +63,7 @@ def collate(model, processor, items, prompt="a photo of"):
     """A train.py batch of these items, with all their captions, for this model: its prompt ids and its family's
     caption tokens; an unreadable image is dropped, as in training."""
     from data import CaptionCollator, ImageCaptionDataset, prompt_ids
-    from model import caption_tokenizer
+    from blip2lora.model import caption_tokenizer
     dataset = ImageCaptionDataset(items, processor.image_processor)
     collator = CaptionCollator(items, caption_tokenizer(processor.tokenizer, model.config),
                                prompt_ids(processor.tokenizer, prompt, model.config))
@@ -84,7 +84,7 @@ def tiny_blip2():
     """A fresh tiny BLIP-2 (ViT + Q-Former + T5, or OPT with lm=opt) with random weights, in float32 and eval mode:
     vocabulary 48, the image token 47 (OPT's end token 46)."""
     import demo
-    import t5
+    from blip2lora import t5
     from transformers import Blip2ForConditionalGeneration
 
     def make(seed=0, lm=t5):

@@ -9,9 +9,11 @@ from conftest import run_main
 from lora import lora_layers
 
 
-def test_bench_times_the_step_train_py_takes():
-    """bench.py's figures are about train.py's step: its LoRA settings, and no dropout but the adapters' own."""
+def test_bench_times_the_step_train_py_takes(monkeypatch):
+    """bench.py's figures are about train.py's step: its LoRA settings, no dropout but the adapters' own, train.py's
+    own step function with its optimizer (weight decay) and its GradScaler (on for float16 only)."""
     import bench
+    import train
     from train import SETTINGS
     model = bench.build("tiny", "cpu", torch.float32)
     layers = lora_layers(model)
@@ -19,6 +21,16 @@ def test_bench_times_the_step_train_py_takes():
     assert layers and all((l.r, l.alpha, getattr(l.dropout, "p", 0.0)) == settings for _, l in layers)
     inside_adapters = {id(m) for _, l in layers for m in l.modules()}
     assert [name for name, m in model.named_modules() if m.training and id(m) not in inside_adapters] == []
+    batch, _ = bench.make_batch(model.config, 2, "cpu")
+    for dtype in (torch.float32, torch.float16):
+        step = bench.step_fn(model, batch, "grouped", None, "cpu", dtype)
+        ours, theirs = train.make_optimizer(model, SETTINGS["learning_rate"], SETTINGS["weight_decay"], "cpu", dtype)
+        assert step.optimizer.defaults == ours.defaults
+        assert step.scaler.is_enabled() == theirs.is_enabled() == (dtype == torch.float16)
+    steps = []
+    monkeypatch.setattr(train, "train_step", lambda *args, **kwargs: steps.append(args) or torch.tensor(1.0))
+    bench.step_fn(model, batch, "grouped_cached", torch.zeros(2, 17, 64), "cpu", torch.float32)()
+    assert len(steps) == 1 and steps[0][0] is model
 
 
 @pytest.mark.parametrize("arch", ["flan-t5-xl", "opt-2.7b"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run_main, run_script
-from scoring import score_captions
+from blip2lora.scoring import score_captions
 
 REFERENCES = {"a.jpg": ["A dog runs on the grass .", "A brown dog is running outside", "dog on grass"],
               "b.jpg": ["Two children play in the water .", "kids splash in a lake", "Children , swimming ."],
@@ -27,7 +27,8 @@ def test_scores_are_on_the_papers_x100_scale_and_only_the_metrics_asked_for():
 def test_scoring_cut_short_inside_meteor_does_not_hang_the_process():
     """A Ctrl-C (or a Java crash) inside METEOR must not leave the process stuck on exit."""
     program = (
-        "import pycocoevalcap.meteor.meteor as m, scoring\n"
+        "import pycocoevalcap.meteor.meteor as m\n"
+        "from blip2lora import scoring\n"
         "def cut_short(*args): raise KeyboardInterrupt\n"
         "m.Meteor._stat = cut_short\n"
         "try:\n"
@@ -169,11 +170,11 @@ def test_caption_from_another_folder_finds_the_base_and_creates_nothing(demo_run
 
 def test_split_generation_equals_the_standard_inference_path(demo_run, demo_world):
     """generate_captions (used with the vision cache) == model.generate(**Blip2Processor(images, text=prompt))."""
-    from blip2 import vision_embeds
+    from blip2lora.blip2 import vision_embeds
     from data import prompt_ids, read_captions
-    from images import load_image
-    from adapter_files import load_adapter
-    from model import generate_captions, load_blip2
+    from blip2lora.images import load_image
+    from blip2lora.adapter_files import load_adapter
+    from blip2lora.model import generate_captions, load_blip2
     model, processor = load_blip2(demo_world[1])
     load_adapter(model, os.path.join(demo_run[0], "adapter"))
     images = [load_image(i.image) for i in read_captions(demo_world[0]).splits["test"][:6]]
@@ -238,7 +239,7 @@ def test_the_readme_snippet_loads_images_as_caption_py_does(tmp_path):
     EXIF orientation applied: the same pixels as the project's loader."""
     import numpy as np
     from PIL import Image
-    from images import load_image
+    from blip2lora.images import load_image
     transparent = Image.new("RGBA", (12, 8), (200, 30, 30, 0))
     transparent.putpixel((3, 3), (10, 200, 10, 128))
     transparent.save(tmp_path / "transparent.png")

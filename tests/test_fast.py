@@ -6,13 +6,13 @@ import os
 import pytest
 import torch
 
-import opt
-import t5
-from blip2 import caption_loss_sum, vision_embeds
+from blip2lora import opt
+from blip2lora import t5
+from blip2lora.blip2 import caption_loss_sum, vision_embeds
 from lora import inject_lora, lora_layers
-from model import grouped_caption_loss, lora_targets, per_pair_caption_loss, use_gradient_checkpointing
-from t5 import decoder_inputs, encode_images
-from vision_cache import VisionCache
+from blip2lora.model import grouped_caption_loss, lora_targets, per_pair_caption_loss, use_gradient_checkpointing
+from blip2lora.t5 import _decoder_inputs as decoder_inputs, _encode_images as encode_images
+from blip2lora.vision_cache import VisionCache
 
 FAMILIES = pytest.mark.parametrize("lm", [t5, opt], ids=["t5", "opt"])
 
@@ -109,7 +109,7 @@ def test_cross_attention_keys_and_values_are_computed_once_per_image(tiny_blip2,
 @FAMILIES
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_blip2, random_lora_b, lm):
     """With LoRA dropout on: the recomputation must draw the same dropout masks as the first pass; for OPT, it must
-    also record the prefix's keys and values again without doubling them (opt.RecordedKeysValues)."""
+    also record the prefix's keys and values again without doubling them (opt._RecordedKeysValues)."""
     results = []
     for checkpointing in (False, True):
         model = tiny_blip2(lm=lm)
@@ -133,7 +133,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_blip2, ra
 def test_float16_keeps_t5_wo_in_float32(tiny_blip2):
     """Under float16 autocast, Flan-T5's feed-forward output runs in float32: its activations reach beyond float16's
     65,504 (here 128 inputs of 1,000 through weights of 1: 128,000), which would otherwise become infinity."""
-    from t5 import keep_wo_in_float32
+    from blip2lora.t5 import _keep_wo_in_float32 as keep_wo_in_float32
     model = tiny_blip2()
     wo = model.language_model.encoder.block[0].layer[1].DenseReluDense.wo
     with torch.no_grad():
@@ -159,7 +159,7 @@ def test_the_grouped_loss_traces_as_one_graph(tiny_blip2, lm):
 
 
 def test_frozen_qformer_cast_once_to_bf16_gives_the_same_loss_and_gradients(tiny_blip2, random_lora_b):
-    from blip2 import autocast_context, cast_frozen_qformer
+    from blip2lora.blip2 import autocast_context, cast_frozen_qformer
     batch = batch_for(tiny_blip2())
     results = []
     for cast in (False, True):
@@ -250,7 +250,7 @@ def test_a_damaged_cache_is_never_read(tiny_blip2, tmp_path, damage, problem):
 
 
 def test_a_cache_row_changed_after_opening_is_refused_when_read(tiny_blip2, tmp_path):
-    from vision_cache import CacheDamaged
+    from blip2lora.vision_cache import CacheDamaged
     model = tiny_blip2()
     items = image_items(tmp_path)
     cache = built_cache(model, tmp_path, items, batch_for(model))()

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from adapter_files import AdapterError, load_adapter, save_adapter
+from blip2lora.adapter_files import AdapterError, load_adapter, save_adapter
 from lora import LoRALinear, inject_lora, lora_layers, lora_summary, merge_lora
-from model import lora_targets
+from blip2lora.model import lora_targets
 
 
 def inputs(model, batch=2, seed=0):
@@ -223,7 +223,7 @@ def test_peft_loads_what_save_adapter_writes_with_caption_settings_beside_it(tin
     """The adapter folder as train.py leaves it (caption_settings.json beside peft's two files) loads in peft and
     gives the same logits. (OPT's: tests/test_opt.py.)"""
     peft = pytest.importorskip("peft")  # not a project dependency: checked where it is installed
-    from captioning import save_caption_settings
+    from blip2lora.captioning import save_caption_settings
     trained = tiny_blip2()
     inject_lora(trained, lora_targets(trained.config))
     random_lora_b(trained)
@@ -249,17 +249,3 @@ def test_merge_with_a_non_finite_adapter_in_a_later_layer_changes_nothing(tiny_b
     assert len(lora_layers(model)) == count  # no layer was merged, the earlier ones included
     after = dict(model.named_parameters())
     assert all(torch.equal(before[n], after[n]) or n.endswith(last_path + ".lora_B") for n in before)
-
-
-def test_lora_py_imports_only_what_the_layer_needs_and_keeps_its_old_names():
-    """A reader opens lora.py for the layer: importing it loads no module of the project; the adapter-file functions
-    it used to hold are still importable from it."""
-    from conftest import run_script
-    program = ("import sys, lora\n"
-               "ours = {m for m in sys.modules if m in ('files', 'adapter_files', 'model', 'blip2', 't5', 'opt')}\n"
-               "assert not ours, ours\n"
-               "from lora import AdapterError, load_adapter, read_adapter_config, save_adapter\n"
-               "import adapter_files\n"
-               "assert save_adapter is adapter_files.save_adapter\n")
-    result = run_script("-c", program, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]

@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-import memory
+from blip2lora import memory
 from conftest import run_main
-from train import SETTINGS
+from train import SETTINGS, train_step
 
 
 def shapes_batch(config, images):
@@ -28,8 +28,8 @@ def test_the_prediction_is_the_count_of_real_tensors(levers):
     import bench
     config, batch = bench.blip2_config("small"), None
     batch = shapes_batch(config, 2)
-    fake = memory.predict(config, batch, torch.bfloat16, levers, SETTINGS, eval_batch=2)
-    real = memory.predict(config, batch, torch.bfloat16, levers, SETTINGS, eval_batch=2, fake=False)
+    fake = memory.predict(config, batch, torch.bfloat16, levers, SETTINGS, train_step, eval_batch=2)
+    real = memory.predict(config, batch, torch.bfloat16, levers, SETTINGS, train_step, eval_batch=2, fake=False)
     assert fake["frozen_weights"] == real["frozen_weights"] and fake["language_model_weights"] == real[
         "language_model_weights"]
     assert fake["predicted_peak"] == pytest.approx(real["predicted_peak"], rel=0.01)
@@ -43,21 +43,18 @@ def test_a_quantized_base_is_predicted_as_bitsandbytes_holds_it(demo_world, base
     the same step agrees within 5%: an independent count. bitsandbytes quantizes the language model's Linear layers
     and nothing else: not the ViT, the Q-Former, the projection, lm_head, nor T5's wo."""
     from transformers import Blip2Config
-    from lora import inject_lora
-    from blip2 import train_mode
-    from model import load_blip2, lora_targets, prepare
+    from blip2lora.model import load_blip2, prepare_for_training
     config = Blip2Config.from_pretrained(base)
     batch, levers = shapes_batch(config, 4), memory.Levers(base_bits=bits)
-    predicted = memory.predict(config, batch, torch.bfloat16, levers, SETTINGS, eval_batch=4, released=False)
+    predicted = memory.predict(config, batch, torch.bfloat16, levers, SETTINGS, train_step, eval_batch=4,
+                               released=False)
     model, _ = load_blip2(base, "cpu", dtype=torch.bfloat16, base_bits=bits, log=lambda *a: None)
     quantized = [name for name, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")]
     assert quantized and all(n.startswith("language_model.") and not n.endswith(("lm_head", "wo")) for n in quantized)
     assert len(quantized) == sum(isinstance(m, torch.nn.Linear) for m in model.language_model.modules()) - (
         1 + (config.text_config.num_layers * 2 if not config.use_decoder_only_language_model else 0))
-    prepare(model, torch.bfloat16)
-    inject_lora(model, lora_targets(config), SETTINGS["lora_r"], SETTINGS["lora_alpha"], SETTINGS["lora_dropout"])
-    train_mode(model)
-    counted = memory.predict(config, batch, torch.bfloat16, levers, SETTINGS, eval_batch=4, model=model)
+    prepare_for_training(model, torch.bfloat16, SETTINGS)  # as train.py prepares it
+    counted = memory.predict(config, batch, torch.bfloat16, levers, SETTINGS, train_step, eval_batch=4, model=model)
     for key in ("language_model_weights", "predicted_peak", "generation_peak"):
         assert predicted[key] == pytest.approx(counted[key], rel=0.05), key
 
@@ -99,8 +96,9 @@ def test_the_levers_lower_the_full_models_predicted_peak():
     import bench
     config = bench.blip2_config("full")
     batch = shapes_batch(config, 4)
-    plain = memory.predict(config, batch, torch.bfloat16, memory.Levers(), SETTINGS, eval_batch=1)
-    levers = memory.predict(config, batch, torch.bfloat16, memory.Levers(4, True, True), SETTINGS, eval_batch=1)
+    plain = memory.predict(config, batch, torch.bfloat16, memory.Levers(), SETTINGS, train_step, eval_batch=1)
+    levers = memory.predict(config, batch, torch.bfloat16, memory.Levers(4, True, True), SETTINGS, train_step,
+                            eval_batch=1)
     assert levers["activations_peak"] < plain["activations_peak"] / 2
     assert levers["language_model_weights"] < plain["language_model_weights"] / 2
     rest = [r["frozen_weights"] - r["language_model_weights"] for r in (plain, levers)]
@@ -111,10 +109,10 @@ def test_a_4bit_base_gives_nearly_the_16bit_loss_and_without_bitsandbytes_says_w
                                                                                                  monkeypatch):
     """NF4 rounds every T5 weight, so the loss is not the same; on the demo base it stays within 5%."""
     import builtins
-    from blip2 import vision_embeds
+    from blip2lora.blip2 import vision_embeds
     from conftest import collate
     from data import read_captions
-    from model import ModelError, grouped_caption_loss, load_blip2
+    from blip2lora.model import ModelError, grouped_caption_loss, load_blip2
     losses = []
     for bits in (16, 4):
         model, processor = load_blip2(demo_world[1], base_bits=bits, log=lambda *a: None)
@@ -135,7 +133,7 @@ def test_the_demo_on_a_4bit_base_learns_and_its_adapter_loads_on_the_16bit_base(
     recomputed in the backward pass; the adapter is the usual file, which peft loads on the 16-bit base."""
     peft = pytest.importorskip("peft")
     from transformers import Blip2ForConditionalGeneration
-    from adapter_files import load_adapter
+    from blip2lora.adapter_files import load_adapter
     out = tmp_path / "demo4"
     code, stdout, err = run_main("train", "config/demo.py", "--base_bits=4", "--gradient_checkpointing=True",
                                  "--epochs=2", "--eval_interval=0", f"--out_dir={out}")

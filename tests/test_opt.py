@@ -32,7 +32,7 @@ def test_a_caption_is_a_space_its_words_and_a_newline_with_no_bos(demo_world):
     own, and ends with "\\n", the config's end token; the prompt is the image tokens, BOS, then the prompt's words."""
     from transformers import Blip2Config, Blip2Processor
     from data import prompt_ids
-    from model import caption_tokenizer
+    from blip2lora.model import caption_tokenizer
     config, processor = Blip2Config.from_pretrained(DEMO_OPT_MODEL), Blip2Processor.from_pretrained(DEMO_OPT_MODEL)
     tokenizer = processor.tokenizer
     assert config.use_decoder_only_language_model
@@ -65,7 +65,7 @@ def test_peft_and_a_merged_export_caption_as_caption_py(opt_run, demo_world, tmp
     transformers, whose generate() returns the prompt before the caption (decode from its length on)."""
     peft = pytest.importorskip("peft")
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
-    from images import load_image
+    from blip2lora.images import load_image
     out_dir, _ = opt_run
     images = demo_images(demo_world, 4)
     _, ours, _ = run_main("caption", "--adapter", out_dir / "adapter", *images)
@@ -93,17 +93,17 @@ def test_a_run_on_the_opt_base_resumes_exactly(demo_world, tmp_path, monkeypatch
             "--final_eval=False", "--lora_dropout=0.1"]
     code, _, err = run_main("train", *args, f"--out_dir={tmp_path / 'whole'}")
     assert code == 0, err[-2000:]
-    real_step, steps = train.forward_backward, []
+    real_step, steps = train.train_step, []
 
     def interrupted_at_step_6(*a, **k):
         steps.append(1)
         if len(steps) == 6:
             raise KeyboardInterrupt
         return real_step(*a, **k)
-    monkeypatch.setattr(train, "forward_backward", interrupted_at_step_6)
+    monkeypatch.setattr(train, "train_step", interrupted_at_step_6)
     code, _, err = run_main("train", *args, f"--out_dir={tmp_path / 'cut'}")
     assert code == 130 and "run the same command again to resume" in err
-    monkeypatch.setattr(train, "forward_backward", real_step)
+    monkeypatch.setattr(train, "train_step", real_step)
     code, out, err = run_main("train", *args, f"--out_dir={tmp_path / 'cut'}")
     assert code == 0 and "resuming from" in out, err[-2000:]
     assert same_tensors(adapter_tensors(tmp_path / "whole"), adapter_tensors(tmp_path / "cut"))

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-import settings
 import train
+from blip2lora import settings, t5
 from conftest import ROOT, adapter_tensors, run_main, run_script, same_tensors
 
 SHORT = ["config/demo.py", "--max_steps=8", "--checkpoint_interval=2", "--eval_interval=0", "--final_eval=False",
@@ -86,10 +86,9 @@ def test_the_demo_writes_tensorboard_scalars_read_back_by_tensorboard(demo_run):
             assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in scalars] == [(100, value)]
 
 
-def test_the_adapter_has_a_hub_model_card_with_the_scores_and_still_loads_in_peft(demo_run, demo_world):
+def test_the_adapter_has_a_hub_model_card_with_the_scores(demo_run, demo_world):
+    """(peft loads the adapter folders train.py leaves: tests/test_lora.py, test_memory.py, test_opt.py.)"""
     from huggingface_hub import ModelCard
-    from transformers import Blip2ForConditionalGeneration
-    peft = pytest.importorskip("peft")
     out_dir, _ = demo_run
     adapter = os.path.join(out_dir, "adapter")
     card = ModelCard.load(os.path.join(adapter, "README.md"))
@@ -105,14 +104,10 @@ def test_the_adapter_has_a_hub_model_card_with_the_scores_and_still_loads_in_pef
                   f"| CIDEr | {results['zero_shot']['CIDEr']:.1f} | {results['fine_tuned']['CIDEr']:.1f} |",
                   "'a photo of'", "python caption.py --adapter", "PeftModel.from_pretrained", "hf upload"):
         assert words in text, words
-    loaded = peft.PeftModel.from_pretrained(Blip2ForConditionalGeneration.from_pretrained(demo_world[1]), adapter)
-    saved = adapter_tensors(out_dir)
-    lora = {n.replace(".default", ""): q for n, q in loaded.named_parameters() if "lora_" in n}
-    assert lora.keys() == saved.keys() and all(torch.equal(q, saved[n]) for n, q in lora.items())
 
 
 def test_progress_piped_to_a_file_is_plain_lines_with_the_time_left():
-    from progress import duration, progress
+    from blip2lora.progress import duration, progress
     lines = []
     done = list(progress(range(4), 4, "vision cache", "batches", log=lines.append, every_s=0, terminal=False))
     assert done == [0, 1, 2, 3] and "\r" not in "".join(lines)
@@ -152,7 +147,8 @@ def uninterrupted(demo_world, tmp_path_factory):
 CRASHING_RUN = """
 import os, sys, tempfile
 sys.path.insert(0, {root!r})
-import checkpoint, train
+import train
+from blip2lora import checkpoint
 real_save, calls = checkpoint.save, []
 
 def save_then_die(path, *args, **kwargs):
@@ -217,7 +213,7 @@ def test_ctrl_c_says_how_to_resume_and_the_same_settings_end_as_an_uninterrupted
     interrupt and again after resuming from step 2, appears once."""
     import signal
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from curves import read_log
+    from blip2lora.curves import read_log
     args = SHORT + [f"--out_dir={tmp_path}", "--log_interval=1", "--tensorboard=True"]
     code, stderr = interrupt_at_step_4(args, signal.SIGINT)
     assert code == 130 and "Traceback" not in stderr
@@ -326,13 +322,13 @@ def test_two_machines_through_a_rendezvous_match_one_process_and_resume_only_fro
 
 
 def test_a_non_finite_loss_stops_and_keeps_a_checkpoint_whose_loss_was_finite(demo_world, tmp_path, monkeypatch):
-    real_loss, calls = train.grouped_caption_loss, []
+    real_loss, calls = t5.grouped_caption_loss, []  # the demo base's family
 
     def nan_at_step_3(*args, **kwargs):
         loss, tokens = real_loss(*args, **kwargs)
         calls.append(1)
         return (loss * float("nan") if len(calls) == 4 else loss), tokens
-    monkeypatch.setattr(train, "grouped_caption_loss", nan_at_step_3)
+    monkeypatch.setattr(t5, "grouped_caption_loss", nan_at_step_3)
     args = ["config/demo.py", "--max_steps=6", "--checkpoint_interval=1", "--eval_interval=0", "--final_eval=False",
             f"--out_dir={tmp_path}"]
     code, _, err = run_main("train", *args)
@@ -340,7 +336,7 @@ def test_a_non_finite_loss_stops_and_keeps_a_checkpoint_whose_loss_was_finite(de
     assert "the loss became nan at step 3" in err and "step 2) is kept" in err
     state = json.load(open(tmp_path / "checkpoint" / "state.json"))
     assert state["step"] == 2 and not state["finished"]  # not step 3: those weights are the ones that gave the NaN
-    monkeypatch.setattr(train, "grouped_caption_loss", real_loss)
+    monkeypatch.setattr(t5, "grouped_caption_loss", real_loss)
     code, out, err = run_main("train", *args, "--learning_rate=0.005")
     assert code == 0, err[-2000:]  # as the message says: fix the setting, run again, resume
     assert "resuming with changed settings: learning_rate 0.01 -> 0.005" in out and "at step 2" in out
@@ -562,7 +558,7 @@ def test_a_lora_target_inside_the_frozen_vit_is_refused(demo_world, tmp_path):
 def test_out_of_memory_is_one_line_naming_the_batch_and_the_levers(demo_world, tmp_path, monkeypatch):
     def no_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    monkeypatch.setattr(train, "grouped_caption_loss", no_memory)
+    monkeypatch.setattr(t5, "grouped_caption_loss", no_memory)
     code, _, err = run_main("train", "config/demo.py", f"--out_dir={tmp_path}")
     assert code == 1 and err.count("\n") == 1
     for lever in ("batch_images=8", "--batch_images=4", "--gradient_checkpointing=True", "--base_bits=4",

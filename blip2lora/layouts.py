@@ -1,4 +1,6 @@
 """
+blip2lora/layouts.py: the caption-collection layouts data.py recognises.
+
 The caption-collection layouts data.py reads. Each is a detect + read pair in LAYOUTS (tried in that order), and every
 read returns the same record, Found: the captions of each image, where each image is (a path inside the collection,
 or a cell of a dataset file), the split or None, and what was skipped and why. To read a new layout, write its two
@@ -24,9 +26,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
-import images
-from files import UserError, first_line, read_json
-from images import DatasetImage
+from blip2lora import images
+from blip2lora.files import UserError, first_line, read_json
+from blip2lora.images import DatasetImage
 
 SPLITS = ("train", "val", "test")
 # The words the Hugging Face `datasets` library reads as split names (folder or file names, a `split` column) -> ours
@@ -468,7 +470,7 @@ _READ_IN_A_CHILD = set()  # (path, size, mtime) of dataset files a child process
 _CHILD_READS = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-import layouts
+from blip2lora import layouts
 options = layouts.Options(**json.loads(sys.argv[2]))
 for path in sys.argv[3:]:
     print(path, flush=True)  # the file being read, should the process die
@@ -491,7 +493,8 @@ def _read_in_a_child_first(files, options):
     todo = [f for f in files if stamps[f] not in _READ_IN_A_CHILD]
     if not todo:
         return
-    child = subprocess.run([sys.executable, "-c", _CHILD_READS, os.path.dirname(os.path.abspath(__file__)),
+    project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder that holds blip2lora/
+    child = subprocess.run([sys.executable, "-c", _CHILD_READS, project,
                             json.dumps(vars(options)), *todo], capture_output=True, text=True,
                            errors="surrogateescape")
     if child.returncode != 0:

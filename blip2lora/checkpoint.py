@@ -1,4 +1,6 @@
 """
+blip2lora/checkpoint.py: train.py's out_dir: checkpoints, resuming from them, and the lock.
+
 train.py's out_dir: checkpoints that let a run continue exactly, an OS lock so that two runs never share the folder,
 and the promise that train.py changes only what it wrote itself.
 
@@ -17,16 +19,19 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import stat
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from captioning import CAPTION_SETTINGS_FILE
-from files import (UserError, first_line, make_temp_dir, printable, read_json, user_permissions_tree, write_json,
-                   writer_errors_as_os_errors)
-from scoring import is_our_report
+from blip2lora.adapter_files import load_adapter
+from blip2lora.captioning import CAPTION_SETTINGS_FILE
+from blip2lora.files import (UserError, first_line, make_temp_dir, printable, read_json, user_permissions_tree,
+                             write_json, writer_errors_as_os_errors)
+from blip2lora.scoring import SCALE, is_our_report, print_table
 
 # Settings a resumed run must keep: they define the adapter's shape and meaning, the inputs, and the data order.
 # Others (learning rate after a NaN, evaluation, logging, memory levers) may change; the log says which did.
@@ -274,3 +279,126 @@ def check_out_dir(out_dir):
             raise CheckpointError(f"{path}: is a {'file' if folder else 'folder'}, where train.py keeps its "
                                   f"{'vision cache folder' if folder else name + ' file'}; move it away or choose "
                                   "another out_dir")
+
+
+# ------------------------------------------------------------------------------------------- train.py's stages
+# How a run starts and stops around its checkpoints. They read train.py's objects: cfg (its settings), p (its
+# processes: rank, device, log), t (the model, optimizer and data) and run (run_log.RunState).
+
+class Terminated(BaseException):
+    """SIGTERM (a cluster scheduler, a preemptible VM, docker stop): stop, saying how to resume."""
+
+
+class StopRequest:
+    """SIGTERM, caught: before the loop and after it, it stops the run at once (Terminated); inside the loop
+    (deferred) the current step finishes, a checkpoint is saved, and then the run stops."""
+
+    def __init__(self):
+        self.deferred, self.signalled = False, False
+        self.previous = signal.signal(signal.SIGTERM, self.handle)
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self.previous)
+
+    def handle(self, signum, frame):
+        self.signalled = True
+        if not self.deferred:
+            raise Terminated()
+
+    def requested(self, p):
+        if not p.ddp:
+            return self.signalled
+        flag = torch.tensor(float(self.signalled), device=p.device)  # every rank stops at the same step
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def check_resume(cfg, p):
+    """Lock out_dir, check that what train.py writes there is its own, and read its checkpoint if any: (path or None,
+    state). A changed setting that defines the run is refused; a finished run prints its results, returning None.
+    Under torchrun every process must start from the same checkpoint, or all stop (_agree_on_the_start)."""
+    problem, (resume_from, state, finished) = None, (None, {}, False)
+    try:
+        if p.master:
+            lock_out_dir(cfg.out_dir)  # held until the process ends, however it ends
+            check_out_dir(cfg.out_dir)
+        resume_from, state, finished = _read_checkpoint(cfg, p)
+    except UserError as e:
+        problem = e
+    if p.ddp:
+        finished = _agree_on_the_start(cfg, p, problem, state.get("step", -1), finished)
+    if problem:
+        raise problem
+    return None if finished else (resume_from, state)
+
+
+def _agree_on_the_start(cfg, p, problem, step, finished):
+    """One collective before any work: if a process failed to start, all stop (none waits for it); rank 0 says
+    whether the run has finished; a checkpoint that differs between processes (machines that do not share out_dir)
+    stops the run. Returns whether it has finished."""
+    flags = torch.tensor([float(problem is not None), float(p.master and finished), step, -step], device=p.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    failed, finished, highest, lowest = flags[0].item(), flags[1].item(), flags[2].item(), -flags[3].item()
+    if failed and not problem:
+        raise CheckpointError(f"rank {p.rank}: stopping, another process could not start (its error says why)")
+    if not failed and not finished and highest != lowest:
+        other = highest if step != highest else lowest
+        found = [f"the checkpoint of step {s:g}" if s >= 0 else "no checkpoint" for s in (step, other)]
+        raise CheckpointError(f"rank {p.rank}: the processes found different checkpoints ({cfg.out_dir}: {found[0]} "
+                              f"here, {found[1]} elsewhere): a run over several machines resumes only when every "
+                              "machine sees rank 0's out_dir/checkpoint; put out_dir on a shared filesystem, or copy "
+                              "rank 0's checkpoint folder to each machine's out_dir")
+    return bool(finished)
+
+
+def _read_checkpoint(cfg, p):
+    """check_resume's reading: (path or None, state, whether the run has finished)."""
+    checkpoint_dir, results_path = os.path.join(cfg.out_dir, "checkpoint"), os.path.join(cfg.out_dir, "results.json")
+    resume_from = find(checkpoint_dir)
+    try:
+        state = read_state(resume_from) if resume_from else {}
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; delete {checkpoint_dir} to train this run afresh") from None
+    settings_now = vars(cfg)
+    changed = {k: was for k, was in state.get("settings", {}).items() if k in settings_now and settings_now[k] != was}
+    for key in sorted(FIXED_ON_RESUME & changed.keys()):  # sorted: the same key is reported every time
+        raise CheckpointError(f"{resume_from} was written with {key}={changed[key]!r}, this run has {key}="
+                              f"{settings_now[key]!r}: resume with the same value, or train afresh in another out_dir "
+                              f"(or delete {checkpoint_dir})")
+    extended = {"max_steps", "epochs"} & changed.keys()  # a finished run given more steps trains on (restore)
+    if state.get("finished") and not extended and (os.path.isfile(results_path) or not cfg.final_eval):
+        p.log(f"{cfg.out_dir}: this run has finished (raise max_steps or epochs to train it on from its last step; "
+              f"delete {checkpoint_dir} to train again from the start)")
+        if os.path.isfile(results_path) and p.master:
+            _print_results(results_path)
+        return resume_from, state, True
+    if changed:
+        p.log("resuming with changed settings: " + ", ".join(f"{k} {w!r} -> {settings_now[k]!r}"
+                                                           for k, w in changed.items()))
+    return resume_from, state, False
+
+
+def _print_results(path):
+    try:
+        results = read_json(path)
+        print(f"test split (scores {results.get('scale', SCALE).split(':')[0]}):")
+        print_table({"zero-shot": results["zero_shot"], "fine-tuned": results["fine_tuned"]})
+    except (UserError, KeyError, TypeError, AttributeError, ValueError):
+        print(f"({path} could not be read)")
+
+
+def restore_run(cfg, p, t, run, resume_from, state):
+    """The run as its checkpoint left it: the adapter, the optimizer and scaler, the random state, the step and the
+    val record; one line for a checkpoint that does not fit this run."""
+    try:
+        load_adapter(t.model, resume_from)  # checks every tensor against the model
+        restore(resume_from, state, t.optimizer, t.scaler, p.device)
+    except UserError as e:
+        raise CheckpointError(f"{e}; to start this run afresh, delete {os.path.join(cfg.out_dir, 'checkpoint')}") \
+            from None
+    if state["step"] > t.total_steps:
+        raise CheckpointError(f"{resume_from}: step {state['step']} is beyond this run's {t.total_steps} steps "
+                              "(max_steps or epochs lowered?); resume with the settings it was written with, or train "
+                              "afresh")
+    run.step, run.best_cider, run.history = state["step"], state["best_cider"], state["history"]
+    p.log(f"resuming from {resume_from} at step {run.step}")

@@ -1,4 +1,6 @@
 """
+blip2lora/adapter_files.py: saving and loading adapters in the layout peft reads (train.py, evaluate.py, caption.py).
+
 Adapter files in the layout Hugging Face peft reads: adapter_model.safetensors (the LoRA tensors, named as
 lora.lora_state_dict names them) and adapter_config.json, so `peft.PeftModel.from_pretrained(base_model, adapter_dir)`
 loads what save_adapter writes (tested); this project never imports peft. load_adapter checks everything it reads
@@ -12,7 +14,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from files import UserError, atomic_write, first_line, read_json
+from blip2lora.files import UserError, atomic_write, first_line, read_json
 from lora import MAX_RANK, inject_lora, lora_layers, lora_state_dict
 
 

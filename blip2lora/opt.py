@@ -1,4 +1,6 @@
 r"""
+blip2lora/opt.py: the OPT family: everything OPT-specific.
+
 BLIP-2 with OPT (Salesforce/blip2-opt-2.7b, blip2-opt-6.7b and their -coco versions): every OPT-specific name of
 this project is in this file. model.py picks it for a model whose config says use_decoder_only_language_model=True;
 t5.py is the other family, with the same functions.
@@ -15,7 +17,7 @@ import torch
 from transformers import OPTConfig
 from transformers.cache_utils import DynamicCache
 
-from blip2 import caption_loss_sum, checkpointed, embed_prompt, image_features
+from blip2lora.blip2 import caption_loss_sum, checkpointed, embed_prompt, image_features
 
 # LoRA on the attention of every decoder layer: language_model.model.decoder.layers.N.self_attn.q_proj, ...
 LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
@@ -26,18 +28,23 @@ KEEP_UNQUANTIZED = ()  # a 4/8-bit base leaves only BLIP-2's own parts 16-bit (m
 SIZES = {"opt-2.7b": dict(hidden_size=2560, num_hidden_layers=32, ffn_dim=10240, num_attention_heads=32),
          "opt-6.7b": dict(hidden_size=4096, num_hidden_layers=32, ffn_dim=16384, num_attention_heads=32),
          "small": dict(hidden_size=640, num_hidden_layers=8, ffn_dim=2560, num_attention_heads=10),
-         "tiny": dict(hidden_size=128, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4)}
+         "tiny": dict(hidden_size=128, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4,
+                      max_position_embeddings=128, dropout=0.0)}
 # BLIP-2's OPT vocabulary is 50304 (OPT's own is 50272), <image> is 50265, and its end token is 50118, "\n".
-VOCAB_SIZE, IMAGE_TOKEN_ID, NEWLINE_ID = 50304, 50265, 50118
+VOCAB_SIZE, IMAGE_TOKEN_ID, _NEWLINE_ID = 50304, 50265, 50118
+# How OPT's tokenizer lays out its special tokens, for a word-level tokenizer in its image (demo.build_processor): the
+# first ids in this order (pad 1, </s> 2), </s> as the BOS before each text, and a caption ending in "\n".
+SPECIAL_TOKENS = {"first_ids": ("<s>", "<pad>", "</s>", "<unk>", "\n"), "template": "</s> $A", "bos": "</s>",
+                  "caption_end": "\n"}
 
 
 def text_config(size, **changes):
     r"""An OPTConfig for one of SIZES: pre-LayerNorm layers, ReLU, lm_head tied to the embeddings, pad 1, BOS 2 (</s>),
     and "\n" as the end of a caption."""
     width = SIZES[size]["hidden_size"]
-    return OPTConfig(**{"vocab_size": VOCAB_SIZE, **SIZES[size], "word_embed_proj_dim": width,
-                        "max_position_embeddings": 2048, "pad_token_id": 1, "bos_token_id": 2,
-                        "eos_token_id": NEWLINE_ID, **changes})
+    return OPTConfig(**{"vocab_size": VOCAB_SIZE, "max_position_embeddings": 2048, **SIZES[size],
+                        "word_embed_proj_dim": width, "pad_token_id": 1, "bos_token_id": 2,
+                        "eos_token_id": _NEWLINE_ID, **changes})
 
 
 def caption_ids(tokenizer, captions, eos_token_id):
@@ -77,21 +84,21 @@ def grouped_caption_loss(model, batch, image_embeds):
     prefix = embed_prompt(model, batch["input_ids"], image_features(model, image_embeds))   # (B, L, D)
     per_caption, labels = batch["caption_image"], batch["labels"]                           # (N,), (N, T)
     kept, tokens = prefix.shape[1] - 1, labels.shape[1]                                     # P, T
-    recorded = RecordedKeysValues()
+    recorded = _RecordedKeysValues()
     causal = torch.ones(kept, kept, dtype=torch.bool, device=prefix.device).tril()          # (P, P)
-    decoder_layers(decoder, prefix[:, :-1], kept_from=0, attends=causal, cache=recorded)
+    _decoder_layers(decoder, prefix[:, :-1], kept_from=0, attends=causal, cache=recorded)
     caption = labels[:, :-1].masked_fill(labels[:, :-1] == -100, model.config.text_config.pad_token_id)
     inputs = torch.cat([prefix[per_caption, -1:], decoder.embed_tokens(caption)], dim=1)    # (N, T, D)
     # each caption position sees the whole prefix and its own caption up to itself; right padding needs no mask,
     # since no real token comes after a pad (and a pad's logit is ignored: its label is -100)
     attends = torch.cat([torch.ones(tokens, kept, dtype=torch.bool, device=prefix.device),
                          torch.ones(tokens, tokens, dtype=torch.bool, device=prefix.device).tril()], dim=1)
-    hidden = decoder_layers(decoder, inputs, kept_from=kept, attends=attends,
-                            cache=PrefixThenCaption(recorded, per_caption))                 # (N, T, D)
+    hidden = _decoder_layers(decoder, inputs, kept_from=kept, attends=attends,
+                            cache=_PrefixThenCaption(recorded, per_caption))                 # (N, T, D)
     return caption_loss_sum(model.language_model.lm_head(hidden), labels)
 
 
-def decoder_layers(decoder, embeds, kept_from, attends, cache):
+def _decoder_layers(decoder, embeds, kept_from, attends, cache):
     """OPT's decoder over token embeddings (rows, T, D) at positions kept_from.. kept_from + T - 1, each layer
     attending as `attends` (T, keys) says (True: may attend) to the keys and values the cache hands it. OPT's learned
     positions count from 0 whether the prefix came in the same call or not (its embedding adds its offset of 2)."""
@@ -103,7 +110,7 @@ def decoder_layers(decoder, embeds, kept_from, attends, cache):
     return decoder.final_layer_norm(hidden)
 
 
-class RecordedKeysValues:
+class _RecordedKeysValues:
     """The prefix pass's cache. OPT's attention (transformers 5.24) hands each layer's keys and values (B, H, P, d) to
     cache.update(keys, values, layer) and attends to what it returns. This one keeps them by overwriting, so the
     recomputation of gradient checkpointing records the same tensors again; transformers' DynamicCache appends
@@ -117,7 +124,7 @@ class RecordedKeysValues:
         return keys, values
 
 
-class PrefixThenCaption:
+class _PrefixThenCaption:
     """The caption pass's cache: each layer attends to its image's prefix keys and values (indexed per caption:
     (N, H, P, d)), then to the caption's own (N, H, T, d). It stores nothing, so a recomputation reads the same."""
 
@@ -133,7 +140,9 @@ class PrefixThenCaption:
 # ------------------------------------------------------------------------------------------------- precision, memory
 
 def prepare(model, compute_dtype):
-    """Nothing to change: OPT was trained in float16, and its activations fit float16 and bfloat16 alike."""
+    """Nothing to change: OPT was trained in float16, and its activations fit float16 and bfloat16 alike. Returns
+    what a user should know of it: nothing."""
+    return ""
 
 
 def use_gradient_checkpointing(model):

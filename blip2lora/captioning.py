@@ -1,4 +1,6 @@
 """
+blip2lora/captioning.py: captioning images with a base and an adapter (train.py's evaluations, evaluate.py, caption.py).
+
 The captioning path that train.py, evaluate.py and caption.py share: the prompt and generation settings (their
 defaults, their bounds, and the file that carries them beside an adapter), finding an adapter's base model, loading
 both, and captioning a list of images batch by batch.
@@ -13,14 +15,13 @@ import os
 
 import torch
 
-from adapter_files import load_adapter, read_adapter_config
-from blip2 import autocast_dtype, move_vision, vision_embeds
-from data import warn_unreadable
-from files import UserError, printable, read_json, write_json
-from images import UnreadableImage, load_image
+from blip2lora.adapter_files import load_adapter, read_adapter_config
+from blip2lora.blip2 import autocast_dtype, move_vision, vision_embeds
+from blip2lora.files import UserError, printable, read_json, write_json
+from blip2lora.images import UnreadableImage, load_image, warn_unreadable
+from blip2lora.model import DEFAULT_MODEL, generate_captions, load_prepared, looks_like_hub_id
+from blip2lora.progress import print_to_stderr, progress as progress_of
 from lora import lora_layers
-from progress import print_to_stderr, progress as progress_of
-from model import DEFAULT_MODEL, generate_captions, load_prepared, looks_like_hub_id
 
 DEFAULT_ADAPTER = "out/adapter"
 GENERATION_DEFAULTS = {"prompt": "a photo of", "num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}

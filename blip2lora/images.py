@@ -1,4 +1,6 @@
 """
+blip2lora/images.py: reading one image, whatever its format, size or orientation.
+
 Reading images, one way for the whole project: training batches, the vision cache, evaluation, caption.py and the
 HTML report all call load_image(source).
 
@@ -20,11 +22,14 @@ import functools
 import io
 import os
 import stat
+import sys
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from blip2lora.files import printable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 # Decoding time and memory grow with the pixel count: 100M pixels (10,000 x 10,000) decode in about a second here.
@@ -38,6 +43,11 @@ DECODE_VERSION = 2
 
 class UnreadableImage(Exception):
     """An image that cannot be read; the message is one line saying why."""
+
+
+def warn_unreadable(error):
+    """What a run says of an image it leaves out, on stderr."""
+    print(f"warning: skipping an unreadable image: {printable(str(error))}", file=sys.stderr)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """
+blip2lora/files.py: writing and reading the project's files safely, and errors in one line.
+
 How this project writes and reads back its own files, done one way everywhere (train.py, evaluate.py, caption.py,
-lora.py and the vision cache all come here):
+adapter_files.py, checkpoint.py and the vision cache all come here):
 
 - atomic_write(path, data): into a uniquely named temporary file beside the target, then renamed over it. A reader,
   or a kill at any moment, sees the old file or the new one, never half of one; two writers never share a temporary

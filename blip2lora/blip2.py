@@ -1,4 +1,6 @@
 """
+blip2lora/blip2.py: what every BLIP-2 shares, whichever language model it has (step 3 of the README's reading path).
+
 What every BLIP-2 shares, whichever language model it has. t5.py and opt.py hold what differs between the two
 families; model.py picks one from the model's config.
 

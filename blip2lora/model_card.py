@@ -1,4 +1,6 @@
 """
+blip2lora/model_card.py: the model card beside an adapter or a merged export.
+
 The model card beside a trained adapter (out_dir/adapter/README.md) or a merged export: the README a Hugging Face
 model repository shows, so that `hf upload your-name/your-adapter out/adapter` publishes something people can find
 and use. Hub metadata first (YAML front matter: base_model, library_name, pipeline_tag, tags, and the test scores as
@@ -11,7 +13,7 @@ import re
 
 import yaml  # PyYAML comes with transformers
 
-from files import atomic_write
+from blip2lora.files import atomic_write
 
 CARD_FILE = "README.md"
 METRICS = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")

@@ -1,4 +1,6 @@
 """
+blip2lora/progress.py: progress bars and the time left.
+
 Progress of the long loops (the vision-cache build, evaluations) and the time left, as a person reads it.
 
 On a terminal: a tqdm bar with its ETA. Piped or logged (nohup, a cluster's log file, CI): a bar's carriage returns

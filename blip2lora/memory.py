@@ -1,4 +1,6 @@
 """
+blip2lora/memory.py: the peak GPU memory of a training step, predicted on the CPU (bench.py --memory).
+
 How much GPU memory does a training step of a BLIP-2 checkpoint take? Predicted on the CPU, allocating nothing:
 
     python bench.py --model full --memory --batch-images 8,16 --json
@@ -6,8 +8,9 @@ How much GPU memory does a training step of a BLIP-2 checkpoint take? Predicted 
     python bench.py --arch opt-2.7b --model full --memory --data data/flickr8k     # the shape of your own captions
 
 The model is built on the meta device (shapes, no data) and moved into FakeTensorMode, where every operation runs for
-its output's shape and dtype only. train.py's step runs on it (the grouped loss on cached ViT outputs, backward,
-gradient clipping, AdamW whose state already exists, as from the second step on) while a dispatch mode counts the
+its output's shape and dtype only. train.py's step runs on it (train.train_step, handed in by bench.py: the grouped
+loss on cached ViT outputs, backward, gradient clipping, AdamW whose state already exists, as from the second step on:
+one uncounted step makes it) while a dispatch mode counts the
 bytes of every tensor storage for as long as it lives, each storage once: a view (say the transpose of a weight that
 autograd keeps for the backward pass) adds nothing, as on a GPU. The weights are registered first.
 
@@ -34,10 +37,7 @@ from torch.utils._pytree import tree_flatten
 
 from torch.utils.flop_counter import FlopCounterMode
 
-from blip2 import train_mode
-from lora import inject_lora
-from model import (family, grouped_caption_loss, lora_targets, per_pair_caption_loss, prepare, unquantized,
-                   use_gradient_checkpointing)
+from blip2lora.model import family, grouped_caption_loss, per_pair_caption_loss, prepare_for_training, unquantized
 
 
 @dataclass
@@ -151,9 +151,10 @@ class _RealTensors:
 
 def train_ready(config, device, dtype, settings, levers=Levers(), released=True):
     """BLIP-2 built from a config on `device` and prepared as from_pretrained and train.py prepare it: dtypes (the
-    Q-Former float32), model.prepare, the levers, LoRA with train.py's settings, train mode for the adapters only.
-    released: hold the weights as the released checkpoint does (t5.as_released: Flan-T5's own lm_head; the demo's
-    tiny base has none). bench.py times this model."""
+    Q-Former float32), a 4/8-bit base emulated, then model.prepare_for_training (prepare, LoRA with train.py's
+    settings, gradient checkpointing, train mode for the adapters only). released: hold the weights as the released
+    checkpoint does (t5.as_released: Flan-T5's own lm_head; the demo's tiny base has none). bench.py times this
+    model."""
     from transformers import Blip2ForConditionalGeneration
     with torch.device(device):
         model = Blip2ForConditionalGeneration(config)
@@ -164,12 +165,7 @@ def train_ready(config, device, dtype, settings, levers=Levers(), released=True)
     model.query_tokens.data = model.query_tokens.data.float()
     if levers.base_bits < 16:
         quantize_language_model(model, levers.base_bits)
-    prepare(model, dtype)  # as train.py: under bf16 autocast, the frozen Q-Former's Linears in bf16; T5's fused GELU
-    inject_lora(model, settings["lora_targets"] or lora_targets(config), settings["lora_r"], settings["lora_alpha"],
-                settings["lora_dropout"])
-    if levers.gradient_checkpointing:
-        use_gradient_checkpointing(model)
-    train_mode(model)  # as train.py: adapters train (dropout on), the frozen base runs in eval mode
+    prepare_for_training(model, dtype, settings, levers.gradient_checkpointing)
     return model
 
 
@@ -192,12 +188,13 @@ def weights_on_gpu(model, levers):
     return [t for t in [*model.parameters(), *model.buffers()] if levers.vision_on_gpu or id(t) not in vision]
 
 
-def predict(config, batch, dtype, levers, settings, eval_batch=32, num_beams=5, new_tokens=30, fake=True, model=None,
-            released=True, flops=False):
+def predict(config, batch, dtype, levers, settings, step, eval_batch=32, num_beams=5, new_tokens=30, fake=True,
+            model=None, released=True, flops=False):
     """Bytes on the GPU during one training step (and during beam-search generation), with their breakdown; and with
     flops=True the FLOPs of that step and of the usual per-pair step (on batch["pixel_values"]), in passes of their
-    own (count_flops). fake=False counts the same with real tensors (a small model only), or counts `model`, prepared
-    elsewhere (say by bitsandbytes): the tests that the prediction is the count."""
+    own. step: train.train_step (bench.py hands it in; the library imports no script). fake=False counts the same with
+    real tensors (a small model only), or counts `model`, prepared elsewhere (say by bitsandbytes): the tests that
+    the prediction is the count."""
     started = time.time()
     model, fake = (model, _RealTensors()) if model is not None else prepared_model(config, dtype, levers, settings,
                                                                                    fake, released)
@@ -211,21 +208,21 @@ def predict(config, batch, dtype, levers, settings, eval_batch=32, num_beams=5, 
                                                       *model.language_model.buffers()] if not t.requires_grad)
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
     with fake:
-        optimizer = torch.optim.AdamW(lora, lr=1e-4)
-        for p in lora:  # AdamW's state exists from the first step on: make it, uncounted, before the counted step
-            p.grad = torch.zeros_like(p)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        counted_flops = {f"{name}_flops": count_flops(model, {k: fake.from_tensor(v) for k, v in batch.items()},
-                                                      dtype, name, autocast) for name in (("step", "per_pair") if flops
-                                                                                          else ())}
+        optimizer = torch.optim.AdamW(lora, lr=settings["learning_rate"], weight_decay=settings["weight_decay"])
+        take_step = StepOf(model, step, optimizer, autocast, settings["grad_clip"], dtype)
+        counted_flops = {f"{kind}_flops": count_flops(take_step, {k: fake.from_tensor(v) for k, v in batch.items()},
+                                                      kind) for kind in (("step", "per_pair") if flops else ())}
         step_batch = {k: fake.from_tensor(v) for k, v in batch.items() if k != "pixel_values"}  # the cache has them
+        if not optimizer.state:  # AdamW's state exists from the first step on: one uncounted step makes it
+            take_step(step_batch)
         with counter:
             for tensor in (t for state in optimizer.state.values() for t in state.values()):
                 counter.track(tensor)
             steady = counter.live
+            counter.reset_peak()
+            take_step(step_batch)
+            step_peak = counter.peak
             with autocast:
-                step_peak = count_step(model, step_batch, optimizer, lora, settings["grad_clip"], dtype, counter)
                 generation_peak = count_generation(model, eval_batch, num_beams, new_tokens, dtype, counter)
     return {"frozen_weights": frozen, "language_model_weights": text,
             "lora_weights_grads_adamw": steady - frozen + lora_bytes,  # weights and AdamW state, and the gradients
@@ -238,30 +235,31 @@ def vision_tokens(config):
     return (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size
 
 
-def count_step(model, batch, optimizer, lora, grad_clip, dtype, counter):
-    """The peak of train.py's step: cached ViT outputs copied in, the grouped loss, backward, clipping, AdamW."""
-    counter.reset_peak()
-    images = batch["input_ids"].shape[0]
-    embeds = torch.empty(images, *vision_tokens(model.config), dtype=dtype)  # (B, V, Dv), the cache's rows
-    loss, count = grouped_caption_loss(model, batch, embeds)
-    (loss / count).backward()
-    torch.nn.utils.clip_grad_norm_(lora, grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return counter.peak
+class StepOf:
+    """train.py's step (train.train_step) on one micro-batch, as train.py takes it: "step" is its own (the grouped
+    loss on cached ViT outputs, (B, V, Dv) rows as the cache holds them), "per_pair" the usual one (the ViT and
+    everything else once per caption, from batch["pixel_values"]). float16's GradScaler keeps no tensors worth
+    counting: off."""
+
+    def __init__(self, model, step, optimizer, autocast, grad_clip, dtype):
+        self.model, self.step, self.optimizer, self.autocast = model, step, optimizer, autocast
+        self.grad_clip, self.dtype, self.scaler = grad_clip, dtype, torch.amp.GradScaler("cpu", enabled=False)
+
+    def __call__(self, batch, kind="step"):
+        if kind == "per_pair":
+            loss, image_embeds = (lambda model, b, _: per_pair_caption_loss(model, b)), (lambda b: None)
+        else:
+            rows = torch.empty(batch["input_ids"].shape[0], *vision_tokens(self.model.config), dtype=self.dtype)
+            loss, image_embeds = grouped_caption_loss, (lambda b: rows)
+        self.step(self.model, [batch], loss, image_embeds, self.optimizer, self.scaler, self.autocast, self.grad_clip)
 
 
-def count_flops(model, batch, dtype, step, autocast):
-    """The FLOPs of a step's forward and backward passes (matmuls and attention, as bench.py counts them): "step",
-    train.py's (the grouped loss on cached ViT outputs), or "per_pair", the usual one (the ViT and everything else
-    once per caption). In a pass of their own: FlopCounterMode runs the CPU's attention kernel as its decomposition,
-    which keeps other tensors than the step does (torch 2.13), so it must not run inside the memory count."""
-    embeds = torch.empty(batch["input_ids"].shape[0], *vision_tokens(model.config), dtype=dtype)
-    with FlopCounterMode(display=False) as flops, autocast:
-        loss, count = (per_pair_caption_loss(model, batch) if step == "per_pair" else
-                       grouped_caption_loss(model, batch, embeds))
-        (loss / count).backward()
-    model.zero_grad(set_to_none=True)
+def count_flops(take_step, batch, kind):
+    """The FLOPs of one step of `kind` (matmuls and attention, as bench.py counts them; AdamW and clipping have none
+    that count). In a pass of its own: FlopCounterMode runs the CPU's attention kernel as its decomposition, which
+    keeps other tensors than the step does (torch 2.13), so it must not run inside the memory count."""
+    with FlopCounterMode(display=False) as flops:
+        take_step(batch, kind)
     return flops.get_total_flops()
 
 

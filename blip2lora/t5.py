@@ -1,4 +1,6 @@
 """
+blip2lora/t5.py: the Flan-T5 family: everything T5-specific.
+
 BLIP-2 with Flan-T5 (Salesforce/blip2-flan-t5-xl, blip2-flan-t5-xxl): every T5-specific name of this project is in
 this file. model.py picks it for a model whose config says use_decoder_only_language_model=False; opt.py is the
 other family, with the same functions.
@@ -12,7 +14,7 @@ import torch
 from transformers import T5Config
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from blip2 import caption_loss_sum, checkpointed, embed_prompt, image_features
+from blip2lora.blip2 import caption_loss_sum, checkpointed, embed_prompt, image_features
 
 # LoRA on T5's attention: "SelfAttention.q" matches encoder and decoder self-attention
 # (language_model.encoder.block.N.layer.0.SelfAttention.q), "EncDecAttention.q" the decoder's cross-attention to the
@@ -28,8 +30,11 @@ KEEP_UNQUANTIZED = ("DenseReluDense.wo",)
 SIZES = {"flan-t5-xl": dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32),
          "flan-t5-xxl": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64),
          "small": dict(d_model=512, d_kv=64, d_ff=1280, num_layers=6, num_heads=8),
-         "tiny": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)}
+         "tiny": dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, dropout_rate=0.0)}
 VOCAB_SIZE, IMAGE_TOKEN_ID = 32128, 32100  # blip2-flan-t5-xl's: <image> is the token after T5's 100 sentinels
+# How T5's tokenizer lays out its special tokens, for a word-level tokenizer in its image (demo.build_processor): the
+# first ids in this order (pad 0, </s> 1), </s> after each text (no BOS), and a caption ending in </s>.
+SPECIAL_TOKENS = {"first_ids": ("<pad>", "</s>", "<unk>"), "template": "$A </s>", "bos": None, "caption_end": "</s>"}
 
 
 def text_config(size, **changes):
@@ -46,7 +51,7 @@ def caption_ids(tokenizer, captions, eos_token_id):
 
 # ------------------------------------------------------------------------------------------------- the loss
 
-def decoder_inputs(model, labels):
+def _decoder_inputs(model, labels):
     """Teacher forcing: the decoder reads [start] + labels[:, :-1] (N, T), with -100 padding turned into the pad id."""
     start = torch.full_like(labels[:, :1], model.config.text_config.decoder_start_token_id)
     shifted = torch.cat([start, labels[:, :-1]], dim=1)
@@ -59,11 +64,11 @@ def per_pair_caption_loss(model, batch):
     per_caption = batch["caption_image"]                                                # (N,) image of each caption
     logits = model(pixel_values=batch["pixel_values"][per_caption], input_ids=batch["input_ids"][per_caption],
                    attention_mask=batch["attention_mask"][per_caption],
-                   decoder_input_ids=decoder_inputs(model, batch["labels"]), use_cache=False).logits  # (N, T, vocab)
+                   decoder_input_ids=_decoder_inputs(model, batch["labels"]), use_cache=False).logits  # (N, T, vocab)
     return caption_loss_sum(logits, batch["labels"])
 
 
-def encode_images(model, batch, image_embeds):
+def _encode_images(model, batch, image_embeds):
     """Stages 2-4, once per image: (B, V, Dv) -> the T5 encoder's output (B, L, D)."""
     embeds = embed_prompt(model, batch["input_ids"], image_features(model, image_embeds))  # (B, L, D)
     return model.language_model.encoder(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).last_hidden_state
@@ -79,7 +84,7 @@ def grouped_caption_loss(model, batch, image_embeds):
     gradients then sum over the image's captions) and handed to the decoder through transformers' encoder-decoder
     cache, which T5's cross-attention reads instead of projecting again."""
     text = model.language_model
-    encoded = encode_images(model, batch, image_embeds)                                 # (B, L, D)
+    encoded = _encode_images(model, batch, image_embeds)                                 # (B, L, D)
     per_caption = batch["caption_image"]                                                # (N,)
     cross = DynamicCache()
     for i, block in enumerate(text.decoder.block):
@@ -91,12 +96,12 @@ def grouped_caption_loss(model, batch, image_embeds):
     # The decoder reads only the shape of encoder_hidden_states: every layer's keys and values come from the cache.
     shape_only = encoded[:1].expand(per_caption.shape[0], -1, -1)                       # (N, L, D), a view
     logits = text(encoder_outputs=(shape_only,), attention_mask=batch["attention_mask"][per_caption],
-                  decoder_input_ids=decoder_inputs(model, batch["labels"]),
-                  cache=EncoderDecoderCache(NoSelfAttentionCache(), cross), use_cache=False).logits  # (N, T, vocab)
+                  decoder_input_ids=_decoder_inputs(model, batch["labels"]),
+                  cache=EncoderDecoderCache(_NoSelfAttentionCache(), cross), use_cache=False).logits  # (N, T, vocab)
     return caption_loss_sum(logits, batch["labels"])
 
 
-class NoSelfAttentionCache(DynamicCache):
+class _NoSelfAttentionCache(DynamicCache):
     """The decoder's self-attention keeps nothing: training reads each caption in one pass, and a kept copy would be
     doubled by gradient checkpointing's recomputation."""
 
@@ -107,13 +112,16 @@ class NoSelfAttentionCache(DynamicCache):
 # ------------------------------------------------------------------------------------------------- precision, memory
 
 def prepare(model, compute_dtype):
-    """What T5 needs once loaded: its GELU as one fused operation, and under float16 its `wo` layers in float32."""
-    use_fused_gelu(model)
+    """What T5 needs once loaded: its GELU as one fused operation, and under float16 its `wo` layers in float32.
+    Returns what a user should know of it ("" if nothing)."""
+    _use_fused_gelu(model)
     if compute_dtype == torch.float16:
-        keep_wo_in_float32(model)
+        _keep_wo_in_float32(model)
+        return "float16: T5's feed-forward outputs (wo) run in float32, since Flan-T5's activations overflow float16"
+    return ""
 
 
-def use_fused_gelu(model):
+def _use_fused_gelu(model):
     """Flan-T5's feed-forward activation, gelu_new, is written as seven element-wise operations, and autograd keeps
     the output of each for the backward pass: about 2 GB at the default batch. GELUTanh (F.gelu(approximate="tanh"))
     computes the same function (transformers' own `gelu_pytorch_tanh`; 2e-7 apart in float32) in one operation that
@@ -124,7 +132,7 @@ def use_fused_gelu(model):
             module.act = GELUTanh()
 
 
-def keep_wo_in_float32(model):
+def _keep_wo_in_float32(model):
     """Flan-T5's feed-forward output `wo` overflows float16 (its activations reach ~1e5): transformers keeps its
     weight in float32 for float16 models. Under autocast that is not enough (autocast would run the matmul in
     float16 anyway), so here `wo` runs in float32 with autocast off."""
@@ -165,7 +173,7 @@ def last_beam_step(model, input_ids, image_embeds, beams, new_tokens):
     and new_tokens of self-attention cache, and the scores over the vocabulary."""
     text = model.language_model
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    encoded = encode_images(model, batch, image_embeds).repeat_interleave(beams, dim=0)  # (rows, L, D)
+    encoded = _encode_images(model, batch, image_embeds).repeat_interleave(beams, dim=0)  # (rows, L, D)
     rows, heads, width, dtype = encoded.shape[0], text.config.num_heads, text.config.d_kv, image_embeds.dtype
     own, cross = DynamicCache(), DynamicCache()
     for i in range(text.config.num_decoder_layers):

@@ -1,4 +1,6 @@
 """
+blip2lora/curves.py: the training curves drawn in report.html.
+
 The training curves at the top of report.html: the loss at every logged step, the learning rate, and val CIDEr at
 every evaluation, read from out_dir/log.jsonl and drawn as inline SVG (no JavaScript, nothing to install).
 

@@ -1,4 +1,6 @@
 """
+blip2lora/model.py: loading BLIP-2 and the family that knows its language model (t5.py, opt.py).
+
 BLIP-2 as train.py, evaluate.py, caption.py and bench.py use it, whichever language model it has: loading (16-bit,
 or a 4/8-bit language model through bitsandbytes) with a clear line for each problem, the family that knows the
 language model (t5.py for Flan-T5, opt.py for OPT), the loss, the memory levers and caption generation.
@@ -14,13 +16,32 @@ import os
 
 import torch
 
-import opt
-import t5
-from blip2 import QFORMER_TARGETS, cast_frozen_qformer, embed_prompt, image_features
-from files import UserError, first_line
+from blip2lora import opt, t5
+from blip2lora.blip2 import QFORMER_TARGETS, cast_frozen_qformer, embed_prompt, image_features, train_mode
+from blip2lora.files import UserError, first_line
+from lora import inject_lora
 
 DEFAULT_MODEL = "Salesforce/blip2-flan-t5-xl"
-FAMILIES = {"t5": t5, "opt": opt}  # text_config.model_type -> the module that knows it
+# The language-model families: text_config.model_type -> the module that knows it. Each defines the same public
+# names, FAMILY_CONTRACT (tests/test_layout.py holds them to it); its helpers are private (_name). The rest of the
+# project asks the family (family(config).grouped_caption_loss, ...) and never branches on which one it is.
+FAMILIES = {"t5": t5, "opt": opt}
+FAMILY_CONTRACT = (
+    "LORA_TARGETS",               # module-path suffixes of the language model's attention, where LoRA goes
+    "KEEP_UNQUANTIZED",           # what a 4/8-bit base keeps 16-bit besides BLIP-2's own parts
+    "SIZES",                      # the released language models' dimensions, and the small and tiny stand-ins
+    "VOCAB_SIZE", "IMAGE_TOKEN_ID",  # the released checkpoints' vocabulary size and <image> token
+    "SPECIAL_TOKENS",             # how its tokenizer lays out special tokens (demo.build_processor)
+    "text_config",                # (size) -> the language model's config at one of SIZES
+    "caption_ids",                # (tokenizer, captions, eos_token_id) -> each caption's ids as the model learns them
+    "per_pair_caption_loss",      # (model, batch) -> (summed loss, tokens), one forward per image-caption pair
+    "grouped_caption_loss",       # (model, batch, image_embeds) -> the same, what depends on the image once per image
+    "prepare",                    # (model, compute_dtype) -> a note for the user; done once after loading
+    "use_gradient_checkpointing",  # (model): the language model's layers recompute their activations
+    "as_released",                # (model): a model built from a config holds its weights as the checkpoint does
+    "last_beam_step",             # (model, input_ids, image_embeds, beams, new_tokens): beam search's peak (memory.py)
+    "prepare_export",             # (model): what a merged export's own generate() needs
+)
 # BLIP-2's parts a 4/8-bit base keeps 16-bit: bitsandbytes would otherwise also quantize the ViT and the projection
 # (bitsandbytes 0.50, transformers 5.24). The family adds its own (t5.KEEP_UNQUANTIZED).
 KEEP_UNQUANTIZED = ("vision_model", "qformer", "language_projection", "lm_head")
@@ -31,8 +52,8 @@ class ModelError(UserError):
 
 
 def family(config):
-    """The module that knows this BLIP-2's language model: opt for a decoder-only one, t5 for an encoder-decoder."""
-    return opt if config.use_decoder_only_language_model else t5
+    """The module that knows this BLIP-2's language model (check_supported has refused any other)."""
+    return FAMILIES[config.text_config.model_type]
 
 
 def lora_targets(config):
@@ -63,9 +84,30 @@ def use_gradient_checkpointing(model):
 def prepare(model, compute_dtype):
     """What the step needs once the model is loaded, for the dtype its matmuls run in: the frozen Q-Former cast once to
     bf16 under bf16 autocast (blip2.cast_frozen_qformer), and the family's own (t5.prepare: T5's `wo` in float32 under
-    float16, where Flan-T5's activations overflow). train.py, caption.py and evaluate.py all come here."""
+    float16, where Flan-T5's activations overflow). train.py, caption.py and evaluate.py all come here. Returns the
+    family's note for the user ("" if none)."""
     cast_frozen_qformer(model, compute_dtype)
-    family(model.config).prepare(model, compute_dtype)
+    return family(model.config).prepare(model, compute_dtype)
+
+
+def prepare_for_training(model, compute_dtype, settings, gradient_checkpointing=False):
+    """The model as train.py's step takes it, once loaded (a 4/8-bit base is quantized as it loads, load_blip2;
+    memory.py emulates that before coming here): prepare for the dtype the matmuls run in, LoRA with train.py's
+    settings (lora_targets, the family's when empty; lora_r, lora_alpha, lora_dropout), gradient checkpointing if
+    asked, and train mode for the adapters only. train.py, bench.py and memory.py all come here. Returns prepare's note
+    for the user; a target that matches nothing, or matches inside the frozen ViT, is a ValueError."""
+    note = prepare(model, compute_dtype)
+    targets = settings["lora_targets"] or lora_targets(model.config)
+    wrapped = inject_lora(model, targets, settings["lora_r"], settings["lora_alpha"], settings["lora_dropout"])
+    inside_vit = sorted({t for t in targets for path in wrapped
+                         if path.startswith("vision_model.") and (path == t or path.endswith("." + t))})
+    if inside_vit:
+        raise ValueError(f"{inside_vit[0]!r} matches layers inside the ViT (vision_model...), which this project keeps "
+                         "frozen so that its outputs can be computed once (the vision cache); leave it out")
+    if gradient_checkpointing:
+        use_gradient_checkpointing(model)
+    train_mode(model)
+    return note
 
 
 @torch.no_grad()
@@ -183,13 +225,19 @@ def load_blip2(name_or_path, device="cpu", dtype=torch.float32, base_bits=16, lo
     return (model if base_bits < 16 else model.to(device)).eval(), processor
 
 
+def weights_dtype(device, compute_dtype):
+    """The frozen weights in the compute dtype on a GPU (half the memory), float32 on the CPU."""
+    return compute_dtype if str(device).startswith("cuda") else torch.float32
+
+
 def load_prepared(name_or_path, device, compute_dtype, base_bits=16, log=print):
-    """load_blip2 for running on `device` with matmuls in compute_dtype: the frozen weights in that dtype on a GPU
-    (half the memory), float32 on the CPU; then prepare. The one loading path of train.py, caption.py and
-    evaluate.py."""
-    weights = compute_dtype if str(device).startswith("cuda") else torch.float32
-    model, processor = load_blip2(name_or_path, device, dtype=weights, base_bits=base_bits, log=log)
-    prepare(model, compute_dtype)
+    """load_blip2 for running on `device` with matmuls in compute_dtype, then prepare: caption.py's and evaluate.py's
+    loading (train.py prepares for training instead: prepare_for_training)."""
+    model, processor = load_blip2(name_or_path, device, dtype=weights_dtype(device, compute_dtype),
+                                  base_bits=base_bits, log=log)
+    note = prepare(model, compute_dtype)
+    if note:
+        log(note)
     return model, processor
 
 

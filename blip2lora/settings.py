@@ -1,5 +1,7 @@
 """
-train.py's settings machinery. The settings block at the top of train.py is the one place that defines the settings,
+blip2lora/settings.py: train.py's settings from config files and the command line.
+
+The settings block at the top of train.py is the one place that defines the settings,
 their defaults and their help; this file applies config files and the command line over it, checks every value,
 and prints --help from that block.
 
@@ -16,11 +18,11 @@ import re
 
 import torch
 
-from captioning import GENERATION_LIMITS, check_generation
-from files import UserError
+from blip2lora.captioning import GENERATION_LIMITS, check_generation
+from blip2lora.files import UserError
 from lora import MAX_RANK
 
-ALIASES = {"data": "data_dir"}  # evaluate.py's and caption.py's name for the same thing
+ALIASES = {"data": "data_dir"}  # evaluate.py's and bench.py's name for the same thing
 # The range of each numeric setting (lowest, highest or None): a value outside it is a one-line error, not a crash.
 LIMITS = {"learning_rate": (0.0, 10.0), "seed": (0, 2**32 - 1), "lora_r": (1, MAX_RANK), "lora_alpha": (1e-6, 1e6),
           "lora_dropout": (0.0, 0.99), "batch_images": (1, 100_000), "grad_accum": (1, 100_000), "epochs": (1, 100_000),

@@ -1,4 +1,6 @@
 """
+blip2lora/vision_cache.py: the frozen ViT's outputs, computed once and read from disk.
+
 The frozen ViT's outputs of every image, computed once and memory-mapped from disk (train.py's vision_cache setting).
 
 No LoRA target is inside the ViT and the images are not augmented, so what the ViT makes of an image never changes
@@ -9,13 +11,15 @@ ViT. A first reading of the project can skip this file: with vision_cache=False 
 import hashlib
 import json
 import os
+import shutil
 
 import torch
+import torch.distributed as dist
 
-from blip2 import vision_embeds
-from files import UserError, read_json, write_json
-from images import DECODE_VERSION, source_key
-from progress import progress
+from blip2lora.blip2 import move_vision, vision_embeds
+from blip2lora.files import UserError, read_json, require_writable_folder, write_json
+from blip2lora.images import DECODE_VERSION, source_key
+from blip2lora.progress import progress
 
 
 def _fingerprint(items):
@@ -119,3 +123,55 @@ class VisionCache:
             raise CacheDamaged(f"vision cache {self.dir}: rows changed on disk since they were written (checksums "
                                "differ); it will be built again when you run the same command again")
         return embeds.to(device, non_blocking=True)
+
+
+def prepare_vision_cache(cfg, p, t, image_loader):
+    """train.py's stage: the frozen ViT's outputs of every image, computed once (rank 0 builds, the others wait);
+    None when off. image_loader(items) reads the images (a DataLoader of data.py's batches). Once complete, the ViT
+    leaves the GPU (vision_on_gpu=False): training and evaluation read the cache."""
+    if not cfg.vision_cache:
+        return None
+    items = t.data.splits["train"] + t.data.splits["val"] + t.test_items
+    image_size = "x".join(str(t.processor.image_processor.size[k]) for k in ("height", "width"))
+    key = (t.model, cfg.model, image_size, items, p.dtype)
+    cache = VisionCache(os.path.join(cfg.out_dir, "vision_cache"), *key)
+    if cache.problem and p.master:
+        p.log(f"vision cache: {cache.dir} cannot be used ({cache.problem}); building it again")
+    if not cache.complete and p.master:
+        _build(p, t, cache, image_loader(items), log=p.log)
+    if p.ddp:
+        dist.barrier()
+        cache = VisionCache(os.path.join(cfg.out_dir, "vision_cache"), *key)  # complete where rank 0 built it
+        if not cache.complete and p.local_rank == 0:  # a node that does not share rank 0's out_dir: its own copy
+            _build(p, t, cache, image_loader(items), log=lambda line: print(f"[rank {p.rank}] {line}", flush=True))
+        dist.barrier()
+        cache = VisionCache(os.path.join(cfg.out_dir, "vision_cache"), *key)  # now complete on every rank
+    if cache.missing:
+        p.log(f"vision cache: {len(cache.missing)} unreadable images are left out")
+        t.train_items = [i for i in t.train_items if i.name not in cache.missing]
+    if not cfg.vision_on_gpu and p.device_type == "cuda":
+        move_vision(t.model, "cpu")
+        torch.cuda.empty_cache()
+    return cache
+
+
+def _build(p, t, cache, loader, log):
+    images = len(loader.dataset)
+    log(f"vision cache: computing ViT outputs of {images} images once ({size(cache.nbytes)} in {cache.dir}) ...")
+    _require_disk_space(cache, images)
+    cache.build(t.model, loader, p.device, p.autocast, log=log)
+
+
+def size(nbytes):
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _require_disk_space(cache, num_images):
+    """The vision cache must fit on its disk (COCO in bf16 is about 90 GB): say so now, not when the disk is full."""
+    folder = os.path.dirname(cache.dir)
+    require_writable_folder(folder, "vision cache")
+    free = shutil.disk_usage(folder).free
+    if cache.nbytes > free:
+        raise UserError(f"vision cache: {num_images} images need {size(cache.nbytes)} in {folder}, but only "
+                       f"{size(free)} is free there. Set vision_cache=False (the ViT then runs in every step) or use "
+                       "an out_dir on a disk with room")

@@ -1,11 +1,14 @@
 """
+blip2lora/scoring.py: BLEU, METEOR, ROUGE-L and CIDEr, and the report that shows them.
+
 Caption scores the way captioning papers compute them, and the pages and tables that show them; used by train.py's
 evaluations and by evaluate.py.
 
 The COCO caption toolkit (pycocoevalcap): PTB tokenizer on references and captions alike (lower-cases, strips
 punctuation), then BLEU-1..4, METEOR 1.5, ROUGE-L and CIDEr-D; each image scored against all its references.
 Every score this project shows or writes is on one scale: the papers' x100 (the toolkit's 0..1 times 100).
-METEOR and the tokenizer run on Java; METEOR starts once per call (it loads a paraphrase table for ~10 s).
+METEOR and the tokenizer run on Java. METEOR loads a paraphrase table for ~10 s when it starts: score_captions starts
+it once per call, or reuses one it is given (score_split scores zero-shot and fine-tuned with one).
 """
 import base64
 import html
@@ -15,9 +18,9 @@ import shutil
 import sys
 from contextlib import contextmanager, redirect_stdout
 
-from curves import CSS as CURVES_CSS
-from files import UserError, atomic_write, printable
-from images import UnreadableImage, load_image
+from blip2lora.curves import CSS as CURVES_CSS
+from blip2lora.files import UserError, atomic_write, printable
+from blip2lora.images import UnreadableImage, load_image
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 SCALE = "x100: the COCO caption toolkit's 0..1 scores times 100, as papers print them"

@@ -1,0 +1,16 @@
+"""
+blip2lora/: the library behind the scripts at the top level (train.py, evaluate.py, caption.py, data.py, bench.py,
+demo.py) and lora.py. Nothing here imports a script; each module's first line says its place.
+
+    model.py, blip2.py          loading BLIP-2; what every BLIP-2 shares (vision, Q-Former, image tokens)
+    t5.py, opt.py               the language-model families: the same functions, one file each (model.FAMILIES)
+    vision_cache.py             the frozen ViT's outputs, computed once
+    captioning.py               captioning images with a base and an adapter
+    adapter_files.py            adapters in the layout peft reads
+    checkpoint.py, run_log.py   train.py's out_dir: checkpoints and resuming; the log, curves and model card
+    layouts.py, images.py       the collection layouts data.py reads; reading one image
+    scoring.py, curves.py       the captioning metrics and report.html
+    settings.py, files.py       train.py's settings; safe file writes and one-line errors
+    memory.py, progress.py      predicted GPU memory (bench.py --memory); progress bars
+    model_card.py               the hub model card
+"""

@@ -1,0 +1,160 @@
+"""
+blip2lora/run_log.py: what train.py records of a run as it goes: the log line, log.jsonl, TensorBoard, the model card.
+
+    RunState      the step, the best val CIDEr and the val history (what a checkpoint saves beside the weights), and
+                  the log: out_dir/log.jsonl, one JSON object a line (the report's curves are drawn from it), and with
+                  tensorboard=True the same scalars in out_dir/tensorboard/
+    Speedometer   the line printed every log_interval steps: step N/TOTAL, loss, learning rate, speed, time left
+    write_model_card  out_dir/adapter/README.md, the card the Hugging Face hub shows (model_card.py)
+"""
+import json
+import os
+import time
+
+import torch
+
+from blip2lora.captioning import GENERATION_DEFAULTS, base_model_reference
+from blip2lora.model import lora_targets
+from blip2lora.model_card import adapter_card
+from blip2lora.progress import duration
+
+
+class RunState:
+    """What the loop carries from step to step and a checkpoint saves beside the weights (step, best_cider x100,
+    history), and the run's log."""
+    SCALARS = {"loss": "train/loss", "lr": "train/lr", "captions_per_s": "train/captions_per_s",
+               "val_CIDEr": "val/CIDEr"}  # log.jsonl key -> TensorBoard tag
+
+    def __init__(self, cfg, p, steps_per_epoch):
+        self.cfg, self.p, self.steps_per_epoch = cfg, p, steps_per_epoch
+        self.step, self.best_cider, self.history = 0, -1.0, []
+        self.writers = {}
+
+    def open_log(self, resumed):
+        """A resumed run goes on from its checkpoint's step: what the stopped run logged after it is superseded
+        (a "resumed" line in log.jsonl; TensorBoard's purge_step), so every curve reads as one uninterrupted run."""
+        if not self.p.master:
+            return
+        if resumed:
+            self.record({"step": self.step, "resumed": True})
+        if self.cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # (checked installed before any work)
+            folder = os.path.join(self.cfg.out_dir, "tensorboard")
+            self.writers[""] = SummaryWriter(folder, purge_step=self.step + 1 if resumed else None, flush_secs=10)
+
+    def record(self, entry):
+        if self.p.master:
+            with open(os.path.join(self.cfg.out_dir, "log.jsonl"), "a") as log_file:
+                log_file.write(json.dumps(entry) + "\n")
+            for key, tag in self.SCALARS.items():
+                if key in entry and "" in self.writers:
+                    self.writers[""].add_scalar(tag, entry[key], entry["step"])
+
+    def record_test_scores(self, columns):
+        """The final scores (x100) as test/<metric>, in the runs zero_shot and fine_tuned: one chart per metric
+        with both beside each other in TensorBoard."""
+        if "" not in self.writers:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        for label, scores in columns.items():
+            run = label.replace("-", "_")  # zero_shot, fine_tuned
+            writer = self.writers.setdefault(run, SummaryWriter(os.path.join(self.cfg.out_dir, "tensorboard", run)))
+            for metric, value in scores.items():
+                writer.add_scalar(f"test/{metric}", value, self.step)
+
+    def close_log(self):
+        for writer in self.writers.values():
+            writer.close()
+
+    def saved_state(self, finished):
+        """What a checkpoint saves beside the weights: the step and the data position (batches are seeded), the val
+        record, whether the run has finished, and the settings."""
+        epoch, step_in_epoch = divmod(self.step, self.steps_per_epoch)
+        return {"step": self.step, "epoch": epoch, "step_in_epoch": step_in_epoch, "best_cider": self.best_cider,
+                "history": self.history, "finished": finished, "settings": vars(self.cfg)}
+
+
+class Speedometer:
+    """The log line every log_interval steps: the step of how many, loss, learning rate, speed over the steps since
+    the last line (leaving out the time spent on checkpoints and evaluations) and the time left."""
+
+    def __init__(self, cfg, p, t, run):
+        self.cfg, self.p, self.t, self.run = cfg, p, t, run
+        self.t_last, self.step_last, self.captions, self.skipped = time.time(), run.step, 0, 0
+        self.first_step, self.train_seconds, self.eval_seconds = run.step, 0.0, []
+
+    def pause(self, work, evaluation=False):
+        """Run work (a checkpoint, an evaluation) without counting its time as training time."""
+        since = time.time()
+        work()
+        self.t_last += time.time() - since
+        if evaluation:
+            self.eval_seconds.append(time.time() - since)
+
+    def update(self, epoch, loss, lr, captions, skipped):
+        self.captions, self.skipped = self.captions + captions, self.skipped + skipped
+        step = self.run.step
+        if step % self.cfg.log_interval and step != self.t.total_steps:
+            return
+        if self.p.device_type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.time() - self.t_last
+        self.train_seconds += elapsed
+        entry = {"step": step, "epoch": epoch, "loss": round(loss, 5), "lr": float(f"{lr:.3g}"),
+                 "ms_per_step": round(1000 * elapsed / (step - self.step_last), 1),
+                 "captions_per_s": round(self.captions * self.p.world_size / elapsed, 1)}
+        if self.p.device_type == "cuda":
+            entry["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        if self.skipped:
+            entry["skipped_images"] = self.skipped
+        entry["eta_s"] = round(self.seconds_left())
+        shown = {**entry, "step": f"{step}/{self.t.total_steps}", "eta_s": None, "eta": duration(entry["eta_s"])}
+        self.p.log("  ".join(f"{k} {v}" for k, v in shown.items() if v is not None))
+        self.run.record(entry)
+        self.t_last, self.step_last, self.captions, self.skipped = time.time(), step, 0, 0
+
+    def seconds_left(self):
+        """The steps left at this run's measured speed, plus the evaluations left at the measured time per image
+        of those done (the final one captions the test split twice: zero-shot and fine-tuned)."""
+        step, total, interval = self.run.step, self.t.total_steps, self.cfg.eval_interval
+        seconds = self.train_seconds / (step - self.first_step) * (total - step)
+        if self.eval_seconds:
+            per_image = sum(self.eval_seconds) / len(self.eval_seconds) / len(self.t.val_items)
+            evaluations = total // interval - step // interval + (total % interval > 0 and step < total)
+            seconds += evaluations * per_image * len(self.t.val_items)
+            seconds += 2 * per_image * len(self.t.test_items) if self.cfg.final_eval else 0
+        return seconds
+
+
+CARD_SETTINGS = ("batch_images", "grad_accum", "epochs", "max_steps", "learning_rate", "warmup_steps", "min_lr_ratio",
+                 "weight_decay", "grad_clip", "max_caption_tokens", "base_bits", "gradient_checkpointing", "seed")
+
+
+def write_model_card(cfg, p, t, step, scores=None, test_images=0):
+    """out_dir/adapter/README.md, the model card the hub shows (model_card.py): rewritten with each adapter kept,
+    and with the test scores once the final evaluation has them."""
+    generation = {k: getattr(cfg, k) for k in GENERATION_DEFAULTS if k != "prompt"}
+    adapter_card(os.path.join(cfg.out_dir, "adapter"), {
+        "base_model": base_model_reference(cfg.model), "r": cfg.lora_r, "alpha": cfg.lora_alpha,
+        "dropout": cfg.lora_dropout, "targets": cfg.lora_targets or lora_targets(t.model.config),
+        "collection": cfg.data_dir, "layout": t.data.layout,
+        "splits": {name: (len(items), sum(len(i.captions) for i in items)) for name, items in t.data.splits.items()},
+        "settings": {**{k: getattr(cfg, k) for k in CARD_SETTINGS}, "precision": str(p.dtype).split(".")[-1],
+                     "processes": p.world_size},
+        "step": step, "total_steps": t.total_steps, "prompt": cfg.prompt, "generation": generation,
+        "scores": scores, "test_images": test_images})
+
+
+def why_not_better(cfg, t, steps, unchanged):
+    """One line for a run that did not beat the zero-shot base: what happened, and the likely causes."""
+    causes = []
+    if steps < 100:
+        causes.append(f"only {steps} steps (a small collection needs a few hundred: README 'Small collections')")
+    if cfg.learning_rate < 1e-4:
+        causes.append(f"a low learning_rate ({cfg.learning_rate:g})")
+    if not t.choose_by_val and t.evaluating:
+        causes.append("a val split too small to choose by")
+    return ("note: fine-tuned CIDEr is not above zero-shot" + (" (the fine-tuned captions are the zero-shot ones: "
+            "the adapter changed nothing they show)" if unchanged else "") + ". Likely: "
+            + ("; ".join(causes) if causes else "the base already captions this collection well, or the captions' "
+               "style is too varied to learn from this many images"))
