@@ -41,13 +41,17 @@ import train
 from blip2lora import memory, opt, t5
 from blip2lora.blip2 import autocast_context, train_mode, vision_embeds
 from blip2lora.files import UserError, one_line_errors
-from blip2lora.model import generate_captions, grouped_caption_loss, per_pair_caption_loss
+from blip2lora.generation import caption_tokens
+from blip2lora.model import family, generate_captions, grouped_caption_loss, per_pair_caption_loss
 from train import SETTINGS  # its settings block: the LoRA, clipping and optimizer defaults a training run uses
 from data import add_collection_arguments
 
 ARCHS = {"flan-t5-xl": (t5, "Salesforce/blip2-flan-t5-xl"), "flan-t5-xxl": (t5, "Salesforce/blip2-flan-t5-xxl"),
          "opt-2.7b": (opt, "Salesforce/blip2-opt-2.7b"), "opt-6.7b": (opt, "Salesforce/blip2-opt-6.7b")}
 PROMPT_TOKENS = 4  # "a photo of" + T5's end token, or OPT's BOS + "a photo of"
+# Generation as timed here: beam 5, always 20 new tokens (the end token is held off until then), so that every run
+# writes the same number of tokens whatever the random weights prefer.
+GENERATION = {"num_beams": 5, "max_new_tokens": 20, "min_new_tokens": 20}
 EPOCH_CAPTIONS = 30_000  # Flickr8k's train split: 6,000 images x 5 captions
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, vendors' datasheets
 
@@ -209,7 +213,7 @@ def provenance():
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def measure(model, batch_images, device, dtype, repeats, grouped_loss):
+def measure(model, batch_images, device, dtype, repeats, grouped_loss, compiled=False):
     """One batch size: every mode's speed, memory, FLOPs and operation count, and beam-search generation."""
     cuda = device.startswith("cuda")
     batch, prompt = make_batch(model.config, batch_images, device)
@@ -252,15 +256,37 @@ def measure(model, batch_images, device, dtype, repeats, grouped_loss):
     if "error" not in run["grouped_cached"]:
         run["epoch_seconds_projected"] = round(EPOCH_CAPTIONS / run["grouped_cached"]["captions_per_s"], 1)
     model.eval()
-
-    def generate():
-        with torch.no_grad(), autocast:
-            generate_captions(model, None, prompt, cached.to(device), num_beams=5, max_new_tokens=20,
-                              min_new_tokens=20)
-    seconds = timed(generate, device, warmup=1, repeats=max(2, repeats // 3))
-    run["generation"] = {"images_per_s": round(batch_images / seconds, 1), "num_beams": 5, "new_tokens": 20,
-                         "vision": "cached"}
+    run["generation"] = measure_generation(model, batch, prompt, device, dtype, max(2, repeats // 3), compiled)
     return run
+
+
+def measure_generation(model, batch, prompt, device, dtype, repeats, compiled):
+    """Beam-5 captions of the batch's images from their pixels, both ways, side by side: the project's path
+    (model.generate_captions: the ViT, then generation.py's search with the image side once per image; its decode
+    step compiled with --compile) and model.generate(pixel_values=..., input_ids=...) as a transformers user writes
+    it. Speed, FLOPs per image, aten operations per new token, and whether the captions are the same."""
+    autocast, lm, images = autocast_context(device, dtype), family(model.config), batch["pixel_values"].shape[0]
+
+    def ours():
+        with torch.no_grad(), autocast:
+            embeds = vision_embeds(model, batch["pixel_values"])
+            return generate_captions(model, None, prompt, embeds, compile=compiled, **GENERATION)
+
+    def theirs():
+        with torch.no_grad(), autocast:
+            output = model.generate(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                                    attention_mask=batch["attention_mask"], **GENERATION)
+        return lm.new_tokens(output, batch["input_ids"])
+    eos = model.config.text_config.eos_token_id
+    same = [a == b for a, b in zip(caption_tokens(ours(), eos), caption_tokens(theirs(), eos))]
+    result = {"captions_compared": len(same), "captions_identical": sum(same)}
+    for prefix, generate in (("", ours), ("transformers_", theirs)):
+        seconds = timed(generate, device, warmup=1, repeats=repeats)
+        result[f"{prefix}images_per_s"] = round(images / seconds, 2)
+        result[f"{prefix}gflops_per_image"] = round(count_flops(generate) / images / 1e9, 3)
+        result[f"{prefix}ops_per_new_token"] = round(count_ops(generate) / GENERATION["max_new_tokens"])
+    result["speedup"] = round(result["images_per_s"] / result["transformers_images_per_s"], 2)
+    return {**result, **GENERATION, "compiled": compiled, "vision": "computed from the pixels, both ways"}
 
 
 def batch_list(text):
@@ -290,7 +316,12 @@ def print_run(run):
         if f"speedup_{mode}" in run:
             print(f"speedup {mode} vs per_pair: {run[f'speedup_{mode}']}x measured, "
                   f"{run[f'predicted_speedup_{mode}']}x predicted by FLOPs")
-    print(f"generation (beam 5, 20 new tokens, cached vision): {run['generation']['images_per_s']} images/s")
+    g = run["generation"]
+    print(f"generation (beam 5, 20 new tokens, from pixels): {g['images_per_s']} images/s, transformers' generate() "
+          f"{g['transformers_images_per_s']} ({g['speedup']}x); {g['gflops_per_image']} vs "
+          f"{g['transformers_gflops_per_image']} GFLOP/image, {g['ops_per_new_token']:,} vs "
+          f"{g['transformers_ops_per_new_token']:,} operations per new token; captions identical: "
+          f"{g['captions_identical']} of {g['captions_compared']}")
     if "epoch_seconds_projected" in run:
         print(f"one Flickr8k epoch ({EPOCH_CAPTIONS:,} captions), grouped_cached: {run['epoch_seconds_projected']} s")
 
@@ -398,8 +429,9 @@ def parse_arguments(argv):
     parser.add_argument("--batch-images", type=batch_list, default=None,
                         help="images per step, one size or several: 16,32,64 (default: 16 on CUDA, 4 on CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per mode (median reported)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the grouped loss (as train.py on "
-                        "CUDA); compiling is in grouped's first_step_s, not in the timings")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the grouped loss and generation's "
+                        "decode step (as train.py on CUDA); compiling is in grouped's first_step_s, not in the "
+                        "timings")
     parser.add_argument("--compile-mode", default="default", choices=("default", "reduce-overhead", "max-autotune"),
                         help="torch.compile mode; reduce-overhead adds CUDA graphs")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (aot_eager: a quick "
@@ -451,7 +483,8 @@ def main(argv=None):
               + f"; commit {report['commit']}, torch {report['torch']}, transformers {report['transformers']}")
     report["runs"] = []
     for batch_images in args.batch_images or [16 if cuda else 4]:
-        report["runs"].append(measure(model, batch_images, device, dtype, repeats, grouped_loss))
+        compiled = args.compile_backend if args.compile else False  # generation's decode step as the loss
+        report["runs"].append(measure(model, batch_images, device, dtype, repeats, grouped_loss, compiled))
         if not args.json:
             print_run(report["runs"][-1])
     if args.json:

@@ -21,8 +21,8 @@ import sys
 
 from blip2lora.blip2 import autocast_context, autocast_dtype
 from blip2lora.captioning import (CAPTION_SETTINGS_FILE, GENERATION_DEFAULTS, add_generation_arguments,
-                                  base_model_reference, caption_stream, load_for_captioning, read_caption_settings,
-                                  resolve_generation, resolve_model)
+                                  base_model_reference, caption_stream, generation_of, load_for_captioning,
+                                  read_caption_settings, resolve_generation, resolve_model)
 from blip2lora.files import (UserError, inside, make_temp_dir, one_line_errors, printable, read_json,
                              user_permissions_tree, write_json, writer_errors_as_os_errors)
 from blip2lora.images import IMAGE_SUFFIXES
@@ -79,8 +79,7 @@ def run(args):
     items = [ImageCaptions(path, path, []) for path in paths]  # the name is the path as given
     for item, text in caption_stream(model, processor, items, prompt, args.device,
                                      autocast_context(args.device, autocast_dtype(args.device)),
-                                     batch_size=args.batch_size, on_unreadable=unreadable, num_beams=args.num_beams,
-                                     max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens):
+                                     batch_size=args.batch_size, on_unreadable=unreadable, **generation_of(args)):
         line = json.dumps({"path": item.name, "caption": text}) if args.json else f"{printable(item.name)}\t{text}"
         print(line, flush=True)
     return 1 if errors else 0
@@ -140,8 +139,7 @@ def export_merged(model, processor, args, adapter, model_name):
     family(model.config).prepare_export(model)  # T5: a prompt-less generate() starts as --prompt "" does
     text = model.config.text_config  # what the language model's own generation config starts from when loaded
     text.max_new_tokens, text.min_new_tokens = generation["max_new_tokens"], generation["min_new_tokens"]
-    model.generation_config.update(num_beams=generation["num_beams"], max_new_tokens=generation["max_new_tokens"],
-                                   min_new_tokens=generation["min_new_tokens"])
+    model.generation_config.update(**{k: v for k, v in generation.items() if k != "prompt"})
     tmp = make_temp_dir(args.export_merged)
     try:
         with writer_errors_as_os_errors(args.export_merged):  # safetensors says a full disk in its own exception

@@ -20,15 +20,16 @@ What a run does, top to bottom:
   ranks), so long and short captions weigh the same however the batch is split.
 - Linear warmup then cosine decay; gradient clipping; bf16 autocast on GPUs that have it, fp16 + GradScaler on those
   that do not, float32 on the CPU; on CUDA the loss is compiled (torch_compile). A non-finite loss stops the run.
-- Every eval_interval steps and at the last step: CIDEr on the val split; the best adapter goes to out_dir/adapter
-  (with a val split too small to choose by, the last one), with the prompt and generation settings and what it was
-  trained on (caption.py and evaluate.py use them).
+- Every eval_interval steps and at the last step: CIDEr on the val split, its captions written by generation.py's
+  beam search (the image side once per image); the best adapter goes to out_dir/adapter (with a val split too small
+  to choose by, the last one), with the prompt and generation settings and what it was trained on (caption.py and
+  evaluate.py use them).
 - Every checkpoint_interval steps, and on SIGTERM: out_dir/checkpoint. Running the same command again resumes from it
   and ends with the adapter an uninterrupted run gives; with a larger max_steps or epochs, a finished run trains on.
 - Every log_interval steps: a line with the step of how many and the time left, and an entry in out_dir/log.jsonl
   (and TensorBoard's files with tensorboard=True).
-- At the end: zero-shot base and adapter scored on the test split -> out_dir/results.json, out_dir/report.html (with
-  the training curves) and the adapter's model card (out_dir/adapter/README.md, model_card.py).
+- At the end: zero-shot base and adapter scored on the test split -> out_dir/results.json (with where the run's time
+  went), out_dir/report.html (with the training curves) and the adapter's model card (out_dir/adapter/README.md).
 
 Settings: the block below; `python train.py --help` lists them. Config files (Python assignments of literals, e.g.
 config/demo.py) and --key=value or --key value override them (settings.py); a mistake is one line.
@@ -48,12 +49,13 @@ from blip2lora import checkpoint, settings
 from blip2lora.adapter_files import load_adapter, save_adapter
 from blip2lora.blip2 import autocast_context, autocast_dtype, train_mode, vision_embeds
 from blip2lora.captioning import (GENERATION_DEFAULTS, base_model_reference, caption_items, captions_without_adapter,
-                                  save_caption_settings)
-from blip2lora.checkpoint import StopRequest, Terminated, check_resume, restore_run
+                                  generation_of, save_caption_settings)
+from blip2lora.checkpoint import StopRequest, Terminated, check_resume, restore_run, stop_on_a_non_finite_loss
 from blip2lora.curves import curves_html
 from blip2lora.files import UserError, printable, read_json, write_json
 from blip2lora.model import DEFAULT_MODEL, caption_tokenizer, family, load_blip2, prepare_for_training, weights_dtype
-from blip2lora.run_log import RunState, Speedometer, why_not_better, write_model_card
+from blip2lora.progress import duration
+from blip2lora.run_log import RunState, Speedometer, time_spent, why_not_better, write_model_card
 from blip2lora.scoring import SCALE, print_table, require_java, score_captions, score_split, write_html
 from blip2lora.vision_cache import prepare_vision_cache
 from data import CaptionCollator, ImageCaptionDataset, caption_notes, image_loader, prompt_ids, read_captions
@@ -105,6 +107,10 @@ final_eval = True                      # score zero-shot and fine-tuned on the t
 num_beams = GENERATION_DEFAULTS["num_beams"]            # beam search in evaluations (saved with the adapter)
 max_new_tokens = GENERATION_DEFAULTS["max_new_tokens"]  # longest generated caption in tokens (saved, as above)
 min_new_tokens = GENERATION_DEFAULTS["min_new_tokens"]  # shortest generated caption in tokens (saved, as above)
+repetition_penalty = GENERATION_DEFAULTS["repetition_penalty"]  # > 1: tokens already written are less likely (saved)
+no_repeat_ngram_size = GENERATION_DEFAULTS["no_repeat_ngram_size"]  # > 0: no n-gram of this size twice (saved)
+generation = "own"                     # own: generation.py's beam search, the image side once per image, the same
+                                       # captions as transformers' generate() (generation = "transformers")
 checkpoint_interval = 200              # steps between checkpoints
 log_interval = 10                      # steps between log lines (also written to log.jsonl)
 tensorboard = False                    # also write the curves as TensorBoard event files in out_dir/tensorboard/
@@ -152,14 +158,16 @@ def train(cfg, stop):
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError("tensorboard=True needs the tensorboard package: pip install tensorboard (or leave it False; "
                         "the curves are in out_dir/report.html either way)")
-    p = start_processes(cfg)
+    started, p = time.time(), start_processes(cfg)
     torch.manual_seed(cfg.seed)
     resume = check_resume(cfg, p)  # checkpoint.py: lock out_dir, read its checkpoint, refuse changed settings
     if resume is None:
         return  # finished before: its results were printed
     resume_from, state = resume
     t = load_data_and_model(cfg, p)
+    t.seconds["started"], since = started, time.time()
     t.cache = prepare_vision_cache(cfg, p, t, lambda items: image_loader(items, t.processor, cfg.num_workers))
+    t.seconds["vision_cache"] = time.time() - since
     prepare_training(cfg, p, t)
     run = RunState(cfg, p, t.steps_per_epoch)  # run_log.py: the step, the val record, log.jsonl
     if resume_from:
@@ -380,6 +388,7 @@ class Training:
     scaler: object = None
     evaluating: bool = False       # val CIDEr during training
     choose_by_val: bool = False    # keep the best adapter by val CIDEr (else the last)
+    seconds: dict = field(default_factory=dict)  # where this run's time goes (run_log.time_spent)
 
 
 # ------------------------------------------------------------------------------------------- the run, in stages
@@ -505,27 +514,13 @@ def keep_adapter(cfg, p, t, step):
     write_model_card(cfg, p, t, step)
 
 
-def stop_on_a_non_finite_loss(cfg, p, loss, step):
-    if math.isfinite(loss):
-        return
-    kept = checkpoint.find(os.path.join(cfg.out_dir, "checkpoint"))
-    kept_step = checkpoint.read_state(kept)["step"] if kept else None
-    raise UserError(f"the loss became {loss} at step {step}. "
-                    + ("float16 overflowed: use dtype=bfloat16 (on a GPU that has it) or float32. "
-                       if p.dtype == torch.float16 else f"Lower learning_rate (now {cfg.learning_rate:g}) or check the "
-                       "data. ")
-                    + (f"The last good checkpoint ({kept}, step {kept_step}) is kept; fix the setting and run again to "
-                       "resume from it." if kept else "No checkpoint was written yet."))
-
-
 def evaluate_val(cfg, p, t, run):
     """CIDEr (x100) on the val images; rank 0 only, the others wait. Keeps the best adapter in out_dir/adapter."""
     if p.master:
         t.model.eval()
         predictions = caption_items(t.model, t.processor, t.val_items, t.prompt_ids, p.device, p.autocast, t.cache,
                                     progress=f"step {run.step}: val captions", progress_log=p.log,
-                                    batch_size=cfg.eval_batch, num_beams=cfg.num_beams,
-                                    max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens)
+                                    batch_size=cfg.eval_batch, compile=p.compiling, **generation_of(cfg))
         cider = score_captions(predictions, {i.name: i.captions for i in t.val_items}, metrics=("CIDEr",))["CIDEr"]
         run.history.append({"step": run.step, "val_CIDEr": cider})
         run.record({"step": run.step, "val_CIDEr": cider})
@@ -545,22 +540,22 @@ def final_evaluation(cfg, p, t, run):
     if not t.test_items:
         p.log("no test images: no final evaluation")
         return
-    adapter = os.path.join(cfg.out_dir, "adapter")
+    adapter, since = os.path.join(cfg.out_dir, "adapter"), time.time()
     t.model.eval()
     load_adapter(t.model, adapter)  # the best one by val CIDEr, or the final one
     kept_step = read_json(os.path.join(adapter, "caption_settings.json")).get("trained_on", {}).get("step", "?")
-    generation = dict(batch_size=cfg.eval_batch, num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
-                      min_new_tokens=cfg.min_new_tokens, progress_log=p.log)
+    generation = dict(batch_size=cfg.eval_batch, compile=p.compiling, progress_log=p.log, **generation_of(cfg))
     args = (t.model, t.processor, t.test_items, t.prompt_ids, p.device, p.autocast, t.cache)
     fine_tuned = caption_items(*args, **generation, progress="test captions, fine-tuned")
     zero_shot = captions_without_adapter(*args, **generation, progress="test captions, zero-shot")
     columns, rows = score_split(t.test_items, fine_tuned, "fine-tuned", zero_shot)
     run.record_test_scores(columns)
     write_model_card(cfg, p, t, kept_step, scores=columns, test_images=len(fine_tuned))
+    t.seconds["test_evaluation"] = time.time() - since
     results_path, report_path = os.path.join(cfg.out_dir, "results.json"), os.path.join(cfg.out_dir, "report.html")
     write_json(results_path, {"scale": SCALE, "split": "test", "images": len(fine_tuned), "adapter": adapter,
                               "step": kept_step, "zero_shot": columns["zero-shot"],
-                              "fine_tuned": columns["fine-tuned"]})
+                              "fine_tuned": columns["fine-tuned"], "seconds": time_spent(t.seconds)})
     write_html(report_path, f"BLIP-2 captions, {cfg.data_dir} test split", columns, rows,
                about=[f"adapter: {adapter} (step {kept_step} of {run.step})", f"collection: {cfg.data_dir} "
                       f"({t.data.layout}), test split, {len(fine_tuned)} images", f"base model: {cfg.model}"],
@@ -571,6 +566,7 @@ def final_evaluation(cfg, p, t, run):
     print_table({"zero-shot": columns["zero-shot"], "fine-tuned": columns["fine-tuned"]})
     if columns["fine-tuned"]["CIDEr"] <= columns["zero-shot"]["CIDEr"]:
         p.log(why_not_better(cfg, t, run.step, fine_tuned == zero_shot))
+    p.log("time: " + ", ".join(f"{k.replace('_', ' ')} {duration(v)}" for k, v in time_spent(t.seconds).items()))
     p.log(f"adapter: {adapter}   scores: {results_path}   report: {report_path}")
 
 

@@ -7,8 +7,10 @@
 #    committed) on 2,000 generated images with 5 captions each: the vision cache's build, 60 steps at the default
 #    batch (eager: compiling is timed by step 3), one val evaluation of 100 images; its log has captions/s and peak
 #    memory (train.py's default levers: the ViT leaves the GPU once the cache is built).
-# 2. bench.py eager at batch 16 and 32: captions/s, MFU, peak memory, per-pair vs grouped vs grouped + cached.
-# 3. bench.py compiled at batch 16 and 32 (the compile time is each mode's first_step_s).
+# 2. bench.py eager at batch 16 and 32: captions/s, MFU, peak memory, per-pair vs grouped vs grouped + cached; and
+#    beam-5 generation both ways (generation.py's and transformers' generate(), images/s, identical captions).
+# 3. bench.py compiled at batch 16 and 32 (the compile time is each mode's first_step_s; generation.py's decode step
+#    compiled too, beside transformers' generate()).
 # 4. bench.py eager at batch 16 for blip2-opt-2.7b's architecture: per-pair vs grouped (the prefix once per image) vs
 #    grouped + cached, beside the FLOPs the CPU counted (bench_results/memory_full_opt-2.7b.json).
 # Then compare: the measured peaks beside bench_results/memory_full_flan-t5-xl.json (bench.py --memory, predicted on the CPU).

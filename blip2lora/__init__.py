@@ -6,6 +6,7 @@ demo.py) and lora.py. Nothing here imports a script; each module's first line sa
     t5.py, opt.py               the language-model families: the same functions, one file each (model.FAMILIES)
     vision_cache.py             the frozen ViT's outputs, computed once
     captioning.py               captioning images with a base and an adapter
+    generation.py               beam search as transformers' generate(), the image side once per image
     adapter_files.py            adapters in the layout peft reads
     checkpoint.py, run_log.py   train.py's out_dir: checkpoints and resuming; the log, curves and model card
     layouts.py, images.py       the collection layouts data.py reads; reading one image

@@ -24,9 +24,16 @@ from blip2lora.progress import print_to_stderr, progress as progress_of
 from lora import lora_layers
 
 DEFAULT_ADAPTER = "out/adapter"
-GENERATION_DEFAULTS = {"prompt": "a photo of", "num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8}
+# The prompt and the generation settings an adapter carries (caption_settings.json). repetition_penalty and
+# no_repeat_ngram_size are transformers' repetition controls, off by default (1.0 and 0).
+GENERATION_DEFAULTS = {"prompt": "a photo of", "num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8,
+                       "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 # Bounds on what is read back from a settings file (or given): beyond them generation takes hours or all memory.
-GENERATION_LIMITS = {"num_beams": (1, 32), "max_new_tokens": (1, 512), "min_new_tokens": (0, 512)}
+GENERATION_LIMITS = {"num_beams": (1, 32), "max_new_tokens": (1, 512), "min_new_tokens": (0, 512),
+                     "repetition_penalty": (1.0, 10.0), "no_repeat_ngram_size": (0, 16)}
+# Which beam search writes the captions: this project's (generation.py: the image side once per image, the same
+# captions) or transformers' generate() (for comparison, and for what the project's does not do)
+GENERATION_PATHS = ("own", "transformers")
 MAX_PROMPT_CHARACTERS = 1000
 CAPTION_SETTINGS_FILE = "caption_settings.json"
 # What caption_settings.json's trained_on holds, and the type each value must have when read back
@@ -41,11 +48,18 @@ def check_generation(settings, where):
         raise UserError(f"{where}: prompt must be text of at most {MAX_PROMPT_CHARACTERS} characters")
     for key, (low, high) in GENERATION_LIMITS.items():
         value = settings.get(key, low)
-        if type(value) is not int or not low <= value <= high:
-            raise UserError(f"{where}: {key}={value!r} must be a whole number from {low} to {high}")
+        kind = (int, float) if isinstance(low, float) else (int,)
+        if type(value) not in kind or not low <= value <= high:
+            what = "a number" if isinstance(low, float) else "a whole number"
+            raise UserError(f"{where}: {key}={value!r} must be {what} from {low} to {high}")
     if settings.get("min_new_tokens", 0) > settings.get("max_new_tokens", 512):
         raise UserError(f"{where}: min_new_tokens={settings['min_new_tokens']} is more than "
                         f"max_new_tokens={settings['max_new_tokens']}")
+
+
+def generation_of(settings):
+    """generate_captions' keyword arguments from train.py's settings or caption.py's and evaluate.py's options."""
+    return {key: getattr(settings, key) for key in (*GENERATION_LIMITS, "generation")}
 
 
 def base_model_reference(name):
@@ -57,7 +71,7 @@ def base_model_reference(name):
 def save_caption_settings(adapter_dir, settings, trained_on):
     """Write the prompt, the generation settings and what the adapter was trained on beside it (atomically)."""
     write_json(os.path.join(adapter_dir, CAPTION_SETTINGS_FILE),
-               {**{k: settings[k] for k in GENERATION_DEFAULTS}, "trained_on": trained_on})
+               {**{k: settings.get(k, v) for k, v in GENERATION_DEFAULTS.items()}, "trained_on": trained_on})
 
 
 def read_caption_settings(adapter_dir):
@@ -109,9 +123,9 @@ def resolve_model(adapter, model, log):
 
 
 def load_for_captioning(model_name, adapter, device, base_bits=16, log=print):
-    """The base model with the adapter loaded, in eval mode, prepared as train.py prepares it (model.load_prepared):
-    its matmuls in bf16 on GPUs that have it, float16 on those that do not (T5's `wo` then in float32), float32 on
-    the CPU."""
+    """The base model with the adapter loaded, in eval mode, prepared for its dtype as train.py prepares it
+    (model.load_prepared): its matmuls in bf16 on GPUs that have it, float16 on those that do not (T5's `wo` then in
+    float32), float32 on the CPU."""
     model, processor = load_prepared(model_name, device, autocast_dtype(device), base_bits=base_bits, log=log)
     if adapter is not None:
         load_adapter(model, adapter)
@@ -177,18 +191,22 @@ def add_generation_arguments(parser, batch_size):
     """The options caption.py and evaluate.py share: the prompt, beam search, batch size, device and base precision.
     The prompt and generation options left out come from the adapter's caption_settings.json, else the defaults."""
     def within(low, high):
+        kind = type(low)
+
         def parse(text):
-            value = int(text)  # not a number: argparse says so
+            value = kind(text)  # not a number: argparse says so
             if not low <= value <= high:
                 raise argparse.ArgumentTypeError(f"must be from {low} to {high}, got {value}")
             return value
-        parse.__name__ = "int"  # how argparse names the type in its messages
+        parse.__name__ = kind.__name__  # how argparse names the type in its messages
         return parse
     given = "default: the adapter's training setting, else %s"
     parser.add_argument("--prompt", help=given % repr(GENERATION_DEFAULTS["prompt"]))
     for key, (low, high) in GENERATION_LIMITS.items():
         parser.add_argument("--" + key.replace("_", "-"), "--" + key, type=within(low, high),  # train.py's spelling
                             help=given % GENERATION_DEFAULTS[key])
+    parser.add_argument("--generation", choices=GENERATION_PATHS, default="own", help="own: this project's beam "
+                        "search (the image side once per image); transformers: generate(), the same captions")
     parser.add_argument("--batch-size", "--batch_size", type=within(1, 4096), default=batch_size)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--base-bits", "--base_bits", type=int, choices=(16, 8, 4), default=16,

@@ -402,3 +402,18 @@ def restore_run(cfg, p, t, run, resume_from, state):
                               "afresh")
     run.step, run.best_cider, run.history = state["step"], state["best_cider"], state["history"]
     p.log(f"resuming from {resume_from} at step {run.step}")
+
+
+def stop_on_a_non_finite_loss(cfg, p, loss, step):
+    """train.py's check of every step's loss, before the weights change: a non-finite one stops the run in one line
+    saying the likely cause and which checkpoint is kept."""
+    if math.isfinite(loss):
+        return
+    kept = find(os.path.join(cfg.out_dir, "checkpoint"))
+    kept_step = read_state(kept)["step"] if kept else None
+    raise CheckpointError(f"the loss became {loss} at step {step}. "
+                          + ("float16 overflowed: use dtype=bfloat16 (on a GPU that has it) or float32. "
+                             if p.dtype == torch.float16 else f"Lower learning_rate (now {cfg.learning_rate:g}) or "
+                             "check the data. ")
+                          + (f"The last good checkpoint ({kept}, step {kept_step}) is kept; fix the setting and run "
+                             "again to resume from it." if kept else "No checkpoint was written yet."))

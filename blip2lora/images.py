@@ -27,11 +27,15 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from blip2lora.files import printable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# The formats an image is opened as, whatever its name: Pillow otherwise tells a format by the file's first bytes, and
+# would hand a PostScript file named x.png to Ghostscript. (The MPO many phone cameras write opens as JPEG.)
+READ_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
+Image.init()  # Pillow registers most formats only when first asked; READ_FORMATS must name registered ones
 # Decoding time and memory grow with the pixel count: 100M pixels (10,000 x 10,000) decode in about a second here.
 # A JPEG is decoded at 1/2, 1/4 or 1/8 scale first when it is that much larger than MAX_SIDE, so a 200 MP phone
 # photo is read; a PNG claiming 24,000 x 24,000 is refused before any decoding.
@@ -104,14 +108,15 @@ def _open_regular_file(path):
 
 
 def load_image(source):
-    """Any image Pillow reads, as an RGB PIL image the way a viewer shows it; UnreadableImage if it is not one."""
+    """A JPEG, PNG, BMP, GIF, WebP or TIFF image (READ_FORMATS, told by its bytes), as an RGB PIL image the way a
+    viewer shows it; UnreadableImage if it is not one."""
     try:
         stream = io.BytesIO(source.read()) if isinstance(source, DatasetImage) else _open_regular_file(source)
         with stream, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's own size warning: our limit below replaces it
             pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
             try:
-                image = Image.open(stream)
+                image = Image.open(stream, formats=READ_FORMATS)
             finally:
                 Image.MAX_IMAGE_PIXELS = pillow_limit
             with image:
@@ -124,6 +129,8 @@ def load_image(source):
                 return _as_rgb(ImageOps.exif_transpose(image))
     except UnreadableImage:
         raise
+    except UnidentifiedImageError:
+        raise UnreadableImage(f"{source}: not a readable image (not a JPEG, PNG, BMP, GIF, WebP or TIFF)") from None
     except (OSError, ValueError, SyntaxError, EOFError, MemoryError, Image.DecompressionBombError) as e:
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnreadableImage(f"{source}: not a readable image ({text})") from None

@@ -264,14 +264,21 @@ def count_flops(take_step, batch, kind):
 
 
 def count_generation(model, images, beams, new_tokens, dtype, counter):
-    """The peak of beam search at its last step, as the family lays it out (t5.last_beam_step, opt.last_beam_step):
-    for `images` images with a prompt of 4 tokens after the image tokens."""
+    """The peak of generation.py's beam search at its last step, for `images` images with a prompt of 4 tokens
+    after the image tokens: the family's start (the image side once per image, the decoder's own keys and values
+    allocated for every new token), the beams reordered (each layer's cache copied by index), and the last decode
+    step with its scores over the vocabulary. (Generation cannot run on fake tensors as a whole: it stops on their
+    values.)"""
     counter.reset_peak()
     model.eval()
-    config = model.config
+    config, lm = model.config, family(model.config)
     ids = torch.full((images, config.num_query_tokens + 4), 1, dtype=torch.long)  # image tokens and a short prompt
     ids[:, :config.num_query_tokens] = config.image_token_id
     with torch.no_grad():
-        family(config).last_beam_step(model, ids, torch.empty(images, *vision_tokens(config), dtype=dtype), beams,
-                                      new_tokens)
+        embeds = torch.empty(images, *vision_tokens(config), dtype=dtype)
+        state, logits = lm.start_generation(model, ids, embeds, beams, new_tokens)
+        state.reorder(torch.arange(images * beams))
+        del logits
+        logits = lm.decode_step(model, state, torch.ones(images * beams, dtype=torch.long), new_tokens - 1)
+        torch.log_softmax(logits.float(), -1)
     return counter.peak

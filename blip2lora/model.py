@@ -5,7 +5,7 @@ BLIP-2 as train.py, evaluate.py, caption.py and bench.py use it, whichever langu
 or a 4/8-bit language model through bitsandbytes) with a clear line for each problem, the family that knows the
 language model (t5.py for Flan-T5, opt.py for OPT), the loss, the memory levers and caption generation.
 
-    lm = family(model.config)                  # t5 or opt, from config.use_decoder_only_language_model
+    lm = family(model.config)                  # t5 or opt: FAMILIES[config.text_config.model_type]
     loss_sum, tokens = grouped_caption_loss(model, batch, image_embeds)     # = lm.grouped_caption_loss(...)
 
 The shared parts (vision, Q-Former, image tokens) are in blip2.py, the frozen-vision cache in vision_cache.py.
@@ -19,6 +19,7 @@ import torch
 from blip2lora import opt, t5
 from blip2lora.blip2 import QFORMER_TARGETS, cast_frozen_qformer, embed_prompt, image_features, train_mode
 from blip2lora.files import UserError, first_line
+from blip2lora.generation import generate_ids
 from lora import inject_lora
 
 DEFAULT_MODEL = "Salesforce/blip2-flan-t5-xl"
@@ -39,7 +40,9 @@ FAMILY_CONTRACT = (
     "prepare",                    # (model, compute_dtype) -> a note for the user; done once after loading
     "use_gradient_checkpointing",  # (model): the language model's layers recompute their activations
     "as_released",                # (model): a model built from a config holds its weights as the checkpoint does
-    "last_beam_step",             # (model, input_ids, image_embeds, beams, new_tokens): beam search's peak (memory.py)
+    "start_generation",           # (model, input_ids, image_embeds, beams, max_new_tokens) -> (state, first logits)
+    "decode_step",                # (model, state, tokens, n) -> the next token's logits, one new token per row
+    "new_tokens",                 # (output, input_ids) -> the new tokens of a BLIP-2 model.generate() output
     "prepare_export",             # (model): what a merged export's own generate() needs
 )
 # BLIP-2's parts a 4/8-bit base keeps 16-bit: bitsandbytes would otherwise also quantize the ViT and the projection
@@ -111,20 +114,25 @@ def prepare_for_training(model, compute_dtype, settings, gradient_checkpointing=
 
 
 @torch.no_grad()
-def generate_captions(model, tokenizer, prompt_ids, image_embeds, num_beams=5, max_new_tokens=30, min_new_tokens=8):
-    """Beam-search captions for (B, V, Dv) image embeddings; the same computation as model.generate(**processor(
-    images, text=prompt)), split so that cached vision outputs can be used. Generating from embeddings alone,
-    transformers returns only the new tokens for both families; they end at the family's end token (T5 </s>, OPT
-    "\n"), which decoding drops."""
-    input_ids = torch.tensor(prompt_ids, device=image_embeds.device).expand(image_embeds.shape[0], -1)
-    embeds = embed_prompt(model, input_ids, image_features(model, image_embeds))        # (B, L, D)
-    text = model.config.text_config
-    output = model.language_model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids),
-                                           num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                           min_new_tokens=min_new_tokens, eos_token_id=text.eos_token_id,
-                                           pad_token_id=text.pad_token_id)
+def generate_captions(model, tokenizer, prompt_ids, image_embeds, num_beams=5, max_new_tokens=30, min_new_tokens=8,
+                      repetition_penalty=1.0, no_repeat_ngram_size=0, generation="own", compile=False):
+    """Beam-search captions for (B, V, Dv) image embeddings, as model.generate(**processor(images, text=prompt))
+    writes them. generation "own": generation.py's search, the image side once per image (compile: its decode step
+    compiled); "transformers": the language model's generate() on the same inputs. Both give the new tokens, ending
+    at the family's end token (T5 </s>, OPT "\n"), which decoding drops; tokenizer None: the ids (B, T)."""
+    settings = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                    repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
+    if generation == "own":
+        output = generate_ids(model, family(model.config), prompt_ids, image_embeds, compile=compile, **settings)
+    else:
+        input_ids = torch.tensor(prompt_ids, device=image_embeds.device).expand(image_embeds.shape[0], -1)
+        embeds = embed_prompt(model, input_ids, image_features(model, image_embeds))    # (B, L, D)
+        text = model.config.text_config
+        output = model.language_model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids),
+                                               eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id,
+                                               **settings)
     if tokenizer is None:
-        return output  # token ids (B, T): bench.py times generation without decoding
+        return output
     return [c.strip() for c in tokenizer.batch_decode(output, skip_special_tokens=True)]
 
 

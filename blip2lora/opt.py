@@ -2,8 +2,8 @@ r"""
 blip2lora/opt.py: the OPT family: everything OPT-specific.
 
 BLIP-2 with OPT (Salesforce/blip2-opt-2.7b, blip2-opt-6.7b and their -coco versions): every OPT-specific name of
-this project is in this file. model.py picks it for a model whose config says use_decoder_only_language_model=True;
-t5.py is the other family, with the same functions.
+this project is in this file. model.py picks it for a model whose text_config.model_type is "opt"; t5.py is the
+other family, with the same public functions (model.FAMILY_CONTRACT).
 
 OPT is decoder-only: the image features, the prompt and the caption are one sequence, and each position predicts
 the next token. As LAVIS trains it, a caption starts with a space and ends with "\n", OPT-BLIP-2's end token:
@@ -15,9 +15,9 @@ Checked against transformers 5.24; where its behaviour matters here, a comment s
 """
 import torch
 from transformers import OPTConfig
-from transformers.cache_utils import DynamicCache
 
 from blip2lora.blip2 import caption_loss_sum, checkpointed, embed_prompt, image_features
+from blip2lora.generation import DecodeState
 
 # LoRA on the attention of every decoder layer: language_model.model.decoder.layers.N.self_attn.q_proj, ...
 LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
@@ -157,22 +157,90 @@ def as_released(model):
     """A model built from a config holds its weights as the released checkpoints do: lm_head tied to the embeddings."""
 
 
-def last_beam_step(model, input_ids, image_embeds, beams, new_tokens):
-    """What beam search holds at its last step, for memory.py (generation cannot run on fake tensors: it stops on
-    their values): the prefix embeddings repeated for each beam, every layer's self-attention cache over the prefix and
-    the new tokens, and the scores over the vocabulary."""
-    text = model.language_model
-    prefix = embed_prompt(model, input_ids, image_features(model, image_embeds)).repeat_interleave(beams, dim=0)
-    rows, length, dtype = prefix.shape[0], input_ids.shape[1] + new_tokens - 1, image_embeds.dtype
-    heads = text.config.num_attention_heads
-    cache = DynamicCache()
-    for i in range(text.config.num_hidden_layers):
-        cache.update(torch.empty(rows, heads, length, text.config.hidden_size // heads, dtype=dtype),
-                     torch.empty(rows, heads, length, text.config.hidden_size // heads, dtype=dtype), i)
-    logits = text(inputs_embeds=prefix[:, -1:], cache=cache,
-                  attention_mask=torch.ones(rows, length + 1, dtype=torch.long)).logits  # (rows, 1, vocab)
-    return torch.log_softmax(logits[:, -1].float(), dim=-1)
-
-
 def prepare_export(model):
     """Nothing to change: a merged model's generate() without a prompt starts with OPT's BOS, as it should."""
+
+
+# ------------------------------------------------------------------------------------------------- generation
+
+def start_generation(model, input_ids, image_embeds, beams, max_new_tokens):
+    """generation.py's start, for B images with `beams` rows each: the prefix (image features and prompt, (B, L, D))
+    once per image, keeping every layer's keys and values (B, H, L, d), which all of an image's beams read; the new
+    tokens' own keys and values allocated for max_new_tokens - 1 positions (R, H, T, d). Returns (state, the first
+    new token's logits, predicted at the prefix's last position, for each row (R, vocab))."""
+    decoder = model.language_model.model.decoder
+    prefix = embed_prompt(model, input_ids, image_features(model, image_embeds))       # (B, L, D)
+    images, length = prefix.shape[:2]
+    recorded = _RecordedKeysValues()
+    causal = torch.ones(length, length, dtype=torch.bool, device=prefix.device).tril()
+    hidden = _decoder_layers(decoder, prefix, kept_from=0, attends=causal, cache=recorded)  # (B, L, D)
+    state = DecodeState(beams, extra={"prefix_length": length})
+    for i in range(len(decoder.layers)):
+        keys, values = recorded.layers[i]                                               # (B, H, L, d)
+        state.image_keys.append(keys)
+        state.image_values.append(values)
+        state.keys.append(keys.new_zeros(images * beams, keys.shape[1], max(1, max_new_tokens - 1), keys.shape[3]))
+        state.values.append(torch.zeros_like(state.keys[-1]))
+    state.prompt_ids = torch.zeros(images * beams, 0, dtype=torch.long, device=prefix.device)
+    logits = model.language_model.lm_head(hidden[:, -1])                                # (B, vocab)
+    return state, logits.repeat_interleave(beams, dim=0)
+
+
+def decode_step(model, state, tokens, n):
+    """The decoder on the n-th new token of each row, tokens (R,), at position L + n - 1 after the prefix: each layer
+    attends to the row's image prefix and its own cache (written at n - 1). Returns the next token's logits
+    (R, vocab)."""
+    decoder = model.language_model.model.decoder
+    index = torch.as_tensor(n - 1, device=tokens.device).view(1)
+    positions = (index + state.extra["prefix_length"])[None]                           # (1, 1)
+    hidden = decoder.embed_tokens(tokens)[:, None]                                      # (R, 1, D)
+    hidden = hidden + decoder.embed_positions(None, position_ids=positions).to(hidden.dtype)
+    for i, layer in enumerate(decoder.layers):
+        hidden = _decode_layer(layer, state, i, hidden, index)
+    if decoder.final_layer_norm is not None:
+        hidden = decoder.final_layer_norm(hidden)
+    return model.language_model.lm_head(hidden)[:, 0]
+
+
+def _decode_layer(layer, state, i, hidden, index):
+    """One OPT decoder layer (OPTDecoderLayer's order: attention, then the feed-forward, each with its residual; the
+    layer norms before or after them as the config says) on one token per row."""
+    before = layer.do_layer_norm_before
+    x = layer.self_attn_layer_norm(hidden) if before else hidden
+    hidden = hidden + _attention(layer.self_attn, state, i, x, index)
+    if not before:
+        hidden = layer.self_attn_layer_norm(hidden)
+    x = layer.final_layer_norm(hidden) if before else hidden
+    hidden = hidden + layer.fc2(layer.activation_fn(layer.fc1(x)))
+    return hidden if before else layer.final_layer_norm(hidden)
+
+
+def _attention(attention, state, i, x, index):
+    """One new token per row attends to its image's prefix keys and values (B, H, L, d), read by all the image's
+    beams, and to its own cache (R, H, T, d) up to `index`, where its own keys and values are written first: one
+    softmax over both."""
+    rows, beams, heads = x.shape[0], state.beams, attention.num_heads
+    images = rows // beams
+
+    def split(projected):                                                               # (R, 1, D) -> (R, H, 1, d)
+        return projected.view(rows, 1, heads, -1).transpose(1, 2)
+    query = split(attention.q_proj(x) * attention.scaling)
+    state.keys[i].index_copy_(2, index, split(attention.k_proj(x)))
+    state.values[i].index_copy_(2, index, split(attention.v_proj(x)))
+    prefix_keys, prefix_values = state.image_keys[i], state.image_values[i]
+    by_image = query.view(images, beams, heads, -1).transpose(1, 2)                     # (B, H, beams, d)
+    prefix_scores = by_image @ prefix_keys.transpose(2, 3)                              # (B, H, beams, L)
+    own_scores = (query @ state.keys[i].transpose(2, 3)).view(images, beams, heads, -1).transpose(1, 2)
+    unwritten = torch.arange(own_scores.shape[-1], device=x.device) > index            # (T,)
+    own_scores = own_scores.masked_fill(unwritten, -float("inf"))                       # (B, H, beams, T)
+    weights = torch.softmax(torch.cat([prefix_scores, own_scores], -1).float(), -1).to(query.dtype)
+    length = prefix_scores.shape[-1]
+    out = (weights[..., :length] @ prefix_values).transpose(1, 2).reshape(rows, heads, 1, -1)
+    own_weights = weights[..., length:].transpose(1, 2).reshape(rows, heads, 1, -1)    # (R, H, 1, T)
+    out = out + own_weights @ state.values[i]                                           # (R, H, 1, d)
+    return attention.out_proj(out.transpose(1, 2).flatten(2))                           # (R, 1, D)
+
+
+def new_tokens(output, input_ids):
+    """What model.generate(pixel_values=..., input_ids=...) wrote, without the prompt's ids it begins with."""
+    return output[:, input_ids.shape[1]:]

@@ -88,6 +88,8 @@ class Speedometer:
         since = time.time()
         work()
         self.t_last += time.time() - since
+        key = "val_evaluations" if evaluation else "checkpoints"
+        self.t.seconds[key] = self.t.seconds.get(key, 0.0) + time.time() - since
         if evaluation:
             self.eval_seconds.append(time.time() - since)
 
@@ -100,6 +102,7 @@ class Speedometer:
             torch.cuda.synchronize()
         elapsed = time.time() - self.t_last
         self.train_seconds += elapsed
+        self.t.seconds["steps"] = self.train_seconds
         entry = {"step": step, "epoch": epoch, "loss": round(loss, 5), "lr": float(f"{lr:.3g}"),
                  "ms_per_step": round(1000 * elapsed / (step - self.step_last), 1),
                  "captions_per_s": round(self.captions * self.p.world_size / elapsed, 1)}
@@ -114,16 +117,25 @@ class Speedometer:
         self.t_last, self.step_last, self.captions, self.skipped = time.time(), step, 0, 0
 
     def seconds_left(self):
-        """The steps left at this run's measured speed, plus the evaluations left at the measured time per image
-        of those done (the final one captions the test split twice: zero-shot and fine-tuned)."""
+        """The steps left at this run's measured speed, plus the evaluations left at the time per image of the last
+        one (the final one captions the test split twice: zero-shot and fine-tuned)."""
         step, total, interval = self.run.step, self.t.total_steps, self.cfg.eval_interval
         seconds = self.train_seconds / (step - self.first_step) * (total - step)
         if self.eval_seconds:
-            per_image = sum(self.eval_seconds) / len(self.eval_seconds) / len(self.t.val_items)
+            per_image = self.eval_seconds[-1] / len(self.t.val_items)
             evaluations = total // interval - step // interval + (total % interval > 0 and step < total)
             seconds += evaluations * per_image * len(self.t.val_items)
             seconds += 2 * per_image * len(self.t.test_items) if self.cfg.final_eval else 0
         return seconds
+
+
+def time_spent(seconds):
+    """Where this run's time went, in seconds: the vision cache, the steps, the val evaluations, the checkpoints,
+    the test evaluation, and the rest (loading, starting, writing), from train.py's record (Training.seconds)."""
+    spent = {k: round(seconds.get(k, 0.0), 1) for k in ("vision_cache", "steps", "val_evaluations", "checkpoints",
+                                                         "test_evaluation")}
+    total = time.time() - seconds["started"]
+    return {**spent, "other": round(max(0.0, total - sum(spent.values())), 1), "total": round(total, 1)}
 
 
 CARD_SETTINGS = ("batch_images", "grad_accum", "epochs", "max_steps", "learning_rate", "warmup_steps", "min_lr_ratio",

@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from blip2lora.captioning import GENERATION_LIMITS, check_generation
+from blip2lora.captioning import GENERATION_LIMITS, GENERATION_PATHS, check_generation
 from blip2lora.files import UserError
 from lora import MAX_RANK
 
@@ -31,7 +31,7 @@ LIMITS = {"learning_rate": (0.0, 10.0), "seed": (0, 2**32 - 1), "lora_r": (1, MA
           "eval_interval": (0, None), "eval_images": (0, None), "eval_batch": (1, 4096),
           "checkpoint_interval": (1, None), "log_interval": (1, None), **GENERATION_LIMITS}
 CHOICES = {"device": "auto, cpu, cuda or cuda:N", "dtype": ("auto", "bfloat16", "float16", "float32"),
-           "torch_compile": ("auto", True, False), "base_bits": (16, 8, 4)}
+           "torch_compile": ("auto", True, False), "base_bits": (16, 8, 4), "generation": GENERATION_PATHS}
 
 
 class SettingsError(UserError):

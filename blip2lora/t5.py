@@ -2,8 +2,8 @@
 blip2lora/t5.py: the Flan-T5 family: everything T5-specific.
 
 BLIP-2 with Flan-T5 (Salesforce/blip2-flan-t5-xl, blip2-flan-t5-xxl): every T5-specific name of this project is in
-this file. model.py picks it for a model whose config says use_decoder_only_language_model=False; opt.py is the
-other family, with the same functions.
+this file. model.py picks it for a model whose text_config.model_type is "t5"; opt.py is the other family, with the
+same public functions (model.FAMILY_CONTRACT).
 
 T5 is an encoder-decoder. The image features and the prompt are the encoder's input; the caption is the decoder's:
     encoder:  [Q image features][a photo of </s>]            (B, L)  once per image: it does not see the caption
@@ -11,10 +11,12 @@ T5 is an encoder-decoder. The image features and the prompt are the encoder's in
 where <pad> is T5's decoder start token and -> marks what each position predicts.
 """
 import torch
+import torch.nn.functional as F
 from transformers import T5Config
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from blip2lora.blip2 import caption_loss_sum, checkpointed, embed_prompt, image_features
+from blip2lora.generation import DecodeState
 
 # LoRA on T5's attention: "SelfAttention.q" matches encoder and decoder self-attention
 # (language_model.encoder.block.N.layer.0.SelfAttention.q), "EncDecAttention.q" the decoder's cross-attention to the
@@ -167,25 +169,6 @@ def as_released(model):
         text.lm_head.weight = torch.nn.Parameter(text.shared.weight.detach().clone(), requires_grad=False)
 
 
-def last_beam_step(model, input_ids, image_embeds, beams, new_tokens):
-    """What beam search holds at its last step, for memory.py (generation cannot run on fake tensors: it stops on
-    their values): the encoder states repeated for each beam, every decoder layer's cross-attention keys and values
-    and new_tokens of self-attention cache, and the scores over the vocabulary."""
-    text = model.language_model
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-    encoded = _encode_images(model, batch, image_embeds).repeat_interleave(beams, dim=0)  # (rows, L, D)
-    rows, heads, width, dtype = encoded.shape[0], text.config.num_heads, text.config.d_kv, image_embeds.dtype
-    own, cross = DynamicCache(), DynamicCache()
-    for i in range(text.config.num_decoder_layers):
-        own.update(torch.empty(rows, heads, new_tokens - 1, width, dtype=dtype),
-                   torch.empty(rows, heads, new_tokens - 1, width, dtype=dtype), i)
-        cross.update(torch.empty(rows, heads, input_ids.shape[1], width, dtype=dtype),
-                     torch.empty(rows, heads, input_ids.shape[1], width, dtype=dtype), i)
-    logits = text(encoder_outputs=(encoded,), decoder_input_ids=torch.zeros(rows, 1, dtype=torch.long),
-                  cache=EncoderDecoderCache(own, cross)).logits                         # (rows, 1, vocab)
-    return torch.log_softmax(logits[:, -1].float(), dim=-1)
-
-
 def prepare_export(model):
     """A merged model's generate() without a prompt starts T5's encoder input with text_config.bos_token_id, which T5
     has not: the end token is what an empty prompt tokenizes to, so a prompt-less generate is caption.py with
@@ -193,3 +176,93 @@ def prepare_export(model):
     text = model.config.text_config
     text.bos_token_id = text.eos_token_id
     model.generation_config.bos_token_id = text.eos_token_id
+
+
+# ------------------------------------------------------------------------------------------------- generation
+
+def start_generation(model, input_ids, image_embeds, beams, max_new_tokens):
+    """generation.py's start, for B images with `beams` rows each: the encoder once per image, every decoder layer's
+    cross-attention keys and values once per image (B, H, L, d), which all of an image's beams read; the decoder's
+    own keys and values allocated for max_new_tokens positions (R, H, T, d), and its relative position bias for every
+    (query, key) position pair with later keys masked, (1, H, T, T). Then the decoder start token at position 0.
+    Returns (state, the first new token's logits (R, vocab))."""
+    text = model.language_model
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    encoded = _encode_images(model, batch, image_embeds)                                 # (B, L, D)
+    rows, heads, width = encoded.shape[0] * beams, text.config.num_heads, text.config.d_kv
+    state = DecodeState(beams)
+    for block in text.decoder.block:
+        attention = block.layer[1].EncDecAttention
+        shape = (*encoded.shape[:2], heads, width)
+        state.image_keys.append(attention.k(encoded).view(shape).transpose(1, 2))       # (B, H, L, d)
+        state.image_values.append(attention.v(encoded).view(shape).transpose(1, 2))
+        own = state.image_keys[-1].new_zeros(rows, heads, max_new_tokens, width)       # (R, H, T, d), in the
+        state.keys.append(own)                                                          # keys' dtype (autocast's)
+        state.values.append(torch.zeros_like(own))
+    positions = text.decoder.block[0].layer[0].SelfAttention
+    bias = positions.compute_bias(max_new_tokens, max_new_tokens, device=encoded.device)  # (1, H, T, T)
+    later = torch.ones(max_new_tokens, max_new_tokens, dtype=torch.bool, device=encoded.device).triu(1)
+    lowest = torch.finfo(state.keys[0].dtype).min  # a masked position, in the dtype the attention runs in
+    state.extra["bias"] = bias.masked_fill(later, lowest).to(state.keys[0].dtype)
+    state.prompt_ids = torch.full((rows, 1), text.config.decoder_start_token_id, device=encoded.device)
+    return state, decode_step(model, state, state.prompt_ids[:, 0], 0)
+
+
+def decode_step(model, state, tokens, n):
+    """The decoder on one token per row, tokens (R,), at decoder position n (the decoder start token is position 0,
+    the n-th new token position n): each layer attends to its own cache, then to the row's image, then feeds
+    forward. Returns the next token's logits (R, vocab)."""
+    text = model.language_model
+    position = torch.as_tensor(n, device=tokens.device).view(1)
+    hidden = text.decoder.embed_tokens(tokens)[:, None]                                 # (R, 1, D)
+    bias = state.extra["bias"].index_select(2, position)                                # (1, H, 1, T)
+    for i, block in enumerate(text.decoder.block):
+        own, cross, feed_forward = block.layer
+        hidden = _clamped(hidden + _own_attention(own, state, i, hidden, bias, position))
+        hidden = _clamped(hidden + _image_attention(cross, state, i, hidden))
+        hidden = _clamped(feed_forward(hidden))      # T5LayerFF: hidden + DenseReluDense(layer_norm(hidden))
+    hidden = text.decoder.final_layer_norm(hidden)
+    if text.config.scale_decoder_outputs:  # T5 v1.0's tied embeddings; Flan-T5 has its own lm_head
+        hidden = hidden * text.model_dim ** -0.5
+    return text.lm_head(hidden)[:, 0]
+
+
+def _heads(x, attention):
+    """(rows, 1, H * d) -> (rows, H, 1, d)"""
+    return x.view(x.shape[0], 1, -1, attention.key_value_proj_dim).transpose(1, 2)
+
+
+def _own_attention(layer, state, i, hidden, bias, position):
+    """Self-attention of one new token per row: its keys and values written at `position` of the row's cache, then
+    attention over the cache, the relative position bias masking the positions not written yet (T5 does not scale
+    the scores)."""
+    attention, x = layer.SelfAttention, layer.layer_norm(hidden)
+    query, key, value = (_heads(project(x), attention) for project in (attention.q, attention.k, attention.v))
+    state.keys[i].index_copy_(2, position, key)
+    state.values[i].index_copy_(2, position, value)
+    out = F.scaled_dot_product_attention(query, state.keys[i], state.values[i], attn_mask=bias, scale=1.0)
+    return attention.o(out.transpose(1, 2).flatten(2))                                  # (R, 1, D)
+
+
+def _image_attention(layer, state, i, hidden):
+    """Cross-attention to the image: the queries of an image's beams, (B, H, beams, d), against its keys and values
+    (B, H, L, d), computed once per image."""
+    attention, x = layer.EncDecAttention, layer.layer_norm(hidden)
+    images, width = state.image_keys[i].shape[0], attention.key_value_proj_dim
+    query = attention.q(x).view(images, state.beams, -1, width).transpose(1, 2)        # (B, H, beams, d)
+    out = F.scaled_dot_product_attention(query, state.image_keys[i], state.image_values[i], scale=1.0)
+    return attention.o(out.transpose(1, 2).reshape(hidden.shape[0], 1, -1))             # (R, 1, D)
+
+
+def _clamped(hidden):
+    """T5's float16 guard after each sublayer, as transformers' T5Block applies it."""
+    if hidden.dtype != torch.float16:
+        return hidden
+    largest = torch.finfo(hidden.dtype).max
+    limit = torch.where(torch.isinf(hidden).any(), largest - 1000, largest)
+    return hidden.clamp(-limit, limit)
+
+
+def new_tokens(output, input_ids):
+    """What model.generate(pixel_values=..., input_ids=...) wrote, without the decoder start token it begins with."""
+    return output[:, 1:]

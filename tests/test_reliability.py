@@ -675,3 +675,17 @@ def test_a_dataset_file_that_kills_pyarrow_is_named_and_this_process_lives(demo_
     assert code == 1 and err.count("\n") == 1
     assert f"{shard}: damaged: reading it stopped the reading process itself (terminate called after throwing an " \
         "instance of 'parquet::ParquetException')" in err
+
+
+def test_an_image_is_opened_only_as_a_format_this_project_reads(tmp_path, monkeypatch):
+    """Pillow tells a format by the first bytes: a PostScript file named .png would be handed to Ghostscript (any
+    collection image could reach it). Only JPEG, PNG, BMP, GIF, WebP and TIFF are opened; the rest is one line."""
+    from PIL import EpsImagePlugin
+    from blip2lora.images import UnreadableImage, load_image
+    opened = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: opened.append(self) or 1 / 0)
+    path = tmp_path / "photo.png"
+    path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    with pytest.raises(UnreadableImage, match="not a readable image") as error:
+        load_image(str(path))
+    assert opened == [] and "\n" not in str(error.value)

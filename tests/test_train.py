@@ -56,6 +56,18 @@ def test_the_demo_log_counts_steps_to_the_total_with_the_time_left(demo_run):
     assert all(re.search(r"  eta (\d+m)?\d+s$", line) for line in lines), lines[0]
 
 
+def test_results_and_the_last_lines_say_where_the_run_s_time_went(demo_run):
+    """Seconds of the vision cache, the steps, the val evaluations, the checkpoints, the test evaluation and the rest;
+    they add up to the run's total."""
+    out_dir, result = demo_run
+    seconds = json.load(open(os.path.join(out_dir, "results.json")))["seconds"]
+    parts = ("vision_cache", "steps", "val_evaluations", "checkpoints", "test_evaluation", "other")
+    assert set(seconds) == {*parts, "total"} and all(seconds[k] > 0 for k in parts[:3] + parts[4:5])
+    assert sum(seconds[k] for k in parts) == pytest.approx(seconds["total"], abs=0.5)
+    time_line = [line for line in result.stdout.splitlines() if line.startswith("time: ")]
+    assert len(time_line) == 1 and "vision cache " in time_line[0] and "test evaluation " in time_line[0]
+
+
 def test_the_report_shows_the_curves_above_the_images_and_zero_shot_first(demo_run):
     out_dir, _ = demo_run
     page = open(os.path.join(out_dir, "report.html")).read()
