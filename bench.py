@@ -262,14 +262,17 @@ def measure(model, batch_images, device, dtype, repeats, grouped_loss, compiled=
 
 def measure_generation(model, batch, prompt, device, dtype, repeats, compiled):
     """Beam-5 captions of the batch's images from their pixels, both ways, side by side: the project's path
-    (model.generate_captions: the ViT, then generation.py's search with the image side once per image; its decode
-    step compiled with --compile) and model.generate(pixel_values=..., input_ids=...) as a transformers user writes
-    it. Speed, FLOPs per image, aten operations per new token, and whether the captions are the same."""
+    (model.generate_captions: the ViT, as caption.py runs it on new images, then generation.py's search with the
+    image side once per image; its decode step compiled with --compile) and model.generate(pixel_values=...,
+    input_ids=...) as a transformers user writes it. Speed, FLOPs per image, aten operations per new token, and
+    whether the captions are the same; and the project's path from the vision cache, as train.py's evaluations run."""
     autocast, lm, images = autocast_context(device, dtype), family(model.config), batch["pixel_values"].shape[0]
+    with torch.no_grad(), autocast:
+        cached = vision_embeds(model, batch["pixel_values"])
 
-    def ours():
+    def ours(embeds=None):
         with torch.no_grad(), autocast:
-            embeds = vision_embeds(model, batch["pixel_values"])
+            embeds = vision_embeds(model, batch["pixel_values"]) if embeds is None else embeds
             return generate_captions(model, None, prompt, embeds, compile=compiled, **GENERATION)
 
     def theirs():
@@ -286,6 +289,7 @@ def measure_generation(model, batch, prompt, device, dtype, repeats, compiled):
         result[f"{prefix}gflops_per_image"] = round(count_flops(generate) / images / 1e9, 3)
         result[f"{prefix}ops_per_new_token"] = round(count_ops(generate) / GENERATION["max_new_tokens"])
     result["speedup"] = round(result["images_per_s"] / result["transformers_images_per_s"], 2)
+    result["cached_images_per_s"] = round(images / timed(lambda: ours(cached), device, warmup=1, repeats=repeats), 2)
     return {**result, **GENERATION, "compiled": compiled, "vision": "computed from the pixels, both ways"}
 
 
@@ -321,7 +325,8 @@ def print_run(run):
           f"{g['transformers_images_per_s']} ({g['speedup']}x); {g['gflops_per_image']} vs "
           f"{g['transformers_gflops_per_image']} GFLOP/image, {g['ops_per_new_token']:,} vs "
           f"{g['transformers_ops_per_new_token']:,} operations per new token; captions identical: "
-          f"{g['captions_identical']} of {g['captions_compared']}")
+          f"{g['captions_identical']} of {g['captions_compared']}; from the vision cache: {g['cached_images_per_s']} "
+          "images/s")
     if "epoch_seconds_projected" in run:
         print(f"one Flickr8k epoch ({EPOCH_CAPTIONS:,} captions), grouped_cached: {run['epoch_seconds_projected']} s")
 

@@ -61,7 +61,8 @@ def run(args):
                             "on a 4- or 8-bit base is the same file)")
         check_export_folder(args.export_merged, adapter, model_name)  # before any work
     model, processor = load_for_captioning(model_name, adapter, args.device, args.base_bits, log=notes.append)
-    prompt = prompt_ids(processor.tokenizer, args.prompt, model.config)  # refuses a prompt holding the image token
+    # refuses a prompt holding the image token, or new tokens past the language model's positions
+    prompt = prompt_ids(processor.tokenizer, args.prompt, model.config, after={"max_new_tokens": args.max_new_tokens})
     for note in notes:
         print(note, file=sys.stderr)
     if args.export_merged:

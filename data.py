@@ -265,10 +265,19 @@ def caption_notes(items, caption_ids, max_tokens, unknown_id):
     return notes
 
 
-def prompt_ids(tokenizer, prompt, config):
+def prompt_ids(tokenizer, prompt, config, after=None):
     """The language model's input before the caption, as Blip2Processor(images, text=prompt) makes it:
-    config.num_query_tokens image tokens, then the tokenized prompt (T5: the prompt and </s>; OPT: BOS, the prompt)."""
+    config.num_query_tokens image tokens, then the tokenized prompt (T5: the prompt and </s>; OPT: BOS, the prompt).
+    after: {setting: tokens} that follow the prompt in one sequence (max_caption_tokens, max_new_tokens), checked
+    against a language model with learned positions (OPT's max_position_embeddings) before any work."""
     ids = tokenizer(prompt).input_ids
+    positions = getattr(config.text_config, "max_position_embeddings", None)  # None: T5's relative positions
+    for setting, tokens in (after or {}).items():
+        if positions is not None and config.num_query_tokens + len(ids) + tokens > positions:
+            raise DataError(f"{setting}={tokens}: the image's {config.num_query_tokens} tokens, the prompt's "
+                            f"{len(ids)} and {tokens} more are over the {positions} positions this language model "
+                            f"has (max_position_embeddings); lower {setting} to at most "
+                            f"{positions - config.num_query_tokens - len(ids)}")
     # Checked here, once: then every input holds exactly num_query_tokens image tokens, which blip2.embed_prompt
     # relies on (without a per-step check that would split a compiled graph).
     if config.image_token_id in ids:

@@ -129,7 +129,7 @@ def caption_split(args, adapter, model_name, items, notes):
     model, processor = load_for_captioning(model_name, adapter, args.device, args.base_bits, log=notes.append)
     for note in notes:
         print(note, file=sys.stderr)
-    prompt = prompt_ids(processor.tokenizer, args.prompt, model.config)
+    prompt = prompt_ids(processor.tokenizer, args.prompt, model.config, after={"max_new_tokens": args.max_new_tokens})
     generation = dict(batch_size=args.batch_size, progress="captioning", **generation_of(args))
     autocast = autocast_context(args.device, autocast_dtype(args.device))
     predictions = caption_items(model, processor, items, prompt, args.device, autocast, **generation)

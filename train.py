@@ -50,8 +50,9 @@ from blip2lora.adapter_files import load_adapter, save_adapter
 from blip2lora.blip2 import autocast_context, autocast_dtype, train_mode, vision_embeds
 from blip2lora.captioning import (GENERATION_DEFAULTS, base_model_reference, caption_items, captions_without_adapter,
                                   generation_of, save_caption_settings)
-from blip2lora.checkpoint import StopRequest, Terminated, check_resume, restore_run, stop_on_a_non_finite_loss
-from blip2lora.curves import curves_html
+from blip2lora.checkpoint import (Interrupted, StopRequest, Terminated, check_resume, restore_run,
+                                  stop_on_a_non_finite_loss)
+from blip2lora.curves import curves_html, read_log
 from blip2lora.files import UserError, printable, read_json, write_json
 from blip2lora.model import DEFAULT_MODEL, caption_tokenizer, family, load_blip2, prepare_for_training, weights_dtype
 from blip2lora.progress import duration
@@ -138,7 +139,10 @@ def main(argv=None):
         where = printable(str(e.filename or (cfg.out_dir if cfg else "")))
         print(f"error: {where}: {e.strerror or e}; nothing was left half-written", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C: checkpoints are written atomically, so only the steps since the last are lost
+    except Interrupted as e:  # Ctrl-C during training: the current step was saved
+        print(f"\ninterrupted: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # Ctrl-C elsewhere: checkpoints are written atomically, so the last one is whole
         print("\ninterrupted: " + resume_hint(cfg), file=sys.stderr)
         return 130
     except Terminated as e:
@@ -240,9 +244,9 @@ def train_steps(cfg, p, t, run, stop):
             speed.update(epoch, loss, lr, sum(b["labels"].shape[0] for b in step_batches), skipped)
             if t.evaluating and (run.step % cfg.eval_interval == 0 or run.step == t.total_steps):
                 speed.pause(lambda: evaluate_val(cfg, p, t, run), evaluation=True)
-            if stop.requested(p):  # SIGTERM: the step is whole; keep it, and say how to go on
+            if stop.requested(p):  # SIGTERM or Ctrl-C: the step is whole; keep it, and say how to go on
                 save_checkpoint(cfg, p, t, run, checkpoint.rng_state())
-                raise Terminated(f"checkpoint saved at step {run.step}; run the same command again to resume")
+                stop.stop(f"checkpoint saved at step {run.step}; run the same command again to resume")
 
 
 def train_step(model, micro_batches, caption_loss, image_embeds, optimizer, scaler, autocast, grad_clip, ddp=False,
@@ -435,7 +439,8 @@ def load_data_and_model(cfg, p):
         raise settings.SettingsError(f"lora_targets: {e}") from None
     if note:
         p.log(note)
-    prompt = prompt_ids(processor.tokenizer, cfg.prompt, blip2.config)
+    prompt = prompt_ids(processor.tokenizer, cfg.prompt, blip2.config,
+                        after={k: getattr(cfg, k) for k in ("max_caption_tokens", "max_new_tokens")})
     caption_ids = caption_tokenizer(processor.tokenizer, blip2.config)
     splits = data.splits
     p.log(f"{data.layout}: " + ", ".join(f"{s} {len(v)} images" for s, v in splits.items())
@@ -553,19 +558,20 @@ def final_evaluation(cfg, p, t, run):
     write_model_card(cfg, p, t, kept_step, scores=columns, test_images=len(fine_tuned))
     t.seconds["test_evaluation"] = time.time() - since
     results_path, report_path = os.path.join(cfg.out_dir, "results.json"), os.path.join(cfg.out_dir, "report.html")
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
     write_json(results_path, {"scale": SCALE, "split": "test", "images": len(fine_tuned), "adapter": adapter,
                               "step": kept_step, "zero_shot": columns["zero-shot"],
                               "fine_tuned": columns["fine-tuned"], "seconds": time_spent(t.seconds)})
     write_html(report_path, f"BLIP-2 captions, {cfg.data_dir} test split", columns, rows,
                about=[f"adapter: {adapter} (step {kept_step} of {run.step})", f"collection: {cfg.data_dir} "
                       f"({t.data.layout}), test split, {len(fine_tuned)} images", f"base model: {cfg.model}"],
-               curves=curves_html(os.path.join(cfg.out_dir, "log.jsonl")))
+               curves=curves_html(log_path))
     unread = len(t.test_items) - len(fine_tuned)
     p.log(f"test split: {len(fine_tuned)} images" + (f" ({unread} unreadable, left out)" if unread else "")
           + f", beam {cfg.num_beams}, scores x100:")
     print_table({"zero-shot": columns["zero-shot"], "fine-tuned": columns["fine-tuned"]})
     if columns["fine-tuned"]["CIDEr"] <= columns["zero-shot"]["CIDEr"]:
-        p.log(why_not_better(cfg, t, run.step, fine_tuned == zero_shot))
+        p.log(why_not_better(cfg, t, run.step, fine_tuned == zero_shot, read_log(log_path)["loss"]))
     p.log("time: " + ", ".join(f"{k.replace('_', ' ')} {duration(v)}" for k, v in time_spent(t.seconds).items()))
     p.log(f"adapter: {adapter}   scores: {results_path}   report: {report_path}")
 

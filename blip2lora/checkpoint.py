@@ -289,28 +289,41 @@ class Terminated(BaseException):
     """SIGTERM (a cluster scheduler, a preemptible VM, docker stop): stop, saying how to resume."""
 
 
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT) inside the loop: the step ended and was saved; the message says how to resume."""
+
+
 class StopRequest:
-    """SIGTERM, caught: before the loop and after it, it stops the run at once (Terminated); inside the loop
-    (deferred) the current step finishes, a checkpoint is saved, and then the run stops."""
+    """SIGTERM and Ctrl-C (SIGINT), caught: before the loop and after it, they stop the run at once (Terminated,
+    KeyboardInterrupt); inside the loop (deferred) the current step finishes, a checkpoint is saved, and then the run
+    stops (stop()). A second Ctrl-C stops at once. A SIGINT the process was started ignoring stays ignored."""
 
     def __init__(self):
-        self.deferred, self.signalled = False, False
-        self.previous = signal.signal(signal.SIGTERM, self.handle)
+        self.deferred, self.signalled = False, None
+        self.previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)
+                         if signal.getsignal(s) is not signal.SIG_IGN}
+        for s in self.previous:
+            signal.signal(s, self.handle)
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def handle(self, signum, frame):
-        self.signalled = True
-        if not self.deferred:
-            raise Terminated()
+        again, self.signalled = self.signalled is not None, self.signalled or signum
+        if not self.deferred or (again and signum == signal.SIGINT):
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
 
     def requested(self, p):
         if not p.ddp:
-            return self.signalled
-        flag = torch.tensor(float(self.signalled), device=p.device)  # every rank stops at the same step
+            return self.signalled is not None
+        flag = torch.tensor(float(self.signalled or 0), device=p.device)  # every rank stops at the same step
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        self.signalled = int(flag.item()) or None
+        return self.signalled is not None
+
+    def stop(self, message):
+        raise (Interrupted if self.signalled == signal.SIGINT else Terminated)(message)
 
 
 def check_resume(cfg, p):

@@ -494,7 +494,9 @@ def _read_in_a_child_first(files, options):
     if not todo:
         return
     project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder that holds blip2lora/
-    child = subprocess.run([sys.executable, "-c", _CHILD_READS, project,
+    # -P: the working directory is not put on the child's import path (a json.py there would run); the project's
+    # folder is, first, as the parent has it
+    child = subprocess.run([sys.executable, "-P", "-c", _CHILD_READS, project,
                             json.dumps(vars(options)), *todo], capture_output=True, text=True,
                            errors="surrogateescape")
     if child.returncode != 0:

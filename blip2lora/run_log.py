@@ -39,7 +39,7 @@ class RunState:
             self.record({"step": self.step, "resumed": True})
         if self.cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # (checked installed before any work)
-            folder = os.path.join(self.cfg.out_dir, "tensorboard")
+            folder = os.path.join(self.cfg.out_dir, "tensorboard", "train")  # the run TensorBoard lists as "train"
             self.writers[""] = SummaryWriter(folder, purge_step=self.step + 1 if resumed else None, flush_secs=10)
 
     def record(self, entry):
@@ -157,13 +157,23 @@ def write_model_card(cfg, p, t, step, scores=None, test_images=0):
         "scores": scores, "test_images": test_images})
 
 
-def why_not_better(cfg, t, steps, unchanged):
-    """One line for a run that did not beat the zero-shot base: what happened, and the likely causes."""
-    causes = []
+def why_not_better(cfg, t, steps, unchanged, losses):
+    """One line for a run that did not beat the zero-shot base: what happened, and the likely causes among those the
+    run can see: its length, its training loss (losses: [(step, loss)] from log.jsonl) against the learning rate, and
+    its val split."""
+    causes, rates = [], "the offline demo base wants about 1e-2, a real BLIP-2 about 1e-4"
     if steps < 100:
         causes.append(f"only {steps} steps (a small collection needs a few hundred: README 'Small collections')")
-    if cfg.learning_rate < 1e-4:
-        causes.append(f"a low learning_rate ({cfg.learning_rate:g})")
+    first, last = (losses[0][1], losses[-1][1]) if len(losses) >= 2 else (None, None)
+    if first is not None and last > 0.9 * first:
+        causes.append(f"the training loss hardly fell ({first:.3g} to {last:.3g}): a low learning_rate "
+                      f"({cfg.learning_rate:g}) for this base ({rates})")
+    elif first is not None:
+        causes.append(f"the training loss fell ({first:.3g} to {last:.3g}) but the test captions did not follow: the "
+                      "train and test captions may differ in style, or the adapter learned the train captions too "
+                      "closely (fewer steps, a lower learning_rate, or a val split to choose the best adapter by)")
+    elif cfg.learning_rate < 1e-4:
+        causes.append(f"a low learning_rate ({cfg.learning_rate:g}) for this base ({rates})")
     if not t.choose_by_val and t.evaluating:
         causes.append("a val split too small to choose by")
     return ("note: fine-tuned CIDEr is not above zero-shot" + (" (the fine-tuned captions are the zero-shot ones: "

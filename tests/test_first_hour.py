@@ -62,7 +62,7 @@ def test_a_run_too_short_to_learn_says_why(collections, tmp_path):
     steps at the default rate lift CIDEr depends on the machine's float sums: it did on one, not on another.)"""
     code, out, err = run_main("train", "--model=data/demo/blip2-tiny", f"--data_dir={collections / 'flat'}",
                               "--max_steps=4", "--learning_rate=0", "--batch_images=8", "--eval_interval=0",
-                              "--num_workers=0", "--num_beams=1", f"--out_dir={tmp_path}")
+                              "--num_workers=0", "--num_beams=1", "--log_interval=1", f"--out_dir={tmp_path}")
     assert code == 0, err[-2000:]
     assert "warmup: 0 steps, not warmup_steps=50: a warmup longer than a fifth of this run's 4 steps" in out
     results = json.load(open(tmp_path / "results.json"))
@@ -70,6 +70,7 @@ def test_a_run_too_short_to_learn_says_why(collections, tmp_path):
     (note,) = [line for line in out.splitlines() if line.startswith("note: fine-tuned CIDEr is not above zero-shot")]
     assert "the fine-tuned captions are the zero-shot ones" in note
     assert "only 4 steps" in note and "README 'Small collections'" in note and "a low learning_rate (0)" in note
+    assert "the training loss hardly fell" in note and "the offline demo base wants about 1e-2" in note
 
 
 def test_captions_in_words_the_tokenizer_does_not_know_are_reported(collections, tmp_path):

@@ -107,3 +107,16 @@ def test_a_run_on_the_opt_base_resumes_exactly(demo_world, tmp_path, monkeypatch
     code, out, err = run_main("train", *args, f"--out_dir={tmp_path / 'cut'}")
     assert code == 0 and "resuming from" in out, err[-2000:]
     assert same_tensors(adapter_tensors(tmp_path / "whole"), adapter_tensors(tmp_path / "cut"))
+
+
+@pytest.mark.parametrize("script, args, setting", [
+    ("caption", ["--adapter", "none", "--model", "data/demo/blip2-opt-tiny", "--max-new-tokens", "512",
+                 "--min-new-tokens", "300", "data/demo/flickr8k/Flicker8k_Dataset"], "max_new_tokens=512"),
+    ("train", ["config/demo_opt.py", "--max_caption_tokens=300"], "max_caption_tokens=300"),
+])
+def test_tokens_past_opt_s_positions_are_one_line_before_any_work(demo_world, tmp_path, script, args, setting):
+    """OPT's positions are learned, 128 for the demo base (2,048 for blip2-opt-2.7b): a prompt with more new or
+    caption tokens than that would be an IndexError deep inside the model."""
+    code, out, err = run_main(script, *args, *([f"--out_dir={tmp_path}"] if script == "train" else []))
+    assert code == 1 and err.count("\n") == 1 and setting in err and "128 positions" in err
+    assert "step " not in out
