@@ -1,6 +1,8 @@
 """Captions from generation.py's beam search are transformers' generate() captions, token for token (float32, the
 CPU), for both families, beams 1, 3 and 5, with the repetition controls too; the image side runs once per image and
 every beam reads it; the decode step is one graph for torch.compile."""
+import os
+
 import pytest
 import torch
 
@@ -138,3 +140,24 @@ def test_the_decode_step_is_one_graph(demo_world, base):
                                             3, 10)
         explained = torch._dynamo.explain(lm.decode_step)(model, state, logits.argmax(-1), torch.tensor(1))
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_the_demo_adapter_captions_as_transformers_and_peft_generate(demo_run, demo_world):
+    """caption.py (generation.py's search) and a transformers user (peft on the base, generate() with the
+    processor's inputs) write the same captions for the demo's 50 test images. (The OPT demo's: tests/test_opt.py.)"""
+    peft = pytest.importorskip("peft")
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+    from blip2lora.images import load_image
+    from conftest import run_main
+    from data import read_captions
+    adapter = os.path.join(demo_run[0], "adapter")
+    images = [item.image for item in read_captions(demo_world[0]).splits["test"]]
+    code, out, err = run_main("caption", "--adapter", adapter, *images)
+    assert code == 0, err[-2000:]
+    ours = [line.split("\t")[1] for line in out.splitlines()]
+    processor = Blip2Processor.from_pretrained(demo_world[1])
+    inputs = processor(images=[load_image(i) for i in images], text=["a photo of"] * len(images), return_tensors="pt")
+    theirs = peft.PeftModel.from_pretrained(Blip2ForConditionalGeneration.from_pretrained(demo_world[1]), adapter)
+    with torch.no_grad():
+        ids = theirs.eval().generate(**inputs, num_beams=5, max_new_tokens=30, min_new_tokens=8)
+    assert [c.strip() for c in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)] == ours

@@ -67,11 +67,11 @@ def test_peft_and_a_merged_export_caption_as_caption_py(opt_run, demo_world, tmp
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
     from blip2lora.images import load_image
     out_dir, _ = opt_run
-    images = demo_images(demo_world, 4)
+    images = demo_images(demo_world, 20)
     _, ours, _ = run_main("caption", "--adapter", out_dir / "adapter", *images)
     expected = [line.split("\t")[1] for line in ours.splitlines()]
     processor = Blip2Processor.from_pretrained(DEMO_OPT_MODEL)
-    inputs = processor(images=[load_image(i) for i in images], text=["a photo of"] * 4, return_tensors="pt")
+    inputs = processor(images=[load_image(i) for i in images], text=["a photo of"] * 20, return_tensors="pt")
     settings = dict(num_beams=5, max_new_tokens=30, min_new_tokens=8)
     theirs = peft.PeftModel.from_pretrained(Blip2ForConditionalGeneration.from_pretrained(DEMO_OPT_MODEL),
                                             str(out_dir / "adapter")).eval()
