@@ -5,9 +5,14 @@ Caption images with BLIP-2 and a LoRA adapter; or export base + adapter as one p
     python caption.py --adapter out/demo/adapter data/demo/flickr8k/Flicker8k_Dataset
     python caption.py --adapter none --model Salesforce/blip2-flan-t5-xl photo.jpg
     python caption.py --adapter out/adapter --export-merged out/merged    # then: from_pretrained("out/merged")
+    python caption.py --recursive --write jsonl my_photos/       # label a folder: my_photos/metadata.jsonl, which
+                                                                 # train.py --data my_photos reads (README)
+    python caption.py --recursive --write txt my_photos/         # a caption file beside each image (photo.txt)
 
 Prints `path<TAB>caption` per image, one line each (control characters in a file name are written as escapes), or
-with --json one JSON object a line, {"path": ..., "caption": ...}, for programs.
+with --json one JSON object a line, {"path": ..., "caption": ...}, for programs; --num-captions N gives each image's
+N best (`captions` in JSON). With --write the captions go to files instead (blip2lora/labels.py), with a progress
+line, and --resume leaves the images already captioned there.
 The adapter names its base model and carries the prompt and generation settings it was trained with
 (caption_settings.json); options override them. Captioning goes through captioning.caption_stream, the path
 evaluate.py and train.py use. A missing, non-image or corrupt file, or a folder with no images, gets one line on
@@ -26,6 +31,7 @@ from blip2lora.captioning import (CAPTION_SETTINGS_FILE, GENERATION_DEFAULTS, ad
 from blip2lora.files import (UserError, inside, make_temp_dir, one_line_errors, printable, read_json,
                              user_permissions_tree, write_json, writer_errors_as_os_errors)
 from blip2lora.images import IMAGE_SUFFIXES
+from blip2lora.labels import FORMATS, METADATA, Labels
 from blip2lora.model import family
 from blip2lora.model_card import merged_card
 from data import ImageCaptions, prompt_ids
@@ -43,6 +49,15 @@ def main(argv=None):
     parser.add_argument("--export-merged", metavar="DIR", help="merge the adapter into the base and save it to DIR")
     parser.add_argument("--json", action="store_true",
                         help='print JSON lines {"path": ..., "caption": ...} instead of path<TAB>caption')
+    parser.add_argument("--recursive", action="store_true", help="also the images in the folders' subfolders")
+    parser.add_argument("--write", choices=FORMATS, help="write the captions instead of printing them: txt or "
+                        "caption, a file beside each image; jsonl or csv, one metadata file in the folder (the "
+                        "imagefolder format train.py --data reads)")
+    parser.add_argument("--caption-extension", help="--write txt/caption: the file's suffix (default .txt, .caption)")
+    parser.add_argument("--overwrite", action="store_true", help="--write: replace captions already there")
+    parser.add_argument("--resume", action="store_true", help="--write jsonl/csv: keep the metadata file's rows and "
+                        "caption only the images it lacks (sidecars already there are always kept)")
+    parser.add_argument("--num-captions", type=int, default=1, help="each image's N best captions (N beams at most)")
     args = parser.parse_args(argv)
     if not args.images and not args.export_merged:
         parser.error("give image files or directories (or --export-merged DIR)")
@@ -60,6 +75,9 @@ def run(args):
             raise UserError("--export-merged merges into the 16-bit base: leave out --base-bits (an adapter trained "
                             "on a 4- or 8-bit base is the same file)")
         check_export_folder(args.export_merged, adapter, model_name)  # before any work
+    if not 1 <= args.num_captions <= args.num_beams:
+        raise UserError(f"--num-captions {args.num_captions}: from 1 to the number of beams ({args.num_beams})")
+    labels = open_labels(args) if args.images else None  # before any work: a metadata file there already is refused
     model, processor = load_for_captioning(model_name, adapter, args.device, args.base_bits, log=notes.append)
     # refuses a prompt holding the image token, or new tokens past the language model's positions
     prompt = prompt_ids(processor.tokenizer, args.prompt, model.config, after={"max_new_tokens": args.max_new_tokens})
@@ -70,29 +88,66 @@ def run(args):
         print(f"merged {adapter} into {model_name}: {args.export_merged} loads with "
               "Blip2ForConditionalGeneration.from_pretrained alone", file=sys.stderr)
         return 0
-    paths, errors = image_paths(args.images)
+    paths, errors = image_paths(args.images, args.recursive)
     for e in errors:
         print(f"error: {printable(e)}", file=sys.stderr)
+    todo = [p for p in paths if not (labels and labels.done(p))]
+    if labels and len(todo) < len(paths):
+        print(f"{len(paths) - len(todo)} of {len(paths)} images are captioned in the --write {args.write} output "
+              "already: kept" + ("" if args.overwrite else " (--overwrite to replace them)"), file=sys.stderr)
 
     def unreadable(item, error):
         errors.append(item.name)
         print(f"error: {printable(str(error))}", file=sys.stderr)
-    items = [ImageCaptions(path, path, []) for path in paths]  # the name is the path as given
-    for item, text in caption_stream(model, processor, items, prompt, args.device,
-                                     autocast_context(args.device, autocast_dtype(args.device)),
-                                     batch_size=args.batch_size, on_unreadable=unreadable, **generation_of(args)):
-        line = json.dumps({"path": item.name, "caption": text}) if args.json else f"{printable(item.name)}\t{text}"
-        print(line, flush=True)
+    items = [ImageCaptions(path, path, []) for path in todo]  # the name is the path as given
+    stream = caption_stream(model, processor, items, prompt, args.device,
+                            autocast_context(args.device, autocast_dtype(args.device)), batch_size=args.batch_size,
+                            on_unreadable=unreadable, num_captions=args.num_captions,
+                            progress="captioning" if labels else "", **generation_of(args))
+    for done, (item, text) in enumerate(stream, 1):
+        captions = text if args.num_captions > 1 else [text]
+        if labels:
+            labels.add(item.name, captions)
+            if done % args.batch_size == 0:
+                labels.flush()  # an interrupted run leaves a complete file, and --resume goes on from it
+        elif args.json:
+            print(json.dumps({"path": item.name, **({"caption": text} if args.num_captions == 1 else
+                                                    {"captions": captions})}), flush=True)
+        else:
+            print("\t".join([printable(item.name), *captions]), flush=True)
+    if labels:
+        labels.flush()
+        where = labels.path if args.write in METADATA else f"a {labels.extension} file beside each image"
+        print(f"captioned {len(items) - len(errors)} images: {where}", file=sys.stderr)
     return 1 if errors else 0
 
 
-def image_paths(arguments):
-    """Files as given, directories expanded to their image files (sorted); a missing path is an error line."""
+def open_labels(args):
+    """--write's output (blip2lora/labels.py), checked before any captioning: jsonl and csv go in one folder."""
+    if not args.write:
+        if args.overwrite or args.resume or args.caption_extension:
+            raise UserError("--overwrite, --resume and --caption-extension go with --write")
+        return None
+    folders = [a for a in args.images if os.path.isdir(a)]
+    if args.write in METADATA and (len(args.images) != 1 or len(folders) != 1):
+        raise UserError(f"--write {args.write} writes one {METADATA[args.write]} into one folder: give that folder "
+                        "alone (with --recursive for its subfolders)")
+    if args.caption_extension and not args.caption_extension.startswith("."):
+        raise UserError(f"--caption-extension {args.caption_extension!r}: a suffix such as .txt")
+    return Labels(args.write, folders[0] if folders else ".", args.caption_extension, args.overwrite, args.resume)
+
+
+def image_paths(arguments, recursive=False):
+    """Files as given, directories expanded to their image files (sorted; recursive: their subfolders' too, but for
+    hidden ones); a missing path is an error line."""
     paths, errors = [], []
     for arg in arguments:
         if os.path.isdir(arg):
-            found = sorted(os.path.join(arg, n) for n in os.listdir(arg)
-                           if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith("._"))
+            found = []
+            for folder, subfolders, names in os.walk(arg):
+                subfolders[:] = sorted(d for d in subfolders if not d.startswith(".")) if recursive else []
+                found += sorted(os.path.join(folder, n) for n in names
+                                if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith("._"))
             if not found:
                 errors.append(f"{arg}: no image files in this directory ({', '.join(IMAGE_SUFFIXES)})")
             paths += found

@@ -55,6 +55,12 @@ CAPTION_TEMPLATES = (
 PRETRAIN_TEMPLATE = "{colour} dot . {size} . {background} backdrop"  # the base model's "wrong" style
 IMAGE_PIXELS, MODEL_PIXELS = 96, 48
 NUM_QUERY_TOKENS = 8  # the real model has 32
+# The word embeddings' initial spread, by language model type, where it is not the model's own. Pretraining shows the
+# base a dozen words; every other word keeps its initial embedding, which for OPT is also its output row (tied). At
+# OPT's std of 0.02 those rows stay small beside the trained ones, and LoRA hardly makes the model say the demo's
+# words (config/demo_opt.py, beam 2: fine-tuned CIDEr 94, zero-shot 19); at 0.125 it does (276 to 374 over three
+# seeds, zero-shot 34). A real OPT has trained its whole vocabulary. (The T5 base keeps transformers' initialisation.)
+EMBEDDING_STD = {"opt": 0.125}
 
 
 def draw(attributes, rng):
@@ -153,13 +159,9 @@ def pretrain_base(processor, rng, lm=t5, steps=600, batch_images=32, log=print, 
     # transformers starts the queries at zero; the Q-Former's first LayerNorm of an all-zero input has a huge
     # gradient (1 / sqrt(eps)). BLIP-2's own pretraining draws them from N(0, 0.02), as here.
     torch.nn.init.normal_(model.query_tokens, std=0.02)
-    if model.config.text_config.tie_word_embeddings:
-        # Pretraining shows the base a dozen words; every other word keeps its initial embedding, which is also its
-        # output row where the two are tied (OPT). At OPT's std of 0.02 those rows stay small beside the trained ones,
-        # and LoRA hardly makes the model say the demo's words (config/demo_opt.py, beam 2: fine-tuned CIDEr 94,
-        # zero-shot 19); at 0.125 it does (276 to 374 over three seeds, zero-shot 34). A real OPT has trained its
-        # whole vocabulary.
-        torch.nn.init.normal_(model.get_input_embeddings().weight, std=0.125)
+    std = EMBEDDING_STD.get(model.config.text_config.model_type)
+    if std is not None:
+        torch.nn.init.normal_(model.get_input_embeddings().weight, std=std)
     prompt = prompt_ids(processor.tokenizer, "a photo of", model.config)
     caption_ids = caption_tokenizer(processor.tokenizer, model.config)
     # A loop of its own, not train.py's step: this trains every weight of a model made from scratch (no LoRA, nothing
@@ -184,6 +186,15 @@ def pretrain_base(processor, rng, lm=t5, steps=600, batch_images=32, log=print, 
         if step % 100 == 0 or step == steps - 1:
             log(f"  pretraining the tiny base: step {step:4d}  loss {(loss_sum / n_tokens).item():.3f}")
     return model.eval()
+
+
+def collection_about(path):
+    """(name, description) a model card gives a collection: the demo's is synthetic, whatever its folder is called;
+    None for any other."""
+    if os.path.realpath(path) == os.path.realpath(DEMO_DATA):
+        return "demo-circles", ("The offline demo's synthetic collection: coloured circles on plain backgrounds in "
+                                "Flickr8k's file layout, not Flickr8k")
+    return None
 
 
 def ensure_demo_world(path, log=print):

@@ -390,6 +390,7 @@ class Training:
     warmup_steps: int = 0
     optimizer: object = None       # AdamW over exactly the LoRA tensors
     scaler: object = None
+    collection_about: tuple = None  # (name, description) the model card gives the collection (demo.collection_about)
     evaluating: bool = False       # val CIDEr during training
     choose_by_val: bool = False    # keep the best adapter by val CIDEr (else the last)
     seconds: dict = field(default_factory=dict)  # where this run's time goes (run_log.time_spent)
@@ -451,7 +452,8 @@ def load_data_and_model(cfg, p):
     for note in caption_notes(splits["train"], caption_ids, cfg.max_caption_tokens, processor.tokenizer.unk_token_id):
         p.log(note)
     val_items = splits["val"][:cfg.eval_images] if cfg.eval_images else splits["val"]
-    return Training(blip2, processor, data, prompt, caption_ids, splits["train"], val_items, splits["test"])
+    return Training(blip2, processor, data, prompt, caption_ids, splits["train"], val_items, splits["test"],
+                    collection_about=demo.collection_about(cfg.data_dir))
 
 
 def prepare_training(cfg, p, t):

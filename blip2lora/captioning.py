@@ -141,7 +141,9 @@ def caption_stream(model, processor, items, prompt_ids, device, autocast, cache=
     be read goes to on_unreadable(item, error) and the rest are still captioned. progress: what to call the work
     in a progress bar (a terminal) or an occasional line (progress_log), "" for neither."""
     starts = range(0, len(items), batch_size)
-    for start in progress_of(starts, len(starts), progress, "batches", progress_log) if progress else starts:
+    counted = progress_of(starts, len(items), progress, "images", progress_log, size=lambda start: len(
+        items[start:start + batch_size])) if progress else starts
+    for start in counted:
         chunk = items[start:start + batch_size]
         if cache is not None and cache.complete:
             chunk = [i for i in chunk if i.name not in cache.missing]

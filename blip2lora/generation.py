@@ -80,19 +80,22 @@ def process(scores, seen, new_tokens, eos, min_new_tokens, repetition_penalty, n
 
 @torch.no_grad()
 def generate_ids(model, lm, prompt_ids, image_embeds, num_beams=5, max_new_tokens=30, min_new_tokens=8,
-                 repetition_penalty=1.0, no_repeat_ngram_size=0, compile=False):
-    """Each image's caption ids (B, T), T the longest caption's length, padded with the pad token. lm: the family
-    (model.family). prompt_ids: the language model's input before the caption (data.prompt_ids); image_embeds:
-    (B, V, Dv) from the ViT or the vision cache. compile: the decode step compiled (one graph: far fewer launches
-    on a GPU); True for inductor, or a torch.compile backend's name."""
+                 repetition_penalty=1.0, no_repeat_ngram_size=0, compile=False, num_captions=1):
+    """Each image's caption ids (B, T), T the longest caption's length, padded with the pad token; with
+    num_captions N (at most num_beams), each image's N best, (B * N, T), as num_return_sequences gives them. lm: the
+    family (model.family). prompt_ids: the language model's input before the caption (data.prompt_ids);
+    image_embeds: (B, V, Dv) from the ViT or the vision cache. compile: the decode step compiled (one graph: far fewer
+    launches on a GPU); True for inductor, or a torch.compile backend's name."""
     text = model.config.text_config
     input_ids = torch.tensor(prompt_ids, device=image_embeds.device).expand(image_embeds.shape[0], -1)
     state, logits = lm.start_generation(model, input_ids, image_embeds, num_beams, max_new_tokens)
     controls = dict(eos=text.eos_token_id, min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty,
                     no_repeat_ngram_size=no_repeat_ngram_size)
     step = _compiled(lm.decode_step, "inductor" if compile is True else compile) if compile else lm.decode_step
-    search = _greedy if num_beams == 1 else _beam_search
-    return search(model, step, state, logits, image_embeds.shape[0], max_new_tokens, text.pad_token_id, controls)
+    if num_beams == 1:
+        return _greedy(model, step, state, logits, image_embeds.shape[0], max_new_tokens, text.pad_token_id, controls)
+    return _beam_search(model, step, state, logits, image_embeds.shape[0], max_new_tokens, text.pad_token_id,
+                        controls, num_captions)
 
 
 _COMPILED = {}
@@ -126,14 +129,14 @@ def _greedy(model, decode_step, state, logits, images, max_new_tokens, pad, cont
     return _cropped(tokens, controls["eos"])
 
 
-def _beam_search(model, decode_step, state, logits, images, max_new_tokens, pad, controls):
+def _beam_search(model, decode_step, state, logits, images, max_new_tokens, pad, controls, num_captions=1):
     """transformers' beam search (GenerationMixin._beam_search, early_stopping=False), vectorised over the images
     still going: the 2 * beams best continuations of all beams, the beams best that did not end go on, those that
     ended among the first `beams` compete for the `beams` finished places (score / new tokens), and an image stops
     when its best running beam, at its current length, cannot beat its worst finished caption."""
     beams, eos, device = state.beams, controls["eos"], logits.device
     vocab, k = logits.shape[-1], 2 * beams
-    captions = torch.full((images, max_new_tokens), pad, dtype=torch.long, device=device)  # the answer, per image
+    captions = torch.full((images, num_captions, max_new_tokens), pad, dtype=torch.long, device=device)  # the answer
     left = torch.arange(images, device=device)
     running = torch.full((images, beams, max_new_tokens), pad, dtype=torch.long, device=device)
     running_scores = torch.zeros(images, beams, device=device)
@@ -175,15 +178,15 @@ def _beam_search(model, decode_step, state, logits, images, max_new_tokens, pad,
             break
         state.reorder(rows)
         if done.any():  # these images have their captions: out of the work
-            captions[left[done]] = finished[done, 0]
+            captions[left[done]] = finished[done, :num_captions]
             going = (~done).nonzero().flatten()
             state.keep(going)
             left, running, running_scores = left[going], running[going], running_scores[going]
             finished, finished_scores, is_finished, improvable = (finished[going], finished_scores[going],
                                                                   is_finished[going], improvable[going])
         logits = decode_step(model, state, running[:, :, n].flatten(), torch.tensor(n + 1))
-    captions[left] = finished[:, 0]
-    return _cropped(captions, eos)
+    captions[left] = finished[:, :num_captions]
+    return _cropped(captions.flatten(0, 1), eos)
 
 
 def caption_tokens(ids, eos):

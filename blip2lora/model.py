@@ -115,25 +115,28 @@ def prepare_for_training(model, compute_dtype, settings, gradient_checkpointing=
 
 @torch.no_grad()
 def generate_captions(model, tokenizer, prompt_ids, image_embeds, num_beams=5, max_new_tokens=30, min_new_tokens=8,
-                      repetition_penalty=1.0, no_repeat_ngram_size=0, generation="own", compile=False):
+                      repetition_penalty=1.0, no_repeat_ngram_size=0, generation="own", compile=False, num_captions=1):
     """Beam-search captions for (B, V, Dv) image embeddings, as model.generate(**processor(images, text=prompt))
     writes them. generation "own": generation.py's search, the image side once per image (compile: its decode step
     compiled); "transformers": the language model's generate() on the same inputs. Both give the new tokens, ending
-    at the family's end token (T5 </s>, OPT "\n"), which decoding drops; tokenizer None: the ids (B, T)."""
+    at the family's end token (T5 </s>, OPT "\n"), which decoding drops; tokenizer None: the ids (B, T).
+    num_captions N > 1: each image's N best captions, a list of N (the ids: (B * N, T))."""
     settings = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                     repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size)
     if generation == "own":
-        output = generate_ids(model, family(model.config), prompt_ids, image_embeds, compile=compile, **settings)
+        output = generate_ids(model, family(model.config), prompt_ids, image_embeds, compile=compile,
+                              num_captions=num_captions, **settings)
     else:
         input_ids = torch.tensor(prompt_ids, device=image_embeds.device).expand(image_embeds.shape[0], -1)
         embeds = embed_prompt(model, input_ids, image_features(model, image_embeds))    # (B, L, D)
         text = model.config.text_config
         output = model.language_model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids),
                                                eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id,
-                                               **settings)
+                                               num_return_sequences=num_captions, **settings)
     if tokenizer is None:
         return output
-    return [c.strip() for c in tokenizer.batch_decode(output, skip_special_tokens=True)]
+    texts = [c.strip() for c in tokenizer.batch_decode(output, skip_special_tokens=True)]
+    return texts if num_captions == 1 else [texts[i:i + num_captions] for i in range(0, len(texts), num_captions)]
 
 
 # ------------------------------------------------------------------------------------------- loading

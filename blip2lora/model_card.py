@@ -58,20 +58,51 @@ def collection_name(data_dir):
     return os.path.basename(os.path.abspath(str(data_dir))) or "captions"
 
 
-def base_note(base_model):
-    if os.path.isabs(base_model):
-        return (f"\n`base_model` is the local folder it was trained from ({base_model}); put the base's hub id there "
-                "before uploading, so that the hub links the two.\n")
-    return ""
+def base_reference(base_model):
+    """The base as a published card names it: its hub id, or a local folder's name (never its path on this disk),
+    with a line saying to put the hub id there."""
+    if not os.path.isdir(base_model):
+        return base_model, ""
+    name = os.path.basename(os.path.normpath(base_model))
+    return name, (f"\n`base_model` names the local folder it was trained from ({name}); put the base's hub id there "
+                  "before uploading, so that the hub links the two.\n")
+
+
+def base_license(base_model):
+    """The license the base's own card gives (its README.md's front matter, in its folder or the local hub cache), or
+    None."""
+    path = os.path.join(base_model, CARD_FILE)
+    if not os.path.isdir(base_model):
+        from huggingface_hub import try_to_load_from_cache
+        path = try_to_load_from_cache(base_model, CARD_FILE)
+    try:
+        text = open(path, encoding="utf-8").read() if isinstance(path, str) else ""
+        meta = yaml.safe_load(text.split("---")[1]) if text.startswith("---") else None
+    except (OSError, UnicodeDecodeError, IndexError, yaml.YAMLError):
+        return None
+    license_id = meta.get("license") if isinstance(meta, dict) else None
+    return license_id if isinstance(license_id, str) else None
+
+
+def publishing(base_model):
+    """(front matter's base_model and license, the card's lines saying what to set before uploading)."""
+    base, note = base_reference(base_model)
+    license_id = base_license(base_model)
+    if license_id is None:
+        note += ("\n`license: unknown`: the base's card gave none here; set the base model's license (and your "
+                 "data's terms) before uploading.\n")
+    return {"base_model": base, "license": license_id or "unknown"}, note
 
 
 def adapter_card(folder, facts):
     """Write folder/README.md for a LoRA adapter. facts: base_model, targets, r, alpha, dropout, collection,
     layout, splits {split: (images, captions)}, settings {name: value}, step, total_steps, prompt, generation
     {name: value}, and once measured scores {"zero-shot": ..., "fine-tuned": ...} with test_images."""
-    collection, scores = collection_name(facts["collection"]), facts.get("scores")
+    about = facts.get("collection_about")  # (name, description) for a collection its folder name misnames
+    collection, scores = about[0] if about else collection_name(facts["collection"]), facts.get("scores")
     name = f"blip2-lora-{collection}"
-    meta = {"base_model": facts["base_model"], "library_name": "peft", "pipeline_tag": "image-to-text",
+    published, note = publishing(facts["base_model"])
+    meta = {**published, "library_name": "peft", "pipeline_tag": "image-to-text",
             "tags": ["blip-2", "lora", "image-captioning", collection]}
     if scores:
         meta["model-index"] = model_index(name, collection, scores["fine-tuned"], facts["test_images"])
@@ -79,19 +110,20 @@ def adapter_card(folder, facts):
                        for split, (images, captions) in facts["splits"].items())
     settings = "\n".join(f"| {k} | {v} |" for k, v in facts["settings"].items())
     modules = ", ".join(f"`{t}`" for t in facts["targets"])
+    data = about[1] if about else f"`{collection}` ({facts['layout']})"
     text = [front_matter(meta), f"# {name}: BLIP-2 LoRA adapter for captioning images like `{collection}`\n",
             f"LoRA (rank r={facts['r']}, alpha={facts['alpha']:g}, so updates scaled by "
             f"{facts['alpha'] / facts['r']:g}; dropout {facts['dropout']:g}) on the modules {modules} of "
             "BLIP-2's Q-Former and language model, everything else frozen; only the adapter's weights are here "
-            "(peft's layout). Trained with blip2-lora-captioning's `train.py`.",
-            base_note(facts["base_model"]),
-            "\n## Training data\n", f"`{facts['collection']}` ({facts['layout']}): {splits}.\n",
-            "\n## Training\n", f"Kept: the adapter of step {facts['step']} of {facts['total_steps']}.\n",
+            "(peft's layout). Trained with blip2-lora-captioning's `train.py`.", note,
+            "\n## Training data\n", f"{data}: {splits}.\n",
+            "\n## Training\n", f"Kept: the adapter of step {facts['step']} of {facts['total_steps']} "
+            f"({facts['epochs_trained']:.3g} epochs over the train split).\n",
             "| setting | value |\n| --- | --- |\n" + settings + "\n",
             "\n## Test scores (x100, the COCO caption toolkit's scores as papers print them)\n"]
     text.append(f"{facts['test_images']} test images, beam search as below.\n\n" + score_table(scores) + "\n" if scores
                 else "Not measured yet: train.py's final evaluation writes them here.\n")
-    text.append(usage(facts["prompt"], facts["generation"], facts["base_model"]))
+    text.append(usage(facts["prompt"], facts["generation"], published["base_model"]))
     write_card(folder, text)
 
 
@@ -132,15 +164,16 @@ def merged_card(folder, base_model, adapter, trained_on, prompt, generation, sco
     """Write folder/README.md for a merged export: a plain transformers BLIP-2 checkpoint."""
     collection = collection_name(trained_on.get("data_dir", "captions"))
     name = f"blip2-lora-{collection}-merged"
-    meta = {"base_model": base_model, "library_name": "transformers", "pipeline_tag": "image-to-text",
+    published, note = publishing(base_model)
+    meta = {**published, "library_name": "transformers", "pipeline_tag": "image-to-text",
             "tags": ["blip-2", "lora", "merged", "image-captioning", collection]}
     if scores:
         meta["model-index"] = model_index(name, collection, scores["fine-tuned"], test_images)
     settings = ", ".join(f"{k}={v}" for k, v in generation.items())
     text = [front_matter(meta), f"# {name}: BLIP-2 fine-tuned for image captioning\n",
-            f"{base_model} with the LoRA adapter {adapter} (trained on `{trained_on.get('data_dir', '?')}`, step "
+            f"{published['base_model']} with a LoRA adapter (trained on `{collection}`, step "
             f"{trained_on.get('step', '?')}) folded into its weights by blip2-lora-captioning's `caption.py "
-            "--export-merged`: a plain transformers checkpoint, no peft needed.", base_note(base_model)]
+            "--export-merged`: a plain transformers checkpoint, no peft needed.", note]
     if scores:
         text.append(f"\n## Test scores (x100), {test_images} images\n\n" + score_table(scores) + "\n")
     text.append(f"""

@@ -25,17 +25,23 @@ def print_to_stderr(line):
     print(line, file=sys.stderr, flush=True)
 
 
-def progress(iterable, total, desc, unit, log=print_to_stderr, every_s=30.0, terminal=None):
-    """Yield iterable's items (total of them, counted as `unit`, a plural: "batches"), showing how far along; the
-    lines go where tqdm's bar would, to stderr, unless log says otherwise (train.py: its own log)."""
+def progress(iterable, total, desc, unit, log=print_to_stderr, every_s=30.0, terminal=None, size=None):
+    """Yield iterable's items, showing how far along: total `unit`s (a plural: "batches"), each item one of them or
+    size(item) (a batch of images counted as its images: the rate is then images/s). The lines go where tqdm's bar
+    would, to stderr, unless log says otherwise (train.py: its own log)."""
     terminal = sys.stderr.isatty() if terminal is None else terminal
+    size = size or (lambda item: 1)
     if terminal:
-        yield from tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+        with tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True) as bar:
+            for item in iterable:
+                yield item
+                bar.update(size(item))
         return
     start = last_line = time.time()
     done = 0
-    for done, item in enumerate(iterable, 1):
+    for item in iterable:
         yield item  # the caller's work on it happens here
+        done += size(item)
         now = time.time()
         if now - last_line >= every_s and done < total:
             left = (now - start) / done * (total - done)

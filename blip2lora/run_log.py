@@ -149,7 +149,8 @@ def write_model_card(cfg, p, t, step, scores=None, test_images=0):
     adapter_card(os.path.join(cfg.out_dir, "adapter"), {
         "base_model": base_model_reference(cfg.model), "r": cfg.lora_r, "alpha": cfg.lora_alpha,
         "dropout": cfg.lora_dropout, "targets": cfg.lora_targets or lora_targets(t.model.config),
-        "collection": cfg.data_dir, "layout": t.data.layout,
+        "collection": cfg.data_dir, "collection_about": t.collection_about, "layout": t.data.layout,
+        "epochs_trained": step / t.steps_per_epoch,
         "splits": {name: (len(items), sum(len(i.captions) for i in items)) for name, items in t.data.splits.items()},
         "settings": {**{k: getattr(cfg, k) for k in CARD_SETTINGS}, "precision": str(p.dtype).split(".")[-1],
                      "processes": p.world_size},

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import run_main, write_jsonl
+from conftest import data_report, run_main, write_jsonl
 from data import read_captions
 
 # README "Small collections", as checked on the demo base (whose tiny model wants a larger learning rate)
@@ -87,3 +87,62 @@ def test_captions_in_words_the_tokenizer_does_not_know_are_reported(collections,
     assert code == 0, err[-2000:]
     (warning,) = [line for line in out.splitlines() if line.startswith("warning: ")]
     assert "% of the train captions' tokens are unknown to this model's tokenizer (<unk>)" in warning
+
+
+@pytest.fixture
+def photos(demo_world, tmp_path):
+    """A folder of 12 demo images, 2 of them in a subfolder, as a user's photos."""
+    source = os.path.join(demo_world[0], "Flicker8k_Dataset")
+    names = sorted(os.listdir(source))[:12]
+    os.makedirs(tmp_path / "photos" / "sub")
+    for i, name in enumerate(names):
+        shutil.copy(os.path.join(source, name), tmp_path / "photos" / ("sub" if i >= 10 else "") / name)
+    return tmp_path / "photos", names
+
+
+def test_caption_py_labels_a_folder_as_a_collection_train_py_reads(demo_run, photos):
+    """caption.py --recursive --write jsonl: every image, the subfolder's too, in metadata.jsonl with file_name
+    relative to the folder; data.py (and so train.py --data) reads it as an imagefolder collection."""
+    folder, names = photos
+    code, _, err = run_main("caption", "--adapter", os.path.join(demo_run[0], "adapter"), "--recursive",
+                            "--write", "jsonl", folder)
+    assert code == 0 and "captioned 12 images" in err, err[-2000:]
+    rows = [json.loads(line) for line in open(folder / "metadata.jsonl")]
+    assert sorted(r["file_name"] for r in rows) == sorted(names[:10] + [f"sub/{n}" for n in names[10:]])
+    assert all("circle" in r["text"] for r in rows)
+    assert sum(c["images"] for c in data_report(folder)["splits"].values()) == 12
+    code, _, err = run_main("caption", "--adapter", os.path.join(demo_run[0], "adapter"), "--write", "jsonl", folder)
+    assert code == 1 and "metadata.jsonl exists: --resume" in err  # never overwritten unasked
+
+
+def test_resume_captions_only_what_an_interrupted_run_left_and_keeps_hand_corrections(demo_run, photos):
+    folder, names = photos
+    adapter = os.path.join(demo_run[0], "adapter")
+    write_jsonl(folder / "metadata.jsonl", [{"file_name": n, "text": "corrected by hand"} for n in names[:5]])
+    code, _, err = run_main("caption", "--adapter", adapter, "--recursive", "--write", "jsonl", "--resume", folder)
+    assert code == 0 and "5 of 12 images are captioned" in err and "captioned 7 images" in err, err[-2000:]
+    rows = [json.loads(line) for line in open(folder / "metadata.jsonl")]
+    assert len(rows) == 12 and [r["text"] for r in rows[:5]] == ["corrected by hand"] * 5
+
+
+def test_sidecar_captions_are_written_beside_each_image_and_kept(demo_run, photos):
+    folder, names = photos
+    adapter = os.path.join(demo_run[0], "adapter")
+    code, _, err = run_main("caption", "--adapter", adapter, "--recursive", "--write", "txt", folder)
+    assert code == 0, err[-2000:]
+    sidecars = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.txt"))
+    assert sidecars == sorted([n.replace(".jpg", ".txt") for n in names[:10]] +
+                              [f"sub/{n.replace('.jpg', '.txt')}" for n in names[10:]])
+    (folder / sidecars[0]).write_text("mine\n")
+    code, _, err = run_main("caption", "--adapter", adapter, "--recursive", "--write", "caption",
+                            "--caption-extension", ".txt", folder)
+    assert code == 0 and "12 of 12 images are captioned" in err and (folder / sidecars[0]).read_text() == "mine\n"
+
+
+def test_num_captions_gives_each_image_its_best_captions_in_json(demo_run, photos):
+    folder, _ = photos
+    code, out, err = run_main("caption", "--adapter", os.path.join(demo_run[0], "adapter"), "--num-captions", "3",
+                              "--json", folder / "sub")
+    assert code == 0, err[-2000:]
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 2 and all(len(r["captions"]) == 3 and len(set(r["captions"])) == 3 for r in rows)

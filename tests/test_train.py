@@ -104,8 +104,11 @@ def test_the_adapter_has_a_hub_model_card_with_the_scores(demo_run, demo_world):
     out_dir, _ = demo_run
     adapter = os.path.join(out_dir, "adapter")
     card = ModelCard.load(os.path.join(adapter, "README.md"))
-    assert card.data.base_model == os.path.abspath(demo_world[1]) and card.data.library_name == "peft"
-    assert card.data.pipeline_tag == "image-to-text" and "lora" in card.data.tags and card.data.license is None
+    assert card.data.base_model == "blip2-tiny" and card.data.library_name == "peft"  # a folder's name, never a path
+    assert card.data.pipeline_tag == "image-to-text" and "lora" in card.data.tags and card.data.license == "unknown"
+    assert os.getcwd() not in card.text and os.path.sep + "demo" + os.path.sep not in card.text
+    assert "flickr8k" not in str(card.data).lower() and "not Flickr8k" in card.text  # the demo's world as it is
+    assert "put the base's hub id there" in card.text and "set the base model's license" in card.text
     results = json.load(open(os.path.join(out_dir, "results.json")))
     cider = [r for r in card.data.eval_results if r.metric_type == "cider"]
     assert len(cider) == 1 and cider[0].metric_value == pytest.approx(results["fine_tuned"]["CIDEr"], abs=0.01)
@@ -578,3 +581,14 @@ def test_out_of_memory_is_one_line_naming_the_batch_and_the_levers(demo_world, t
     for lever in ("batch_images=8", "--batch_images=4", "--gradient_checkpointing=True", "--base_bits=4",
                   "bench.py --model full --memory"):
         assert lever in err
+
+
+def test_the_card_takes_the_base_s_license_and_names_a_local_base_by_its_folder(tmp_path):
+    from blip2lora.model_card import publishing
+    base = tmp_path / "my-base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nlicense: mit\ntags: [x]\n---\n# a base model\n")
+    meta, note = publishing(str(base))
+    assert meta == {"base_model": "my-base", "license": "mit"} and str(tmp_path) not in note
+    assert publishing("Salesforce/blip2-flan-t5-xl") == ({"base_model": "Salesforce/blip2-flan-t5-xl",
+                                                          "license": "unknown"}, publishing("x/y")[1])
