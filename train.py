@@ -34,7 +34,6 @@ What a run does, top to bottom:
 Settings: the block below; `python train.py --help` lists them. Config files (Python assignments of literals, e.g.
 config/demo.py) and --key=value or --key value override them (settings.py); a mistake is one line.
 """
-import importlib.util
 import math
 import os
 import sys
@@ -56,7 +55,7 @@ from blip2lora.curves import curves_html, read_log
 from blip2lora.files import UserError, printable, read_json, write_json
 from blip2lora.model import DEFAULT_MODEL, caption_tokenizer, family, load_blip2, prepare_for_training, weights_dtype
 from blip2lora.progress import duration
-from blip2lora.run_log import RunState, Speedometer, time_spent, why_not_better, write_model_card
+from blip2lora.run_log import RunState, Speedometer, check_tensorboard, time_spent, why_not_better, write_model_card
 from blip2lora.scoring import SCALE, print_table, require_java, score_captions, score_split, write_html
 from blip2lora.vision_cache import prepare_vision_cache
 from data import CaptionCollator, ImageCaptionDataset, caption_notes, image_loader, prompt_ids, read_captions
@@ -159,9 +158,7 @@ def main(argv=None):
 
 def train(cfg, stop):
     """The whole run, stage by stage."""
-    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise UserError("tensorboard=True needs the tensorboard package: pip install tensorboard (or leave it False; "
-                        "the curves are in out_dir/report.html either way)")
+    check_tensorboard(cfg)  # run_log.py: the package, and folders it can write, before any work
     started, p = time.time(), start_processes(cfg)
     torch.manual_seed(cfg.seed)
     resume = check_resume(cfg, p)  # checkpoint.py: lock out_dir, read its checkpoint, refuse changed settings

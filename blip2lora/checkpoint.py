@@ -379,6 +379,10 @@ def _read_checkpoint(cfg, p):
                               f"{settings_now[key]!r}: resume with the same value, or train afresh in another out_dir "
                               f"(or delete {checkpoint_dir})")
     extended = {"max_steps", "epochs"} & changed.keys()  # a finished run given more steps trains on (restore)
+    if "epochs" in extended and "max_steps" not in extended and cfg.max_steps:
+        p.log(f"epochs {changed['epochs']!r} -> {cfg.epochs!r} changes nothing: max_steps={cfg.max_steps} decides the "
+              "run's length (raise max_steps, or set max_steps=0 for epochs to count)")
+        extended = set()
     if state.get("finished") and not extended and (os.path.isfile(results_path) or not cfg.final_eval):
         p.log(f"{cfg.out_dir}: this run has finished (raise max_steps or epochs to train it on from its last step; "
               f"delete {checkpoint_dir} to train again from the start)")

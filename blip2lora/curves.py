@@ -16,9 +16,13 @@ CHARTS = (("loss", "training loss (mean caption-token cross-entropy)"), ("lr", "
 WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 340, 220, 56, 14, 30, 40  # pixels: the chart and its margins
 
 
-def read_log(path):
+LARGEST = 1e30  # a logged value or step beyond this is no run's (a tampered or damaged line): skipped, and said
+
+
+def read_log(path, skipped=None):
     """{"loss": [(step, value), ...], "lr": [...], "val_CIDEr": [...]}, continuous across resumes; lines that are not
-    a log entry are skipped (the page is written whatever the log holds)."""
+    a log entry, or whose step or values no run logs, are skipped and counted in `skipped` (a list): the page is
+    written whatever the log holds."""
     series = {key: {} for key, _ in CHARTS}
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -31,6 +35,11 @@ def read_log(path):
         except ValueError:
             continue
         if not isinstance(entry, dict) or type(entry.get("step")) is not int:
+            continue
+        values = [entry[key] for key in series if type(entry.get(key)) in (int, float)]
+        if not 0 <= entry["step"] <= LARGEST or any(abs(v) > LARGEST for v in values):
+            if skipped is not None:
+                skipped.append(line)
             continue
         if entry.get("resumed"):
             for points in series.values():  # logged by the stopped run after its last checkpoint: done again
@@ -85,13 +94,16 @@ def chart(title, points):
 
 def curves_html(log_path):
     """The report's "Training" section from log.jsonl; "" when the log holds no step."""
-    series = read_log(log_path)
+    skipped = []
+    series = read_log(log_path, skipped)
     drawn = [chart(title, series[key]) for key, title in CHARTS if series[key]]
     if not drawn:
         return ""
     last = max(points[-1][0] for points in series.values() if points)
+    said = f" {len(skipped)} lines with a step or value no run logs were left out." if skipped else ""
     return (f"<h2>Training</h2><p>From {html.escape(str(log_path))}: {len(series['loss'])} logged steps up to step "
-            f"{last}, {len(series['val_CIDEr'])} evaluations.</p><div class='curves'>" + "".join(drawn) + "</div>")
+            f"{last}, {len(series['val_CIDEr'])} evaluations.{said}</p><div class='curves'>" + "".join(drawn)
+            + "</div>")
 
 
 CSS = (".curves{display:flex;flex-wrap:wrap;gap:12px}.curves svg{font-size:11px}.curves .title{font-weight:bold;"

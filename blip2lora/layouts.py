@@ -471,8 +471,9 @@ _CHILD_READS = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from blip2lora import layouts
-options = layouts.Options(**json.loads(sys.argv[2]))
-for path in sys.argv[3:]:
+request = json.loads(sys.stdin.read())  # the files on stdin: 10,000 of them are too long for a command line
+options = layouts.Options(**request["options"])
+for path in request["files"]:
     print(path, flush=True)  # the file being read, should the process die
     try:
         for _ in layouts._dataset_rows(path, options, layouts.Found({}, {}, [])):
@@ -480,6 +481,17 @@ for path in sys.argv[3:]:
     except Exception:
         pass  # an error pyarrow raises: the parent meets it again and says it in one line
 """
+
+
+def _die_with_parent():
+    """In the child, before it runs: the kernel kills it when its parent dies (a SIGTERM to data.py must not leave it
+    reading on; Linux's prctl PR_SET_PDEATHSIG, elsewhere nothing)."""
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    except (AttributeError, OSError):
+        pass
 
 
 def _read_in_a_child_first(files, options):
@@ -496,9 +508,9 @@ def _read_in_a_child_first(files, options):
     project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder that holds blip2lora/
     # -P: the working directory is not put on the child's import path (a json.py there would run); the project's
     # folder is, first, as the parent has it
-    child = subprocess.run([sys.executable, "-P", "-c", _CHILD_READS, project,
-                            json.dumps(vars(options)), *todo], capture_output=True, text=True,
-                           errors="surrogateescape")
+    child = subprocess.run([sys.executable, "-P", "-c", _CHILD_READS, project], capture_output=True, text=True,
+                           errors="surrogateescape", input=json.dumps({"options": vars(options), "files": todo}),
+                           preexec_fn=_die_with_parent)
     if child.returncode != 0:
         reading = (child.stdout.splitlines() or todo)[-1]
         said = [line.strip() for line in child.stderr.splitlines() if line.strip()]
@@ -515,9 +527,14 @@ def _read_dataset_files(root, files, options):
     An image inside a file is one image: cells that share a name (`datasets` keeps only a file's base name, so
     cats/0.png and dogs/0.png are both 0.png) are one image only if their bytes are the same (a dataset with a row per
     caption); different bytes are different images, named FILE#ROW. A cell holding only a path names a file beside
-    the data, and the same path is the same file."""
+    the data, and the same path is the same file. Only regular files are opened: a FIFO or a device named *.parquet
+    would block the reading for ever."""
+    special = [f for f in files if not os.path.isfile(f)]  # (isfile follows a link to what it names)
+    files = [f for f in files if f not in special]
     _read_in_a_child_first(files, options)
     found, labels, from_names = Found({}, {}, [os.path.relpath(f, root) for f in files]), {}, False
+    found.skipped += [{"item": os.path.relpath(f, root), "reason": "not a regular file (a FIFO, a device): not read"}
+                      for f in special]
     cells = {}  # name -> [(DatasetImage, captions, split)] of the rows whose image is inside the file
     for path in files:
         relative = os.path.relpath(path, root)

@@ -7,6 +7,7 @@ blip2lora/run_log.py: what train.py records of a run as it goes: the log line, l
     Speedometer   the line printed every log_interval steps: step N/TOTAL, loss, learning rate, speed, time left
     write_model_card  out_dir/adapter/README.md, the card the Hugging Face hub shows (model_card.py)
 """
+import importlib.util
 import json
 import os
 import time
@@ -14,9 +15,30 @@ import time
 import torch
 
 from blip2lora.captioning import GENERATION_DEFAULTS, base_model_reference
+from blip2lora.files import UserError, require_writable_folder
 from blip2lora.model import lora_targets
 from blip2lora.model_card import adapter_card
 from blip2lora.progress import duration
+
+
+TENSORBOARD_RUNS = ("train", "zero_shot", "fine_tuned")  # out_dir/tensorboard/RUN, the runs TensorBoard lists
+
+
+def check_tensorboard(cfg):
+    """tensorboard=True: the package is there, and out_dir/tensorboard and its runs are folders (or not yet made) that
+    can be written, not a file or a link that would send the final evaluation's scalars elsewhere or nowhere."""
+    if not cfg.tensorboard:
+        return
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UserError("tensorboard=True needs the tensorboard package: pip install tensorboard (or leave it False; "
+                        "the curves are in out_dir/report.html either way)")
+    folder = os.path.join(cfg.out_dir, "tensorboard")
+    for path in (folder, *(os.path.join(folder, run) for run in TENSORBOARD_RUNS)):
+        if os.path.islink(path) or (os.path.lexists(path) and not os.path.isdir(path)):
+            raise UserError(f"{path}: {'a symbolic link' if os.path.islink(path) else 'not a folder'}, where "
+                            "tensorboard=True writes its files; move it away, or leave tensorboard False")
+        if os.path.isdir(path):
+            require_writable_folder(path, "TensorBoard files")
 
 
 class RunState:

@@ -477,3 +477,28 @@ def test_reading_a_hub_dataset_runs_no_code_from_the_working_directory(hub_datas
     result = run_script(os.path.join(ROOT, "data.py"), str(hub_datasets / "hub"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert not marker.exists()
+
+
+def test_nine_thousand_shards_under_a_long_folder_name_are_read(demo_world, tmp_path):
+    """Their paths (2.2 MB) are more than a command line holds: the child process that first reads them gets the
+    list another way."""
+    import pyarrow.parquet as pq
+    root = tmp_path / ("x" * 190)
+    (root / "data").mkdir(parents=True)
+    image = demo_image_bytes(demo_world, 1)[0]
+    for i in range(9000):
+        pq.write_table(image_table([image], [f"{i}.jpg"], {"text": ["a small circle"]}),
+                       root / "data" / f"train-{i:05d}-of-09000.parquet")
+    data = read_captions(str(root))
+    assert sum(len(items) for items in data.splits.values()) == 9000
+
+
+def test_a_fifo_named_like_a_shard_is_skipped_not_waited_on(hub_datasets, tmp_path):
+    """A FIFO named *.parquet blocked data.py and train.py for ever: only regular files are opened."""
+    import shutil
+    folder = tmp_path / "hub"
+    shutil.copytree(hub_datasets / "hub", folder)
+    os.mkfifo(folder / "data" / "train-00009-of-00010.parquet")
+    result = run_script(os.path.join(ROOT, "data.py"), str(folder), timeout=60)  # TimeoutExpired if it waits
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "not a regular file" in result.stdout and "train-00009-of-00010.parquet" in result.stdout

@@ -246,6 +246,17 @@ def test_ctrl_c_saves_the_step_and_the_same_settings_end_as_an_uninterrupted_run
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
 
 
+def test_more_epochs_on_a_run_that_max_steps_decides_is_said_and_changes_nothing(uninterrupted, tmp_path):
+    import shutil
+    shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
+    before = adapter_tensors(tmp_path)
+    code, out, err = run_main("train", *SHORT, f"--out_dir={tmp_path}", "--epochs=9")
+    assert code == 0, err[-2000:]
+    assert "changes nothing: max_steps=8 decides the run's length" in out and "this run has finished" in out
+    assert not any(line.startswith("step ") for line in out.splitlines())
+    assert same_tensors(before, adapter_tensors(tmp_path))
+
+
 def test_a_finished_run_given_more_steps_trains_on_from_its_end(uninterrupted, tmp_path):
     import shutil
     shutil.copytree(uninterrupted, tmp_path, dirs_exist_ok=True)
@@ -592,3 +603,31 @@ def test_the_card_takes_the_base_s_license_and_names_a_local_base_by_its_folder(
     assert meta == {"base_model": "my-base", "license": "mit"} and str(tmp_path) not in note
     assert publishing("Salesforce/blip2-flan-t5-xl") == ({"base_model": "Salesforce/blip2-flan-t5-xl",
                                                           "license": "unknown"}, publishing("x/y")[1])
+
+
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_a_tensorboard_run_folder_that_is_not_one_is_refused_before_any_work(demo_world, tmp_path, kind):
+    """A file at out_dir/tensorboard/zero_shot threw the final evaluation away after training, every time; a link
+    sent the scalars elsewhere. Both are one line before any step."""
+    out = tmp_path / "out"
+    (out / "tensorboard").mkdir(parents=True)
+    if kind == "file":
+        (out / "tensorboard" / "zero_shot").write_text("mine")
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        (out / "tensorboard" / "train").symlink_to(tmp_path / "elsewhere")
+    code, stdout, err = run_main("train", "config/demo.py", "--tensorboard=True", f"--out_dir={out}")
+    assert code == 1 and err.count("\n") == 1 and "tensorboard" in err and "move it away" in err
+    assert not any(line.startswith("step ") for line in stdout.splitlines())
+
+
+def test_a_tampered_log_still_gives_curves_and_says_what_it_left_out(tmp_path):
+    """A loss of 1e308 or a step of 10**400 in log.jsonl stopped the report with an OverflowError (results.json moved
+    on, report.html stayed stale); such lines are left out, and said."""
+    from blip2lora.curves import curves_html
+    log = tmp_path / "log.jsonl"
+    entries = [{"step": 1, "loss": 5.0, "lr": 1e-3}, {"step": 0, "loss": 1e308}, {"step": 10**400, "loss": 4.0},
+               {"step": 2, "loss": 4.0}]
+    log.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    page = curves_html(log)
+    assert page.count("<svg") == 2 and "2 lines with a step or value no run logs were left out" in page
