@@ -5,7 +5,7 @@ demo.py) and lora.py. Nothing here imports a script; each module's first line sa
     model.py, blip2.py          loading BLIP-2; what every BLIP-2 shares (vision, Q-Former, image tokens)
     t5.py, opt.py               the language-model families: the same functions, one file each (model.FAMILIES)
     vision_cache.py             the frozen ViT's outputs, computed once
-    captioning.py               captioning images with a base and an adapter
+    captioning.py, labels.py    captioning images with a base and an adapter; captions written as labels
     generation.py               beam search as transformers' generate(), the image side once per image
     adapter_files.py            adapters in the layout peft reads
     checkpoint.py, run_log.py   train.py's out_dir: checkpoints and resuming; the log, curves and model card
