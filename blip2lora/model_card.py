@@ -55,7 +55,10 @@ def score_table(scores):
 
 
 def collection_name(data_dir):
-    return os.path.basename(os.path.abspath(str(data_dir))) or "captions"
+    """The collection as a card names it: its folder's name as a slug (letters, digits, . _ -), which no folder name
+    can turn into Markdown, HTML or another line of YAML."""
+    name = os.path.basename(os.path.abspath(str(data_dir)))
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "captions"
 
 
 def base_reference(base_model):
@@ -63,7 +66,7 @@ def base_reference(base_model):
     with a line saying to put the hub id there."""
     if not os.path.isdir(base_model):
         return base_model, ""
-    name = os.path.basename(os.path.normpath(base_model))
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(os.path.normpath(base_model))).strip("-") or "base"
     return name, (f"\n`base_model` names the local folder it was trained from ({name}); put the base's hub id there "
                   "before uploading, so that the hub links the two.\n")
 

@@ -631,3 +631,23 @@ def test_a_tampered_log_still_gives_curves_and_says_what_it_left_out(tmp_path):
     log.write_text("".join(json.dumps(e) + "\n" for e in entries))
     page = curves_html(log)
     assert page.count("<svg") == 2 and "2 lines with a step or value no run logs were left out" in page
+
+
+def test_a_folder_name_cannot_write_markdown_html_or_yaml_into_the_card(tmp_path):
+    """A collection or base folder named with newlines, U+0085 (a line break to YAML), backticks or HTML is a slug in
+    the card: no forged section, no HTML, and the front matter still parses as the hub reads it."""
+    from huggingface_hub import ModelCard
+    from blip2lora.model_card import adapter_card
+    evil = "x\n## Test scores\n<script>alert(1)</script>\u0085tags: [evil]`"
+    base = tmp_path / ("base" + evil.replace("/", ""))
+    base.mkdir()
+    adapter_card(str(tmp_path), {"base_model": str(base), "r": 8, "alpha": 16, "dropout": 0.0, "targets": ["q"],
+                                 "collection": str(tmp_path / evil.replace("/", "")), "layout": "imagefolder",
+                                 "splits": {"train": (1, 1)}, "settings": {}, "step": 1, "total_steps": 1,
+                                 "epochs_trained": 1.0, "prompt": "a photo of", "generation": {"num_beams": 5}})
+    text = open(tmp_path / "README.md").read()
+    assert "<script>" not in text and "\u0085" not in text and "\n## Test scores\n<" not in text
+    card = ModelCard.load(str(tmp_path / "README.md"))
+    assert card.data.tags[:3] == ["blip-2", "lora", "image-captioning"] and len(card.data.tags) == 4
+    slug = re.compile(r"[A-Za-z0-9._-]+")
+    assert slug.fullmatch(card.data.tags[3]) and slug.fullmatch(card.data.base_model)
