@@ -256,7 +256,7 @@ def train_step(model, micro_batches, caption_loss, image_embeds, optimizer, scal
     params = optimizer.param_groups[0]["params"]  # exactly the LoRA tensors
     device = params[0].device
     # every token of the step, on every rank, counts once: the gradient is of the mean over all of them
-    tokens = sum((b["labels"] != -100).sum() for b in micro_batches).to(device, torch.float32)
+    tokens = sum(((b["labels"] != -100).sum() for b in micro_batches), torch.zeros(())).to(device, torch.float32)
     if ddp:
         dist.all_reduce(tokens)
     loss_sum = torch.zeros((), device=device)
