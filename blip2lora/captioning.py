@@ -141,8 +141,8 @@ def caption_stream(model, processor, items, prompt_ids, device, autocast, cache=
     be read goes to on_unreadable(item, error) and the rest are still captioned. progress: what to call the work
     in a progress bar (a terminal) or an occasional line (progress_log), "" for neither."""
     starts = range(0, len(items), batch_size)
-    counted = progress_of(starts, len(items), progress, "images", progress_log, size=lambda start: len(
-        items[start:start + batch_size])) if progress else starts
+    counted = progress_of(starts, len(items), progress, "images", progress_log,
+                          size=lambda start: min(batch_size, len(items) - start)) if progress else starts
     for start in counted:
         chunk = items[start:start + batch_size]
         if cache is not None and cache.complete:

@@ -1,8 +1,8 @@
 """
 blip2lora/checkpoint.py: train.py's out_dir: checkpoints, resuming from them, and the lock.
 
-train.py's out_dir: checkpoints that let a run continue exactly, an OS lock so that two runs never share the folder,
-and the promise that train.py changes only what it wrote itself.
+Checkpoints that let a run continue exactly, an OS lock so that two runs never share the folder, and the promise
+that train.py changes only what it wrote itself.
 
     out_dir/checkpoint/   adapter (peft layout) + caption_settings.json, optimizer.pt (tensors only), rng.safetensors,
                           state.json (step, best val CIDEr, val history, settings, loss scaler)

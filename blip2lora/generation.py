@@ -153,7 +153,7 @@ def _beam_search(model, decode_step, state, logits, images, max_new_tokens, pad,
         scores = (log_probs.view(b, beams, vocab) + running_scores[:, :, None]).view(b, beams * vocab)
         top_scores, top = torch.topk(scores, k)                                              # (b, k)
         source, token = top // vocab, top % vocab
-        candidates = running.gather(1, source[:, :, None].expand(-1, -1, max_new_tokens)).clone()
+        candidates = running.gather(1, source[:, :, None].expand(-1, -1, max_new_tokens))  # a new tensor
         candidates[:, :, n] = token
         ends = (token == eos) | (n + 1 == max_new_tokens)
         # the beams best candidates that did not end go on

@@ -1,7 +1,7 @@
 """
 blip2lora/vision_cache.py: the frozen ViT's outputs, computed once and read from disk.
 
-The frozen ViT's outputs of every image, computed once and memory-mapped from disk (train.py's vision_cache setting).
+Memory-mapped, for train.py's vision_cache setting.
 
 No LoRA target is inside the ViT and the images are not augmented, so what the ViT makes of an image never changes
 during training: train.py computes it once per image (out_dir/vision_cache/, about 0.7 MB an image for
