@@ -37,6 +37,11 @@ from blip2lora.layouts import CAPTION_COLUMNS, LAYOUTS, SPLITS, DataError, Optio
 from blip2lora.progress import progress
 
 MIN_IMAGES_TO_HOLD_OUT = 10  # a hash split of fewer images keeps them all for training
+# A training batch holds each image with all its captions, up to this many: an image with more (a scraped collection
+# can append thousands to one image) is trained on as several items of at most this many, so that one step's memory
+# stays bounded while every caption still counts once an epoch (split_many_captions).
+MAX_CAPTIONS_PER_IMAGE = 50
+
 # A collection with train but no val (hub datasets ship train and test): val is carved from train, 5% of it by the
 # md5 order, at least enough images to choose an adapter by (train.py's MIN_VAL_TO_CHOOSE) and at most 500 (the
 # default eval_images), from a train split large enough to keep 80% of itself.
@@ -66,7 +71,7 @@ class CaptionCollection:
                 "caption_columns": self.caption_columns, "val_note": self.val_note,
                 "splits": {s: {"images": len(items), "captions": sum(len(i.captions) for i in items)}
                            for s, items in self.splits.items()},
-                "skipped": self.skipped}
+                "skipped": self.skipped, "many_captions": many_captions_note(self.splits["train"])}
 
 
 def read_captions(root, caption_column=None, image_column=None, symlinks_out=False, val_from_train=True):
@@ -231,6 +236,28 @@ def _locate(root, found, options):
 
 # --------------------------------------------------------------------------------------------------- model batches
 
+def split_many_captions(items, most=MAX_CAPTIONS_PER_IMAGE):
+    """The train items with at most `most` captions each: an image with more is repeated, each time with the next
+    `most` of its captions (the same name, so the vision cache computes it once)."""
+    bounded = []
+    for item in items:
+        if len(item.captions) <= most:
+            bounded.append(item)
+        else:
+            bounded += [ImageCaptions(item.name, item.image, item.captions[k:k + most])
+                        for k in range(0, len(item.captions), most)]
+    return bounded
+
+
+def many_captions_note(items, most=MAX_CAPTIONS_PER_IMAGE):
+    """The line train.py and data.py print when some train images have more than `most` captions, else ""."""
+    over = [len(item.captions) for item in items if len(item.captions) > most]
+    if not over:
+        return ""
+    return (f"{len(over):,} train images have more than {most} captions (the most: {max(over):,}): training reads each "
+            f"{most} at a time, as {sum(-(-n // most) for n in over):,} batch entries, to bound a step's memory")
+
+
 def clean_caption(caption):
     """Training target: one space between words, no trailing ' .', lower case ('A dog runs .' -> 'a dog runs')."""
     return " ".join(caption.split()).rstrip(" .").lower()
@@ -252,7 +279,7 @@ def caption_token_stats(items, caption_ids, max_tokens, unknown_id):
 
 
 def caption_notes(items, caption_ids, max_tokens, unknown_id):
-    """What train.py says at the start about the train captions (caption_token_stats): cut captions, unknown words."""
+    """What train.py says at the start about the train captions: cut captions, unknown words, images with many."""
     stats, notes = caption_token_stats(items, caption_ids, max_tokens, unknown_id), []
     if stats["too_long"]:
         notes.append(f"{stats['too_long']} train captions are longer than max_caption_tokens={max_tokens} (the "
@@ -262,7 +289,7 @@ def caption_notes(items, caption_ids, max_tokens, unknown_id):
         notes.append(f"warning: {100 * stats['unknown_fraction']:.0f}% of the train captions' tokens are unknown to "
                      "this model's tokenizer (<unk>): it can neither learn nor write those words. The demo base knows "
                      "only its own few dozen words; the released BLIP-2 checkpoints' tokenizers cover English text")
-    return notes
+    return notes + [many_captions_note(items)] * bool(many_captions_note(items))
 
 
 def prompt_ids(tokenizer, prompt, config, after=None):
@@ -388,6 +415,8 @@ def print_report(data):
         print(data.val_note)
     for s, counts in data.report()["splits"].items():
         print(f"  {s:5s} {counts['images']:6,d} images {counts['captions']:7,d} captions")
+    if many_captions_note(data.splits["train"]):
+        print(many_captions_note(data.splits["train"]))
     by_reason = {}
     for entry in data.skipped:
         by_reason.setdefault(entry["reason"], []).append(printable(entry["item"]))

@@ -248,16 +248,18 @@ if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description="Build the offline demo world in data/demo/ (a synthetic Flickr8k and "
                                      "two tiny pretrained BLIP-2s, with T5 and with OPT), if it is not there yet.")
-    parser.add_argument("--base-seed", type=int, help="instead, pretrain the T5 demo base with this torch seed "
+    parser.add_argument("--base-seed", type=int, help="instead, pretrain a demo base with this torch seed "
                         "(the demo's is 0) into --out: how a result holds on a base another machine pretrains "
                         "(README 'Which GPU')")
+    parser.add_argument("--family", choices=("t5", "opt"), default="t5", help="--base-seed's language model: "
+                        "T5 (config/demo.py's base) or OPT (config/demo_opt.py's)")
     parser.add_argument("--out", help="the new folder for --base-seed's base")
     args = parser.parse_args()
     if args.base_seed is not None:
         if not args.out or os.path.exists(args.out):
             parser.error("--base-seed needs --out NEW_FOLDER")
         torch.set_num_threads(min(4, os.cpu_count() or 1))  # as build_demo_world: float sums depend on it
-        _build_model(args.out, print, seed=args.base_seed)
+        _build_model(args.out, print, {"t5": t5, "opt": opt}[args.family], seed=args.base_seed)
     else:
         build_demo_world()
     sys.exit(0)

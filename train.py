@@ -20,10 +20,10 @@ What a run does, top to bottom:
   ranks), so long and short captions weigh the same however the batch is split.
 - Linear warmup then cosine decay; gradient clipping; bf16 autocast on GPUs that have it, fp16 + GradScaler on those
   that do not, float32 on the CPU; on CUDA the loss is compiled (torch_compile). A non-finite loss stops the run.
-- Every eval_interval steps and at the last step: CIDEr on the val split, its captions written by generation.py's
-  beam search (the image side once per image); the best adapter goes to out_dir/adapter (with a val split too small
-  to choose by, the last one), with the prompt and generation settings and what it was trained on (caption.py and
-  evaluate.py use them).
+- Before the first step (the base's, zero-shot), every eval_interval steps and at the last step: CIDEr on the val split,
+  its captions written by generation.py's beam search (the image side once per image); the best adapter goes to
+  out_dir/adapter (with a val split too small to choose by, the last one), with the prompt and generation settings and
+  what it was trained on (caption.py and evaluate.py use them).
 - Every checkpoint_interval steps, and on SIGTERM: out_dir/checkpoint. Running the same command again resumes from it
   and ends with the adapter an uninterrupted run gives; with a larger max_steps or epochs, a finished run trains on.
 - Every log_interval steps: a line with the step of how many and the time left, and an entry in out_dir/log.jsonl
@@ -38,6 +38,7 @@ import math
 import os
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -49,8 +50,8 @@ from blip2lora.adapter_files import load_adapter, save_adapter
 from blip2lora.blip2 import autocast_context, autocast_dtype, train_mode, vision_embeds
 from blip2lora.captioning import (GENERATION_DEFAULTS, base_model_reference, caption_items, captions_without_adapter,
                                   generation_of, save_caption_settings)
-from blip2lora.checkpoint import (Interrupted, StopRequest, Terminated, check_resume, restore_run,
-                                  stop_on_a_non_finite_loss)
+from blip2lora.checkpoint import (Interrupted, StopRequest, Terminated, check_resume, check_same_collection,
+                                  collection_state, restore_run, stop_on_a_non_finite_loss)
 from blip2lora.curves import curves_html, read_log
 from blip2lora.files import UserError, printable, read_json, write_json
 from blip2lora.model import DEFAULT_MODEL, caption_tokenizer, family, load_blip2, prepare_for_training, weights_dtype
@@ -58,7 +59,8 @@ from blip2lora.progress import duration
 from blip2lora.run_log import RunState, Speedometer, check_tensorboard, time_spent, why_not_better, write_model_card
 from blip2lora.scoring import SCALE, print_table, require_java, score_captions, score_split, write_html
 from blip2lora.vision_cache import prepare_vision_cache
-from data import CaptionCollator, ImageCaptionDataset, caption_notes, image_loader, prompt_ids, read_captions
+from data import (CaptionCollator, ImageCaptionDataset, caption_notes, image_loader, prompt_ids, read_captions,
+                  split_many_captions)
 from lora import lora_state_dict, lora_summary
 
 _names_before_the_settings = set(globals())
@@ -166,6 +168,8 @@ def train(cfg, stop):
         return  # finished before: its results were printed
     resume_from, state = resume
     t = load_data_and_model(cfg, p)
+    if resume_from:  # on the collection it was written on, or not at all
+        check_same_collection(cfg, resume_from, state, t.collection)
     t.seconds["started"], since = started, time.time()
     t.cache = prepare_vision_cache(cfg, p, t, lambda items: image_loader(items, t.processor, cfg.num_workers))
     t.seconds["vision_cache"] = time.time() - since
@@ -211,6 +215,8 @@ def train_steps(cfg, p, t, run, stop):
         caption_loss = torch.compile(caption_loss, fullgraph=True)
     loader_rng = torch.Generator()  # the loader draws its worker seeds here, not from the global RNG (dropout's)
     resumed_at, speed = run.step, Speedometer(cfg, p, t, run)
+    if t.evaluating and run.step == 0:  # the val curve starts at the base's CIDEr (every LoRA B is zero at step 0)
+        speed.pause(lambda: evaluate_val(cfg, p, t, run), evaluation=True)
     while run.step < t.total_steps:
         epoch, offset = divmod(run.step, t.steps_per_epoch)
         batches = iter(epoch_loader(cfg, p, t, epoch, offset, loader_rng))
@@ -338,11 +344,7 @@ def epoch_loader(cfg, p, t, epoch, offset, loader_rng):
 
 # ------------------------------------------------------------------------------------------- the run's state
 
-class Settings:
-    """The settings of this run, as attributes (cfg.batch_images, ...)."""
-
-    def __init__(self, **values):
-        self.__dict__.update(values)
+Settings = types.SimpleNamespace  # the settings of this run, as attributes (cfg.batch_images, ...)
 
 
 @dataclass
@@ -388,6 +390,7 @@ class Training:
     optimizer: object = None       # AdamW over exactly the LoRA tensors
     scaler: object = None
     collection_about: tuple = None  # (name, description) the model card gives the collection (demo.collection_about)
+    collection: dict = None        # the train and val splits' record in checkpoints (checkpoint.collection_state)
     evaluating: bool = False       # val CIDEr during training
     choose_by_val: bool = False    # keep the best adapter by val CIDEr (else the last)
     seconds: dict = field(default_factory=dict)  # where this run's time goes (run_log.time_spent)
@@ -449,8 +452,9 @@ def load_data_and_model(cfg, p):
     for note in caption_notes(splits["train"], caption_ids, cfg.max_caption_tokens, processor.tokenizer.unk_token_id):
         p.log(note)
     val_items = splits["val"][:cfg.eval_images] if cfg.eval_images else splits["val"]
-    return Training(blip2, processor, data, prompt, caption_ids, splits["train"], val_items, splits["test"],
-                    collection_about=demo.collection_about(cfg.data_dir))
+    train_items = split_many_captions(splits["train"])  # at most MAX_CAPTIONS_PER_IMAGE captions of an image a step
+    return Training(blip2, processor, data, prompt, caption_ids, train_items, val_items, splits["test"],
+                    collection_about=demo.collection_about(cfg.data_dir), collection=collection_state(data.splits))
 
 
 def prepare_training(cfg, p, t):
@@ -490,7 +494,7 @@ def save_checkpoint(cfg, p, t, run, rng, finished=False):
     """out_dir/checkpoint (checkpoint.py): the adapter, AdamW's and the scaler's state, the random state and the
     run's (run.saved_state); rank 0 writes it."""
     if p.master:
-        checkpoint.save(os.path.join(cfg.out_dir, "checkpoint"), run.saved_state(finished),
+        checkpoint.save(os.path.join(cfg.out_dir, "checkpoint"), {**run.saved_state(finished), "collection": t.collection},
                         lambda path: save_trained_adapter(cfg, t.model, path, run.step), t.optimizer, t.scaler, rng)
 
 
@@ -528,11 +532,12 @@ def evaluate_val(cfg, p, t, run):
         cider = score_captions(predictions, {i.name: i.captions for i in t.val_items}, metrics=("CIDEr",))["CIDEr"]
         run.history.append({"step": run.step, "val_CIDEr": cider})
         run.record({"step": run.step, "val_CIDEr": cider})
-        improved = t.choose_by_val and cider > run.best_cider
+        improved = t.choose_by_val and run.step > 0 and cider > run.best_cider  # step 0 is the zero-shot reference
         if improved:
             run.best_cider = cider
             keep_adapter(cfg, p, t, run.step)
-        p.log(f"step {run.step}: val CIDEr {cider:.1f}" + (" (best so far: adapter saved)" if improved else
+        p.log(f"step {run.step}: val CIDEr {cider:.1f}" + (" (zero-shot, before training)" if run.step == 0 else
+                                                           " (best so far: adapter saved)" if improved else
                                                            f" (best {run.best_cider:.1f})" if t.choose_by_val else ""))
         train_mode(t.model)
     if p.ddp:

@@ -13,6 +13,7 @@ complete one (checkpoint/, or checkpoint.old/ if the kill fell between the two r
 checked (types, ranges, tensor shapes): a damaged checkpoint is one line naming the file, never a traceback, and a
 pickle holding code is refused, never run.
 """
+import hashlib
 import json
 import math
 import os
@@ -364,6 +365,13 @@ def _agree_on_the_start(cfg, p, problem, step, finished):
     return bool(finished)
 
 
+def _differs(now, was, path):
+    """Whether a setting changed: a folder named two ways (data/x/ and data/x, ./data/x) is the same folder."""
+    if path and isinstance(now, str) and isinstance(was, str):
+        return os.path.normpath(now) != os.path.normpath(was)
+    return now != was
+
+
 def _read_checkpoint(cfg, p):
     """check_resume's reading: (path or None, state, whether the run has finished)."""
     checkpoint_dir, results_path = os.path.join(cfg.out_dir, "checkpoint"), os.path.join(cfg.out_dir, "results.json")
@@ -373,7 +381,8 @@ def _read_checkpoint(cfg, p):
     except CheckpointError as e:
         raise CheckpointError(f"{e}; delete {checkpoint_dir} to train this run afresh") from None
     settings_now = vars(cfg)
-    changed = {k: was for k, was in state.get("settings", {}).items() if k in settings_now and settings_now[k] != was}
+    changed = {k: was for k, was in state.get("settings", {}).items() if k in settings_now and
+               _differs(settings_now[k], was, path=k in ("model", "data_dir", "out_dir"))}
     for key in sorted(FIXED_ON_RESUME & changed.keys()):  # sorted: the same key is reported every time
         raise CheckpointError(f"{resume_from} was written with {key}={changed[key]!r}, this run has {key}="
                               f"{settings_now[key]!r}: resume with the same value, or train afresh in another out_dir "
@@ -419,6 +428,30 @@ def restore_run(cfg, p, t, run, resume_from, state):
                               "afresh")
     run.step, run.best_cider, run.history = state["step"], state["best_cider"], state["history"]
     p.log(f"resuming from {resume_from} at step {run.step}")
+
+
+def collection_state(splits):
+    """What a checkpoint records of the collection under it: the train and val splits' image counts and a hash of
+    their names and captions, in order (not the files' times: touching a file changes nothing)."""
+    def digest(items):
+        return hashlib.sha1(json.dumps([[i.name, i.captions] for i in items]).encode()).hexdigest()
+    return {split: {"images": len(splits[split]), "sha1": digest(splits[split])} for split in ("train", "val")}
+
+
+def check_same_collection(cfg, resume_from, state, collection):
+    """A checkpoint resumes only on the collection it was trained on: with images added, removed or recaptioned,
+    the epochs' order and the val images (best_cider's yardstick) are not the stopped run's. One line says what
+    changed; a checkpoint from before this check records nothing and is not compared."""
+    was = state.get("collection")
+    if not isinstance(was, dict) or was == collection:
+        return
+    changes = [f"{split} {was[split]['images']} -> {now['images']} images" if was[split].get("images") != now["images"]
+               else f"{split}: other images or captions" for split, now in collection.items()
+               if was.get(split) != now and isinstance(was.get(split), dict)]
+    raise CheckpointError(f"{cfg.data_dir}: the collection changed since {resume_from} was written ("
+                          f"{', '.join(changes) or 'its record differs'}): resuming would not continue that run (another "
+                          "data order, other val images). Put the collection back as it was to resume, or train "
+                          f"afresh on it in another out_dir (or delete {os.path.join(cfg.out_dir, 'checkpoint')})")
 
 
 def stop_on_a_non_finite_loss(cfg, p, loss, step):

@@ -11,6 +11,7 @@ ViT. A first reading of the project can skip this file: with vision_cache=False 
 import hashlib
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -137,6 +138,8 @@ def prepare_vision_cache(cfg, p, t, image_loader):
     cache = VisionCache(os.path.join(cfg.out_dir, "vision_cache"), *key)
     if cache.problem and p.master:
         p.log(f"vision cache: {cache.dir} cannot be used ({cache.problem}); building it again")
+    if p.master:
+        _remove_older_caches(cache.dir, p.log)
     if not cache.complete and p.master:
         _build(p, t, cache, image_loader(items), log=p.log)
     if p.ddp:
@@ -153,6 +156,27 @@ def prepare_vision_cache(cfg, p, t, image_loader):
         move_vision(t.model, "cpu")
         torch.cuda.empty_cache()
     return cache
+
+
+def _remove_older_caches(keep, log):
+    """Delete the caches this project wrote in out_dir/vision_cache/ for an earlier state of the run (another
+    collection, model or dtype: each is a new folder, 6 GB for Flickr8k). Only folders of its own kind go: a
+    16-hex-digit name holding nothing but vision.bin and meta.json; anything else there is left alone."""
+    root, freed, removed = os.path.dirname(keep), 0, 0
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        folder = os.path.join(root, name)
+        if folder == keep or not re.fullmatch(r"[0-9a-f]{16}", name) or os.path.islink(folder) or \
+                not os.path.isdir(folder):
+            continue
+        files = [os.path.join(folder, f) for f in os.listdir(folder)]
+        if not files or not {os.path.basename(f) for f in files} <= {"vision.bin", "meta.json"} or \
+                not all(os.path.isfile(f) and not os.path.islink(f) for f in files):
+            continue
+        freed += sum(os.path.getsize(f) for f in files)
+        shutil.rmtree(folder)
+        removed += 1
+    if removed:
+        log(f"vision cache: removed {removed} cache(s) of an earlier collection or setting ({size(freed)}) in {root}")
 
 
 def _build(p, t, cache, loader, log):

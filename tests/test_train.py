@@ -29,7 +29,9 @@ def test_demo_end_to_end(demo_run):
     steps = [r for r in records if "loss" in r]
     assert steps and {"step", "loss", "lr", "ms_per_step", "captions_per_s"} <= set(steps[0])
     assert steps[-1]["loss"] < steps[0]["loss"]
-    val = [r["val_CIDEr"] for r in records if "val_CIDEr" in r]
+    val_steps, val = zip(*[(r["step"], r["val_CIDEr"]) for r in records if "val_CIDEr" in r])
+    assert val_steps == (0, 50, 100) and "step 0: val CIDEr" in result.stdout  # the curve starts at zero-shot
+    assert val[0] < 50 < 100 < max(val[1:])  # the demo base captions nothing alike before training
     assert max(val) > 100  # val CIDEr at the fine-tuned level, x100 in the log too (not compared between evaluations:
     # whether step 100 beats step 50 depends on the machine's float sums)
     assert f"val CIDEr {val[-1]:.1f}" in result.stdout
@@ -75,7 +77,7 @@ def test_the_report_shows_the_curves_above_the_images_and_zero_shot_first(demo_r
     assert curves.count("<svg") == 3 and curves.count("<polyline") == 3  # loss, learning rate, val CIDEr
     for title in ("training loss", "learning rate", "val CIDEr (x100)", "optimizer step"):
         assert title in curves
-    assert curves.count("<circle") == 10 + 10 + 2  # every logged step (10) and evaluation (2) drawn
+    assert curves.count("<circle") == 10 + 10 + 3  # every logged step (10) and evaluation (zero-shot and 2) drawn
     assert page.index("<th>zero-shot</th>") < page.index("<th>fine-tuned</th>")  # the console's order
 
 
