@@ -494,7 +494,8 @@ def save_checkpoint(cfg, p, t, run, rng, finished=False):
     """out_dir/checkpoint (checkpoint.py): the adapter, AdamW's and the scaler's state, the random state and the
     run's (run.saved_state); rank 0 writes it."""
     if p.master:
-        checkpoint.save(os.path.join(cfg.out_dir, "checkpoint"), {**run.saved_state(finished), "collection": t.collection},
+        state = {**run.saved_state(finished), "collection": t.collection}  # checkpoint.check_same_collection reads it
+        checkpoint.save(os.path.join(cfg.out_dir, "checkpoint"), state,
                         lambda path: save_trained_adapter(cfg, t.model, path, run.step), t.optimizer, t.scaler, rng)
 
 

@@ -449,9 +449,10 @@ def check_same_collection(cfg, resume_from, state, collection):
                else f"{split}: other images or captions" for split, now in collection.items()
                if was.get(split) != now and isinstance(was.get(split), dict)]
     raise CheckpointError(f"{cfg.data_dir}: the collection changed since {resume_from} was written ("
-                          f"{', '.join(changes) or 'its record differs'}): resuming would not continue that run (another "
-                          "data order, other val images). Put the collection back as it was to resume, or train "
-                          f"afresh on it in another out_dir (or delete {os.path.join(cfg.out_dir, 'checkpoint')})")
+                          f"{', '.join(changes) or 'its record differs'}): resuming would not continue that run "
+                          "(another data order, other val images). Put the collection back as it was to resume, or "
+                          f"train afresh on it in another out_dir (or delete {os.path.join(cfg.out_dir, 'checkpoint')}"
+                          ")")
 
 
 def stop_on_a_non_finite_loss(cfg, p, loss, step):

@@ -199,6 +199,12 @@ def check_supported(config, name_or_path):
                 f"BLIP-2 with a language model of type {getattr(text, 'model_type', None)!r}")
         raise ModelError(f"{name_or_path}: {what}; this project fine-tunes BLIP-2 with Flan-T5 or OPT "
                          "(Blip2ForConditionalGeneration: Salesforce/blip2-flan-t5-xl, blip2-opt-2.7b, ...)")
+    for key in ("eos_token_id", "pad_token_id") + ("decoder_start_token_id",) * text.is_encoder_decoder:
+        value = getattr(text, key, None)  # a caption's end, its padding, (T5) the decoder's first input
+        if type(value) is not int or not 0 <= value < text.vocab_size:
+            raise ModelError(f"{name_or_path}: its config.json has text_config.{key}={value!r}; captions need one "
+                             f"token id below its vocab_size ({text.vocab_size}) there: use the config.json saved with "
+                             "these weights")
     if config.image_token_id is None or not 0 <= config.image_token_id < text.vocab_size:
         raise ModelError(f"{name_or_path}: its config.json has no usable image_token_index ({config.image_token_id!r}):"
                          " BLIP-2 would caption without seeing the image. Use a checkpoint saved by transformers 4.47 "
@@ -226,14 +232,36 @@ def load_blip2(name_or_path, device="cpu", dtype=torch.float32, base_bits=16, lo
         extra = {"quantization_config": quantization_config(base_bits, dtype, config),
                  "device_map": {"": device}} if base_bits < 16 else {}
         # sdpa: opt.grouped_caption_loss hands OPT's attention a boolean mask, as scaled_dot_product_attention takes it
-        model = Blip2ForConditionalGeneration.from_pretrained(name_or_path, dtype=dtype, local_files_only=local_only,
-                                                              use_safetensors=True, attn_implementation="sdpa",
-                                                              **extra)  # never a pickle
+        model, report = Blip2ForConditionalGeneration.from_pretrained(
+            name_or_path, dtype=dtype, local_files_only=local_only, use_safetensors=True,  # never a pickle
+            attn_implementation="sdpa", output_loading_info=True, ignore_mismatched_sizes=True, **extra)
+        check_weights_match(report, name_or_path)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load BLIP-2 from {name_or_path!r}: {first_line(e)}. {download_hint()}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     return (model if base_bits < 16 else model.to(device)).eval(), processor
+
+
+def check_weights_match(report, name_or_path):
+    """transformers' loading report (missing, unexpected and mismatched weights), refused in one line: left alone,
+    a weight the config expects but the files lack is random, one the files hold but the config has no place for is
+    dropped, and one of another shape is random too. Each is a config.json that is not these weights' (a layer count,
+    a size or the language model's type edited), and the model would train and caption without a word."""
+    missing, unexpected, mismatched = (sorted(report[key]) for key in ("missing_keys", "unexpected_keys",
+                                                                       "mismatched_keys"))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weights it describes are not in the files (such as {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} in the files have no place in it (such as {unexpected[0]})")
+    if mismatched:
+        key, in_files, described = mismatched[0]
+        problems.append(f"{len(mismatched)} have another shape ({key}: {tuple(in_files)} in the files, "
+                        f"{tuple(described)} by the config)")
+    if problems:
+        raise ModelError(f"{name_or_path}: its config.json does not describe its weights: {'; '.join(problems)}. Use "
+                         "the config.json saved with these weights")
 
 
 def weights_dtype(device, compute_dtype):

@@ -1,8 +1,11 @@
-"""A run and the collection under it: one image's captions bounded per step, a collection changed under a checkpoint
-refused, old vision caches removed, a data folder named two ways still the same (in-process: train.main)."""
+"""A run and what it reads: one image's captions bounded per step, a collection changed under a checkpoint refused,
+old vision caches removed, a data folder named two ways still the same, a config.json that does not describe its
+weights refused (in-process: train.main, caption.main)."""
 import json
 import os
 import shutil
+
+import pytest
 
 import train
 from conftest import data_report, run_main, write_jsonl
@@ -71,7 +74,8 @@ def test_a_changed_collection_is_refused_on_resume_and_a_touched_one_named_anoth
 def test_a_new_vision_cache_replaces_the_ones_the_run_wrote_before_and_nothing_else(demo_world, tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
     copy_demo_collection(demo_world, data)
-    code, _, err = run_main("train", *RUN, f"--data_dir={data}", "--batch_images=4", "--max_steps=1", f"--out_dir={out}")
+    code, _, err = run_main("train", *RUN, f"--data_dir={data}", "--batch_images=4", "--max_steps=1",
+                            f"--out_dir={out}")
     assert code == 0, err
     [first] = os.listdir(out / "vision_cache")
     keep = [out / "vision_cache" / "0123456789abcdef", out / "vision_cache" / "notes"]  # not the project's caches
@@ -87,3 +91,41 @@ def test_a_new_vision_cache_replaces_the_ones_the_run_wrote_before_and_nothing_e
     caches = sorted(set(os.listdir(out / "vision_cache")) - {"0123456789abcdef", "notes"})
     assert len(caches) == 1 and caches != [first] and all(os.path.exists(k) for k in keep)
     assert "vision cache: removed 1 cache(s) of an earlier collection or setting" in stdout
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"text_config": {"num_hidden_layers": 3}}, "16 weights it describes are not in the files (such as "
+     "language_model.model.decoder.layers.2."),
+    ({"text_config": {"num_hidden_layers": 1}}, "16 in the files have no place in it (such as "
+     "language_model.model.decoder.layers.1."),
+    ({"text_config": {"vocab_size": 41}}, "1 have another shape (language_model.model.decoder.embed_tokens.weight: "
+     "(40, 128) in the files, (41, 128) by the config)"),
+    ({"text_config": {"hidden_size": 256}}, "have another shape"),
+    ({"text_config": {"max_position_embeddings": 129}}, "(language_model.model.decoder.embed_positions.weight: "
+     "(130, 128) in the files, (131, 128) by the config)"),
+    ({"text_config": {"word_embed_proj_dim": 64}}, "have another shape"),
+    ({"num_query_tokens": 9}, "1 have another shape (query_tokens: (1, 8, 64) in the files, (1, 9, 64) by the config)"),
+    ({"text_config": None}, "weights it describes are not in the files"),  # transformers' default OPT config
+    ({"text_config": {"model_type": "t5", "decoder_start_token_id": 2}}, "weights it describes are not in the "
+     "files (such as language_model.decoder.block.0."),
+])
+@pytest.mark.parametrize("script", ["caption", "train"])
+def test_a_config_that_does_not_describe_its_weights_is_one_line(demo_world, tmp_path, change, message, script):
+    """The OPT demo base with an edited config.json: transformers would fill what is missing with random weights
+    and drop what is extra, silently; here every script refuses it in one line naming the folder."""
+    folder = tmp_path / "model"
+    shutil.copytree("data/demo/blip2-opt-tiny", folder)
+    config = json.load(open(folder / "config.json"))
+    for key, value in change.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    if config["text_config"] is None:
+        del config["text_config"]
+    (folder / "config.json").write_text(json.dumps(config))
+    if "num_query_tokens" in change:  # the processor agrees with the config: only the weights disagree
+        processor = json.load(open(folder / "processor_config.json"))
+        (folder / "processor_config.json").write_text(json.dumps({**processor, **change}))
+    args = {"caption": ["--adapter", "none", "--model", folder, "photo.jpg"],
+            "train": [f"--model={folder}", "--data_dir=data/demo/flickr8k", f"--out_dir={tmp_path / 'out'}"]}[script]
+    code, _, err = run_main(script, *args)
+    assert code == 1 and err.count("\n") == 1, err[-2000:]
+    assert err.startswith(f"error: {folder}: its config.json does not describe its weights: ") and message in err

@@ -448,6 +448,11 @@ def test_a_missing_model_says_what_to_download(tmp_path):
      "seeing the image"),
     ("processor_config.json", {"num_query_tokens": None}, "its processor puts None image tokens in a prompt, the "
      "model reads 8"),
+    ("config.json", {"text_config": {"eos_token_id": [1, 2]}}, "text_config.eos_token_id=[1, 2]; captions need one "
+     "token id below its vocab_size"),
+    ("config.json", {"text_config": {"eos_token_id": 10**6}}, "text_config.eos_token_id=1000000;"),
+    ("config.json", {"text_config": {"pad_token_id": None}}, "text_config.pad_token_id=None;"),
+    ("config.json", {"text_config": {"decoder_start_token_id": None}}, "text_config.decoder_start_token_id=None;"),
 ])
 def test_a_model_this_project_cannot_fine_tune_is_refused_from_its_config(demo_world, tmp_path, file, change,
                                                                           message):
