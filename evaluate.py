@@ -22,7 +22,7 @@ from blip2lora.blip2 import autocast_context, autocast_dtype
 from blip2lora.captioning import (add_generation_arguments, caption_items, captions_without_adapter, generation_of,
                                   load_for_captioning, read_caption_settings, resolve_generation, resolve_model)
 from blip2lora.files import check_output, one_line_errors, read_json, require_writable_folder, write_json
-from blip2lora.scoring import SCALE, ScoringError, print_table, score_split, write_html
+from blip2lora.scoring import SCALE, ScoringError, check_lengths, print_table, score_split, write_html
 from data import add_collection_arguments, prompt_ids, read_captions
 
 
@@ -121,6 +121,7 @@ def read_predictions(path, items, split):
     if missing:
         raise ScoringError(f"{path}: no caption for {missing[0]!r} of the {split} split ({len(missing)} of "
                            f"{len(references)} images missing)")
+    check_lengths(predictions, {i.name: [] for i in items}, where=f"{path}: ")  # the references: when scored
     return predictions
 
 

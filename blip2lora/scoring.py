@@ -26,8 +26,24 @@ METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 SCALE = "x100: the COCO caption toolkit's 0..1 scores times 100, as papers print them"
 
 
+# METEOR's Java process dies aligning a caption of 14,000 words (a broken pipe, then no score); 2,000 words, with
+# every word matching a reference, scored in seconds. No real caption comes near either.
+MAX_WORDS = 2000
+
+
 class ScoringError(UserError):
     pass
+
+
+def check_lengths(predictions, references, where=""):
+    """A caption or reference METEOR cannot score is one line naming it (after `where`, the file it came from),
+    before any scoring starts."""
+    for image, caption in predictions.items():
+        for kind, text in [("caption", caption)] + [("reference", r) for r in references[image]]:
+            words = len(text.split())
+            if words > MAX_WORDS:
+                raise ScoringError(f"{where}the {kind} of {printable(image)} has {words:,} words: METEOR's Java process "
+                                   f"cannot score one over {MAX_WORDS:,} (it dies on 14,000); shorten it")
 
 
 @contextmanager
@@ -66,6 +82,7 @@ def score_captions(predictions, references, metrics=METRICS, spice=False, log=pr
     require_java()
     if not predictions:
         raise ScoringError("no captions to score: none of the split's images could be captioned")
+    check_lengths(predictions, references)
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge

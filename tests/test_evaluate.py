@@ -52,6 +52,24 @@ def test_predictions_file_missing_an_image_or_naming_a_stranger_is_an_error(demo
     assert code == 1 and "'not_in_split.jpg' is not an image of the test split" in err
 
 
+def test_a_caption_too_long_for_meteor_is_one_line_and_one_at_the_limit_is_scored(demo_world, tmp_path):
+    """14,000 words killed METEOR's Java process (a broken pipe, a traceback); MAX_WORDS of them, every one matching
+    a reference, are scored."""
+    from blip2lora.scoring import MAX_WORDS, ScoringError
+    from data import read_captions
+    names = [i.name for i in read_captions(demo_world[0]).splits["test"]]
+    flood = tmp_path / "flood.json"
+    flood.write_text(json.dumps({**{n: "a red circle" for n in names}, names[3]: " ".join(["a red circle"] * 4700)}))
+    code, _, err = run_main("evaluate", "--adapter", "none", "--model", demo_world[1], "--predictions", flood)
+    assert code == 1 and err.count("\n") == 1
+    assert f"{flood}: the caption of {names[3]} has 14,100 words: METEOR's Java process cannot score" in err
+    with pytest.raises(ScoringError, match="the reference of b.jpg has 14,100 words"):
+        score_captions(PREDICTIONS, {**REFERENCES, "b.jpg": [" ".join(["kids splash"] * 7050)]})
+    at_limit = " ".join(("a dog runs on the grass".split() * MAX_WORDS)[:MAX_WORDS])
+    scores = score_captions({**PREDICTIONS, "a.jpg": at_limit}, REFERENCES)
+    assert set(scores) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
+
+
 def test_evaluate_an_adapter_writes_json_and_a_page_with_every_image(demo_run, tmp_path):
     out_dir, _ = demo_run
     out, page = tmp_path / "scores.json", tmp_path / "report.html"
