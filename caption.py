@@ -19,6 +19,7 @@ evaluate.py and train.py use. A missing, non-image or corrupt file, or a folder 
 stderr; the rest are still captioned, and the exit code is then 1.
 """
 import argparse
+import base64
 import json
 import os
 import shutil
@@ -85,7 +86,7 @@ def run(args):
         print(note, file=sys.stderr)
     if args.export_merged:
         export_merged(model, processor, args, adapter, model_name)
-        print(f"merged {adapter} into {model_name}: {args.export_merged} loads with "
+        print(f"merged {printable(adapter)} into {printable(model_name)}: {printable(args.export_merged)} loads with "
               "Blip2ForConditionalGeneration.from_pretrained alone", file=sys.stderr)
         return 0
     paths, errors = image_paths(args.images, args.recursive)
@@ -111,7 +112,7 @@ def run(args):
             if done % args.batch_size == 0:
                 labels.flush()  # an interrupted run leaves a complete file, and --resume goes on from it
         elif args.json:
-            print(json.dumps({"path": item.name, **({"caption": text} if args.num_captions == 1 else
+            print(json.dumps({**json_path(item.name), **({"caption": text} if args.num_captions == 1 else
                                                     {"captions": captions})}), flush=True)
         else:
             print("\t".join([printable(item.name), *captions]), flush=True)
@@ -120,6 +121,16 @@ def run(args):
         where = labels.path if args.write in METADATA else f"a {labels.extension} file beside each image"
         print(f"captioned {len(items) - len(errors)} images: {where}", file=sys.stderr)
     return 1 if errors else 0
+
+
+def json_path(name):
+    """{"path": name} for --json; a file name that is not UTF-8 (bytes Python holds as lone surrogates, which other
+    programs' JSON readers turn into U+FFFD) also as "path_base64", its bytes, so a program can open the file."""
+    raw = os.fsencode(name)
+    try:
+        return {"path": raw.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"path": raw.decode("utf-8", "replace"), "path_base64": base64.b64encode(raw).decode("ascii")}
 
 
 def open_labels(args):
@@ -164,6 +175,10 @@ def check_export_folder(out_dir, adapter, model_name):
     for what, path in (("the adapter", adapter), ("the base model", model_name)):
         if path and os.path.exists(path) and inside(path, out_dir):
             raise UserError(f"--export-merged {out_dir}: that folder holds {what} ({path}); name a new folder")
+        if path and os.path.isdir(path) and inside(out_dir, path):
+            raise UserError(f"--export-merged {out_dir}: that is inside {what} ({path}); name a folder outside it")
+    if os.path.islink(out_dir):  # the export replaces its folder: it would replace the link, not write through it
+        raise UserError(f"--export-merged {out_dir}: a symbolic link; name the folder itself, or a new one")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--export-merged {out_dir}: a file of that name exists; name a new folder")
     if not os.path.isdir(out_dir) or not os.listdir(out_dir):
@@ -196,7 +211,11 @@ def export_merged(model, processor, args, adapter, model_name):
     text = model.config.text_config  # what the language model's own generation config starts from when loaded
     text.max_new_tokens, text.min_new_tokens = generation["max_new_tokens"], generation["min_new_tokens"]
     model.generation_config.update(**{k: v for k, v in generation.items() if k != "prompt"})
-    tmp = make_temp_dir(args.export_merged)
+    try:
+        tmp = make_temp_dir(args.export_merged)  # beside the target, so that a rename puts it in place
+    except OSError as e:
+        raise UserError(f"--export-merged {args.export_merged}: cannot write beside it ({e.strerror}); nothing was "
+                        "changed") from None
     try:
         with writer_errors_as_os_errors(args.export_merged):  # safetensors says a full disk in its own exception
             model.save_pretrained(tmp)

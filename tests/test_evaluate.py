@@ -286,6 +286,23 @@ def test_caption_py_json_lines_carry_the_path_and_the_caption(demo_run, demo_wor
     assert [(r["path"], r["caption"]) for r in rows] == [tuple(line.split("\t")) for line in tabbed.splitlines()]
 
 
+def test_caption_py_json_gives_a_file_name_that_is_not_utf8_as_text_and_as_its_bytes(demo_run, tmp_path):
+    """Python holds the name's byte 0xE9 as a lone surrogate, which json.dumps writes as "\\udce9" and jq or node
+    read as U+FFFD: the path is valid text, and path_base64 gives the bytes back."""
+    import base64
+    import subprocess
+    import sys
+    from PIL import Image
+    raw = os.path.join(os.fsencode(tmp_path), b"caf\xe9.jpg")
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(open(raw, "wb"), format="JPEG")
+    result = subprocess.run([sys.executable, "caption.py", "--adapter", os.path.join(demo_run[0], "adapter"),
+                             "--json", raw], cwd=ROOT, capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = json.loads(result.stdout.decode("utf-8", "strict"))  # strict: the line is UTF-8, no lone surrogate
+    assert row["path"].endswith("caf\ufffd.jpg") and "\\ud" not in result.stdout.decode()
+    assert base64.b64decode(row["path_base64"]) == raw and row["caption"]
+
+
 def test_spice_that_cannot_run_is_one_line_and_the_rest_is_reported(demo_world, tmp_path):
     from data import read_captions
     predictions = tmp_path / "predictions.json"

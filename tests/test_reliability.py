@@ -140,10 +140,14 @@ def test_export_refuses_a_folder_that_holds_the_adapter_or_anything_else(demo_ru
     run = tmp_path / "run"
     shutil.copytree(os.path.join(demo_run[0], "adapter"), run / "adapter")
     (run / "notes.txt").write_text("mine")
+    (run / "empty").mkdir()
+    os.symlink(run / "empty", run / "link")
     before = {str(p) for p in tmp_path.rglob("*")}
     for target, message in ((run, "that folder holds the adapter"), (run / "adapter", "that folder holds the adapter"),
                             (tmp_path, "that folder holds the adapter"),
-                            (run / "notes.txt", "a file of that name exists")):
+                            (run / "notes.txt", "a file of that name exists"),
+                            (run / "adapter" / "merged", "that is inside the adapter"),
+                            (run / "link", "a symbolic link; name the folder itself, or a new one")):
         code, _, err = run_main("caption", "--adapter", run / "adapter", "--export-merged", target)
         assert code == 1 and err.startswith(f"error: --export-merged {target}: ") and message in err
     other = tmp_path / "other"
@@ -152,6 +156,15 @@ def test_export_refuses_a_folder_that_holds_the_adapter_or_anything_else(demo_ru
     code, _, err = run_main("caption", "--adapter", run / "adapter", "--export-merged", other)
     assert code == 1 and "is not empty and is not an earlier export" in err
     assert {str(p) for p in tmp_path.rglob("*")} == before | {str(other), str(other / "keep.txt")}  # all kept
+    code, _, err = run_main("caption", "--adapter", run / "adapter", "--export-merged", "/proc/self/merged")
+    assert code == 1 and err.startswith("error: --export-merged /proc/self/merged: cannot write beside it (")
+
+
+def test_an_export_named_with_a_newline_is_said_on_one_line(demo_run, tmp_path):
+    code, _, err = run_main("caption", "--adapter", os.path.join(demo_run[0], "adapter"), "--export-merged",
+                            tmp_path / "two\nlines")
+    assert code == 0 and err.count("\n") == 1 and f"{tmp_path}/two\\nlines loads with" in err, err
+    assert os.path.isfile(tmp_path / "two\nlines" / "model.safetensors")
 
 
 def test_re_export_keeps_files_the_user_added(demo_run, tmp_path):
