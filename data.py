@@ -33,7 +33,8 @@ import torch
 from blip2lora import images
 from blip2lora.files import inside, one_line_errors, printable
 from blip2lora.images import IMAGE_SUFFIXES, DatasetImage, UnreadableImage, load_image, warn_unreadable
-from blip2lora.layouts import CAPTION_COLUMNS, LAYOUTS, SPLITS, DataError, Options, clean_relative_path
+from blip2lora.layouts import (CAPTION_COLUMNS, LAYOUTS, SPLITS, DataError, Options, clean_relative_path,
+                               refuse_a_link_out)
 from blip2lora.progress import progress
 
 MIN_IMAGES_TO_HOLD_OUT = 10  # a hash split of fewer images keeps them all for training
@@ -91,10 +92,7 @@ def read_captions(root, caption_column=None, image_column=None, symlinks_out=Fal
                         "metadata.jsonl or metadata.csv, *.parquet, a save_to_disk folder; README: 'Your own "
                         "captions')" + _caption_file_hint(root))
     for file in found.files:  # the caption files read: what came from outside is not used, as images are not
-        path = file if os.path.lexists(file) else os.path.join(root, file)  # (dataset files are named from root)
-        if not symlinks_out and not inside(path, root):
-            raise DataError(f"{path}: a symbolic link to outside the collection's folder; its captions are not used "
-                            "(symlinks_out=True in train.py, --symlinks-out in data.py and evaluate.py, follows it)")
+        refuse_a_link_out(file if os.path.lexists(file) else os.path.join(root, file), root, symlinks_out)
     located = _locate(root, found, options)  # name -> file path or DatasetImage
     usable = {n for n in found.captions if n in located and found.captions[n]}
     for name in found.captions:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 from blip2lora import images
-from blip2lora.files import UserError, first_line, read_json
+from blip2lora.files import UserError, first_line, inside, read_json
 from blip2lora.images import DatasetImage
 
 SPLITS = ("train", "val", "test")
@@ -104,6 +104,14 @@ def _valid_text(text):
         return bool(text.strip())
     except UnicodeEncodeError:
         return False
+
+
+def refuse_a_link_out(path, root, symlinks_out):
+    """A file whose contents would be used, reached through a symbolic link to outside the collection: one line,
+    unless symlinks_out."""
+    if not symlinks_out and not inside(path, root):
+        raise DataError(f"{path}: a symbolic link to outside the collection's folder; its captions are not used "
+                        "(symlinks_out=True in train.py, --symlinks-out in data.py and evaluate.py, follows it)")
 
 
 # ------------------------------------------------------------------------------------------- reading text files
@@ -529,6 +537,8 @@ def _read_dataset_files(root, files, options):
     caption); different bytes are different images, named FILE#ROW. A cell holding only a path names a file beside
     the data, and the same path is the same file. Only regular files are opened: a FIFO or a device named *.parquet
     would block the reading for ever."""
+    for path in files:  # before any is opened: a link out is not read at all
+        refuse_a_link_out(path, root, options.symlinks_out)
     special = [f for f in files if not os.path.isfile(f)]  # (isfile follows a link to what it names)
     files = [f for f in files if f not in special]
     _read_in_a_child_first(files, options)

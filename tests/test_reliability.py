@@ -623,6 +623,54 @@ def test_caption_files_reached_through_a_link_out_of_the_collection_are_not_used
     assert data_report(outside, "--symlinks-out")["splits"]["train"]["captions"] == 3
 
 
+@pytest.mark.parametrize("target", ["a shard", "a FIFO"])
+def test_a_shard_linking_out_is_refused_before_any_shard_is_opened(outside, monkeypatch, target):
+    """Containment is checked first: no shard of the collection reaches the reading child (which opens them), and a
+    link to a FIFO outside is refused, not skipped as a FIFO inside is."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from blip2lora import layouts
+    write_images(outside, ["0.jpg"])
+    (outside / "data").mkdir()
+    shard = pa.table({"image": [{"bytes": open(outside / "0.jpg", "rb").read(), "path": "0.jpg"}], "text": ["in"]})
+    pq.write_table(shard, outside / "data" / "train-00000-of-00002.parquet")
+    elsewhere = outside.parent / "elsewhere.parquet"
+    pq.write_table(shard, elsewhere) if target == "a shard" else os.mkfifo(elsewhere)
+    os.symlink(elsewhere, outside / "data" / "train-00001-of-00002.parquet")
+    opened = []
+    monkeypatch.setattr(layouts, "_read_in_a_child_first", lambda files, options: opened.extend(files))
+    code, _, err = run_main("data", outside)
+    assert code == 1 and err.count("\n") == 1 and opened == []
+    assert err.startswith(f"error: {outside / 'data' / 'train-00001-of-00002.parquet'}: a symbolic link to outside")
+
+
+def test_the_reading_child_dies_with_its_parent(tmp_path):
+    """SIGTERM to data.py while its child reads (here a child that only sleeps) must not leave the child running,
+    adopted by init: the kernel kills it with its parent (PR_SET_PDEATHSIG)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    pid_file, program = tmp_path / "child.pid", tmp_path / "parent.py"
+    sleeping_child = f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n"
+    program.write_text(f"import sys\nsys.path.insert(0, {ROOT!r})\nfrom blip2lora import layouts\n"
+                       f"layouts._CHILD_READS = {sleeping_child!r}\n"
+                       "layouts._read_in_a_child_first([__file__], layouts.Options('', '', False))\n")
+    parent = subprocess.Popen([sys.executable, str(program)], cwd=ROOT)
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    parent.send_signal(signal.SIGTERM)
+    parent.wait(timeout=30)
+    deadline = time.time() + 10
+    while os.path.exists(f"/proc/{child}") and "State:\tZ" not in open(f"/proc/{child}/status").read() and \
+            time.time() < deadline:  # gone, or a zombie (dead, not yet reaped by init)
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{child}") or "State:\tZ" in open(f"/proc/{child}/status").read()
+
+
 def test_a_damaged_or_odd_parquet_file_is_one_line_naming_it(tmp_path):
     """An image path that is a number (int64), and a damaged data page ("Corrupt snappy compressed data"): one line
     naming the file, never a traceback."""
