@@ -236,6 +236,8 @@ def load_blip2(name_or_path, device="cpu", dtype=torch.float32, base_bits=16, lo
             name_or_path, dtype=dtype, local_files_only=local_only, use_safetensors=True,  # never a pickle
             attn_implementation="sdpa", output_loading_info=True, ignore_mismatched_sizes=True, **extra)
         check_weights_match(report, name_or_path)
+        for module in model.modules():  # bitsandbytes' 4-bit layers on a CPU with AVX512-BF16: see _no_cpu_packing
+            _no_cpu_packing(module)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load BLIP-2 from {name_or_path!r}: {first_line(e)}. {download_hint()}") from None
     finally:
@@ -262,6 +264,15 @@ def check_weights_match(report, name_or_path):
     if problems:
         raise ModelError(f"{name_or_path}: its config.json does not describe its weights: {'; '.join(problems)}. Use "
                          "the config.json saved with these weights")
+
+
+def _no_cpu_packing(module):
+    """bitsandbytes (0.50) repacks a 4-bit layer's weights for CPUs with AVX512-BF16 on its first forward without
+    gradients in eval mode, and computes in bfloat16 from then on. The frozen base is always in eval mode here, so the
+    first evaluation would switch the rest of training to bf16 matmuls, on some CPUs only (the 4-bit demo ended at CIDEr
+    100 instead of 310 on one base): turned off, a 4-bit CPU run computes the same way on every CPU, evaluation or not."""
+    if getattr(module, "support_avx512bf16_for_cpu", False):
+        module.support_avx512bf16_for_cpu = False
 
 
 def weights_dtype(device, compute_dtype):

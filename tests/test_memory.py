@@ -128,6 +128,29 @@ def test_a_4bit_base_gives_nearly_the_16bit_loss_and_without_bitsandbytes_says_w
         load_blip2(demo_world[1], base_bits=4)
 
 
+def test_a_4bit_base_trains_the_same_whether_an_evaluation_ran_first(demo_world):
+    """bitsandbytes repacks 4-bit weights for bf16 matmuls on CPUs with AVX512-BF16 at the first forward without
+    gradients; the training loss after an evaluation must be the one without it, bit for bit, on any CPU."""
+    from blip2lora.blip2 import train_mode, vision_embeds
+    from blip2lora.model import grouped_caption_loss, load_blip2, prepare_for_training
+    from conftest import collate
+    from data import read_captions
+    losses = []
+    for evaluate_first in (False, True):
+        model, processor = load_blip2(demo_world[1], base_bits=4, log=lambda *a: None)
+        prepare_for_training(model, torch.float32, SETTINGS)
+        batch = collate(model, processor, read_captions(demo_world[0]).splits["train"][:4])
+        embeds = vision_embeds(model, batch["pixel_values"])
+        if evaluate_first:
+            with torch.no_grad():
+                model.eval()
+                grouped_caption_loss(model, batch, embeds)
+            train_mode(model)  # as train.py after a val evaluation: only the adapters in train mode
+        loss, tokens = grouped_caption_loss(model, batch, embeds)
+        losses.append((loss / tokens).item())
+    assert losses[0] == losses[1]
+
+
 def test_the_demo_on_a_4bit_base_learns_and_its_adapter_loads_on_the_16bit_base(demo_world, tmp_path):
     """python train.py config/demo.py --base_bits=4 --gradient_checkpointing=True: the base's T5 in NF4, its blocks
     recomputed in the backward pass; the adapter is the usual file, which peft loads on the 16-bit base."""
