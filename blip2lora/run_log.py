@@ -10,6 +10,7 @@ blip2lora/run_log.py: what train.py records of a run as it goes: the log line, l
 import importlib.util
 import json
 import os
+import threading
 import time
 
 import torch
@@ -22,6 +23,13 @@ from blip2lora.progress import duration
 
 
 TENSORBOARD_RUNS = ("train", "zero_shot", "fine_tuned")  # out_dir/tensorboard/RUN, the runs TensorBoard lists
+
+
+def _quiet_tensorboard_thread(args, say=threading.excepthook):
+    """TensorBoard's writer thread re-raises a failed write (a traceback on stderr); the run says it in one line
+    (RunState._tensorboard), so that thread's traceback is left out. Any other thread's is printed as usual."""
+    if type(args.thread).__name__ != "_AsyncWriterThread":
+        say(args)
 
 
 def check_tensorboard(cfg):
@@ -59,34 +67,55 @@ class RunState:
             return
         if resumed:
             self.record({"step": self.step, "resumed": True})
-        if self.cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # (checked installed before any work)
-            folder = os.path.join(self.cfg.out_dir, "tensorboard", "train")  # the run TensorBoard lists as "train"
-            self.writers[""] = SummaryWriter(folder, purge_step=self.step + 1 if resumed else None, flush_secs=10)
+        if self.cfg.tensorboard:  # the run TensorBoard lists as "train"; a resumed one drops the stopped run's steps
+            self._tensorboard("train", {}, self.step, purge_step=self.step + 1 if resumed else None)
 
     def record(self, entry):
         if self.p.master:
             with open(os.path.join(self.cfg.out_dir, "log.jsonl"), "a") as log_file:
                 log_file.write(json.dumps(entry) + "\n")
-            for key, tag in self.SCALARS.items():
-                if key in entry and "" in self.writers:
-                    self.writers[""].add_scalar(tag, entry[key], entry["step"])
+            scalars = {tag: entry[key] for key, tag in self.SCALARS.items() if key in entry}
+            if scalars and "train" in self.writers:
+                self._tensorboard("train", scalars, entry["step"])
 
     def record_test_scores(self, columns):
         """The final scores (x100) as test/<metric>, in the runs zero_shot and fine_tuned: one chart per metric
         with both beside each other in TensorBoard."""
-        if "" not in self.writers:
+        if "train" not in self.writers:
             return
-        from torch.utils.tensorboard import SummaryWriter
-        for label, scores in columns.items():
-            run = label.replace("-", "_")  # zero_shot, fine_tuned
-            writer = self.writers.setdefault(run, SummaryWriter(os.path.join(self.cfg.out_dir, "tensorboard", run)))
-            for metric, value in scores.items():
-                writer.add_scalar(f"test/{metric}", value, self.step)
+        for label, scores in columns.items():  # the runs zero_shot and fine_tuned
+            self._tensorboard(label.replace("-", "_"), {f"test/{k}": v for k, v in scores.items()}, self.step)
+
+    def _tensorboard(self, run, scalars, step, purge_step=None):
+        """{tag: value} at `step` into out_dir/tensorboard/RUN, flushed at once. TensorBoard's writer thread, on a full
+        disk or a folder made read-only, printed a traceback and left the run to fail steps later naming out_dir;
+        flushed here, the run stops at this step with one line naming the folder (its last checkpoint kept), and an
+        empty event file this process began is removed."""
+        from torch.utils.tensorboard import SummaryWriter  # (checked installed before any work)
+        folder = os.path.join(self.cfg.out_dir, "tensorboard", run)
+        threading.excepthook = _quiet_tensorboard_thread
+        try:
+            if run not in self.writers:
+                self.writers[run] = SummaryWriter(folder, purge_step=purge_step, flush_secs=10)
+            for tag, value in scalars.items():
+                self.writers[run].add_scalar(tag, value, step)
+            self.writers[run].flush()
+        except OSError as e:
+            for name in os.listdir(folder) if os.path.isdir(folder) else []:
+                path = os.path.join(folder, name)
+                if f".{os.getpid()}." in name and name.startswith("events.") and os.path.getsize(path) == 0:
+                    os.remove(path)
+            self.writers.pop(run, None)
+            raise UserError(f"{folder}: cannot write TensorBoard's files ({e.strerror or e}); free space there or set "
+                            "tensorboard=False (report.html has the curves too), then run the same command to resume "
+                            "from the last checkpoint") from None
 
     def close_log(self):
         for writer in self.writers.values():
-            writer.close()
+            try:
+                writer.close()
+            except OSError:
+                pass  # the run already stopped on it, with the line that says so
 
     def saved_state(self, finished):
         """What a checkpoint saves beside the weights: the step and the data position (batches are seeded), the val

@@ -628,6 +628,32 @@ def test_a_tensorboard_run_folder_that_is_not_one_is_refused_before_any_work(dem
     assert not any(line.startswith("step ") for line in stdout.splitlines())
 
 
+@pytest.mark.parametrize("good_writes", [0, 3])
+def test_a_full_disk_under_tensorboard_stops_the_run_at_once_in_one_line(demo_world, tmp_path, monkeypatch,
+                                                                         good_writes):
+    """TensorBoard's files are written by a thread: a full disk printed that thread's traceback, the run went on to
+    a later step and then named out_dir, and an empty event file was left. Now: the step it happens at, one line
+    naming the folder, no traceback, no empty file. (0: the disk is full from the first event; 3: at step 5.)"""
+    import errno
+    from tensorboard.summary.writer import record_writer
+    real_write, writes = record_writer.RecordWriter.write, []
+
+    def write_until_the_disk_is_full(self, data):
+        writes.append(len(data))
+        if len(writes) > good_writes:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+    monkeypatch.setattr(record_writer.RecordWriter, "write", write_until_the_disk_is_full)
+    code, out, err = run_main("train", "config/demo.py", "--max_steps=20", "--log_interval=5", "--eval_interval=0",
+                              "--final_eval=False", "--tensorboard=True", f"--out_dir={tmp_path}")
+    folder = tmp_path / "tensorboard" / "train"
+    assert code == 1 and err == f"error: {folder}: cannot write TensorBoard's files (No space left on device); free " \
+        "space there or set tensorboard=False (report.html has the curves too), then run the same command to resume " \
+        "from the last checkpoint\n"
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("step ")] == ["5/20"] * (good_writes > 0)
+    assert all(os.path.getsize(folder / name) > 0 for name in os.listdir(folder))
+
+
 def test_a_tampered_log_still_gives_curves_and_says_what_it_left_out(tmp_path):
     """A loss of 1e308 or a step of 10**400 in log.jsonl stopped the report with an OverflowError (results.json moved
     on, report.html stayed stale); such lines are left out, and said."""
