@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 
-from blip2lora.blip2 import autocast_context, autocast_dtype
+from blip2lora.blip2 import autocast_context, autocast_dtype, set_instruction
 from blip2lora.captioning import (CAPTION_SETTINGS_FILE, GENERATION_DEFAULTS, add_generation_arguments,
                                   base_model_reference, caption_stream, generation_of, load_for_captioning,
                                   read_caption_settings, resolve_generation, resolve_model)
@@ -82,6 +82,7 @@ def run(args):
     model, processor = load_for_captioning(model_name, adapter, args.device, args.base_bits, log=notes.append)
     # refuses a prompt holding the image token, or new tokens past the language model's positions
     prompt = prompt_ids(processor.tokenizer, args.prompt, model.config, after={"max_new_tokens": args.max_new_tokens})
+    set_instruction(model, processor, args.prompt)  # InstructBLIP's Q-Former reads the prompt too
     for note in notes:
         print(note, file=sys.stderr)
     if args.export_merged:

@@ -30,16 +30,19 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
 from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessorPil,
+                          InstructBlipConfig, InstructBlipForConditionalGeneration, InstructBlipProcessor,
                           PreTrainedTokenizerFast)
 from transformers.utils import logging as hf_logging
 
-from blip2lora import opt, t5
-from blip2lora.blip2 import vision_embeds
+from blip2lora import llama, opt, t5
+from blip2lora.blip2 import is_instructblip, set_instruction, vision_embeds
 from blip2lora.model import caption_tokenizer, grouped_caption_loss
 from data import caption_labels, prompt_ids
 
 DEMO_ROOT = "data/demo"
 DEMO_DATA, DEMO_MODEL, DEMO_OPT_MODEL = "data/demo/flickr8k", "data/demo/blip2-tiny", "data/demo/blip2-opt-tiny"
+DEMO_INSTRUCTBLIP_MODEL = "data/demo/instructblip-tiny"
+INSTRUCTION = "A short image description:"  # InstructBLIP's captioning instruction, as LAVIS evaluates it
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 60, 220), "yellow": (240, 210, 30)}
 BACKGROUNDS = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
 SIZES = {"small": (14, 24), "big": (44, 60)}  # circle diameter in pixels of the 96 x 96 image
@@ -97,30 +100,37 @@ def build_dataset(root, rng, num_images=300, split=(200, 50, 50)):
             f.write("\n".join(names[a:b]) + "\n")
 
 
-def build_processor(image_pixels=MODEL_PIXELS, num_query_tokens=NUM_QUERY_TOKENS, lm=t5):
+def build_processor(image_pixels=MODEL_PIXELS, num_query_tokens=NUM_QUERY_TOKENS, lm=t5, instruct=False):
     """A word-level tokenizer over every word the demo uses, with the special tokens laid out as the family's real
     tokenizer lays them out (lm.SPECIAL_TOKENS; T5: pad 0, </s> 1 at the end of a text; OPT: pad 1, </s> 2 as BOS at
-    the start, and "\n" to end a caption), inside a Blip2Processor."""
-    words = set("a photo of . backdrop".split())
+    the start, and "\n" to end a caption), inside a Blip2Processor; instruct: an InstructBlipProcessor, with the
+    Q-Former's own tokenizer over the same words laid out as BERT's ([PAD] 0, [CLS] text [SEP])."""
+    words = set("a photo of . backdrop".split()) | set(INSTRUCTION.lower().split())
     for text in CAPTION_TEMPLATES + (PRETRAIN_TEMPLATE,):
         words |= set(re.sub(r"\{\w+\}", " ", text).split())  # the template's own words, not its {fields}
     for group in (COLOURS, BACKGROUNDS, SIZES, PRETRAIN_WORDS.values()):
         words |= {w for phrase in group for w in phrase.split()}
     special = lm.SPECIAL_TOKENS
-    vocab = {token: i for i, token in enumerate(special["first_ids"])}
-    for w in sorted(words):
-        vocab[w] = len(vocab)
-    vocab["<image>"] = len(vocab)
-    core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tokenizer = _word_tokenizer(special["first_ids"], sorted(words) + ["<image>"], special["template"],
+                                pad_token="<pad>", eos_token="</s>", bos_token=special["bos"], unk_token="<unk>")
+    image_processor = BlipImageProcessorPil(size={"height": image_pixels, "width": image_pixels})
+    if not instruct:
+        return Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)
+    qformer_tokenizer = _word_tokenizer(("[PAD]", "[UNK]", "[CLS]", "[SEP]"), sorted(words), "[CLS] $A [SEP]",
+                                        pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]")
+    return InstructBlipProcessor(image_processor, tokenizer, qformer_tokenizer, num_query_tokens=num_query_tokens)
+
+
+def _word_tokenizer(first_ids, words, template, **special_tokens):
+    """A lower-casing, whitespace-splitting word-level tokenizer: first_ids, then the words; `template` adds the
+    special tokens around a text (TemplateProcessing's notation)."""
+    vocab = {token: i for i, token in enumerate([*first_ids, *words])}
+    core = Tokenizer(WordLevel(vocab, unk_token=special_tokens["unk_token"]))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.post_processor = processors.TemplateProcessing(single=special["template"],
-                                                        special_tokens=[("</s>", vocab["</s>"])])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>",
-                                        bos_token=special["bos"],
-                                        unk_token="<unk>")
-    image_processor = BlipImageProcessorPil(size={"height": image_pixels, "width": image_pixels})
-    return Blip2Processor(image_processor, tokenizer, num_query_tokens=num_query_tokens)
+    core.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(t, vocab[t]) for t in template.split() if t in first_ids])
+    return PreTrainedTokenizerFast(tokenizer_object=core, **special_tokens)
 
 
 def special_ids(processor, lm=t5):
@@ -130,24 +140,31 @@ def special_ids(processor, lm=t5):
 
 
 def processor_config(processor, lm=t5):
-    """tiny_config over a build_processor vocabulary, with its image token and caption end."""
+    """tiny_config over a build_processor vocabulary, with its image token and caption end (and for an
+    InstructBlipProcessor, an InstructBLIP's, its Q-Former reading the Q-Former tokenizer's words)."""
     image_token_id, end = special_ids(processor, lm)
-    return tiny_config(len(processor.tokenizer), image_token_id, lm, end)
+    qformer_tokenizer = getattr(processor, "qformer_tokenizer", None)
+    return tiny_config(len(processor.tokenizer), image_token_id, lm, end,
+                       qformer_vocab_size=len(qformer_tokenizer) if qformer_tokenizer else None)
 
 
-def tiny_config(vocab_size, image_token_id, lm=t5, eos_token_id=None):
+def tiny_config(vocab_size, image_token_id, lm=t5, eos_token_id=None, qformer_vocab_size=None):
     """BLIP-2's architecture at toy size: ViT 2x64 on 48-pixel images (16 patches), Q-Former 2x64, and the family's
-    language model (lm.SIZES["tiny"]; T5: 2 + 2 layers x 64, OPT: 2 x 128). eos_token_id: the caption's end token;
-    None: its place among the first ids of a build_processor vocabulary (T5 </s>: 1, OPT "\n": 4)."""
+    language model (lm.SIZES["tiny"]; T5: 2 + 2 layers x 64, OPT and LLaMA: 2 x 128). eos_token_id: the caption's end
+    token; None: its place among the first ids of a build_processor vocabulary (T5 </s>: 1, OPT "\n": 4, LLaMA
+    </s>: 2). qformer_vocab_size: an InstructBLIP's config, its Q-Former with word embeddings for the instruction."""
     if eos_token_id is None:
         eos_token_id = lm.SPECIAL_TOKENS["first_ids"].index(lm.SPECIAL_TOKENS["caption_end"])
     text = lm.text_config("tiny", vocab_size=vocab_size, eos_token_id=eos_token_id)
-    return Blip2Config(
+    kind, qformer = Blip2Config, {}
+    if qformer_vocab_size:
+        kind, qformer = InstructBlipConfig, dict(vocab_size=qformer_vocab_size, max_position_embeddings=64)
+    return kind(
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                            image_size=MODEL_PIXELS, patch_size=12,
                            initializer_range=0.02),  # the default (1e-10) starts the ViT with no signal at all
         qformer_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                            encoder_hidden_size=64, cross_attention_frequency=1),
+                            encoder_hidden_size=64, cross_attention_frequency=1, **qformer),
         text_config=text, num_query_tokens=NUM_QUERY_TOKENS, image_token_id=image_token_id)
 
 
@@ -155,14 +172,17 @@ def pretrain_base(processor, rng, lm=t5, steps=600, batch_images=32, log=print, 
     """Train every weight of a fresh tiny BLIP-2 on freshly drawn images with PRETRAIN_TEMPLATE captions. Another
     seed gives a base as another CPU's float sums might (python demo.py --base-seed N DIR)."""
     torch.manual_seed(seed)
-    model = Blip2ForConditionalGeneration(processor_config(processor, lm))
+    config = processor_config(processor, lm)
+    model = (InstructBlipForConditionalGeneration if is_instructblip(config) else Blip2ForConditionalGeneration)(config)
     # transformers starts the queries at zero; the Q-Former's first LayerNorm of an all-zero input has a huge
     # gradient (1 / sqrt(eps)). BLIP-2's own pretraining draws them from N(0, 0.02), as here.
     torch.nn.init.normal_(model.query_tokens, std=0.02)
     std = EMBEDDING_STD.get(model.config.text_config.model_type)
     if std is not None:
         torch.nn.init.normal_(model.get_input_embeddings().weight, std=std)
-    prompt = prompt_ids(processor.tokenizer, "a photo of", model.config)
+    instruction = INSTRUCTION if is_instructblip(model) else "a photo of"
+    prompt = prompt_ids(processor.tokenizer, instruction, model.config)
+    set_instruction(model, processor, instruction)
     caption_ids = caption_tokenizer(processor.tokenizer, model.config)
     # A loop of its own, not train.py's step: this trains every weight of a model made from scratch (no LoRA, nothing
     # frozen, dropout on everywhere), with weight decay and a one-cycle schedule suited to that.
@@ -232,8 +252,8 @@ def _build_flickr8k(path, log):
     build_dataset(path, random.Random(8))
 
 
-def _build_model(path, log, lm=t5, seed=0):
-    processor = build_processor(lm=lm)
+def _build_model(path, log, lm=t5, seed=0, instruct=False):
+    processor = build_processor(lm=lm, instruct=instruct)
     model = pretrain_base(processor, random.Random(1), lm, log=log, seed=seed)
     hf_logging.disable_progress_bar()
     model.save_pretrained(path)
@@ -241,7 +261,8 @@ def _build_model(path, log, lm=t5, seed=0):
 
 
 PARTS = {"flickr8k": _build_flickr8k, "blip2-tiny": _build_model,
-         "blip2-opt-tiny": lambda path, log: _build_model(path, log, opt)}
+         "blip2-opt-tiny": lambda path, log: _build_model(path, log, opt),
+         "instructblip-tiny": lambda path, log: _build_model(path, log, llama, instruct=True)}
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import os
 import sys
 
 import demo
-from blip2lora.blip2 import autocast_context, autocast_dtype
+from blip2lora.blip2 import autocast_context, autocast_dtype, set_instruction
 from blip2lora.captioning import (add_generation_arguments, caption_items, captions_without_adapter, generation_of,
                                   load_for_captioning, read_caption_settings, resolve_generation, resolve_model)
 from blip2lora.files import check_output, one_line_errors, read_json, require_writable_folder, write_json
@@ -131,6 +131,7 @@ def caption_split(args, adapter, model_name, items, notes):
     for note in notes:
         print(note, file=sys.stderr)
     prompt = prompt_ids(processor.tokenizer, args.prompt, model.config, after={"max_new_tokens": args.max_new_tokens})
+    set_instruction(model, processor, args.prompt)  # InstructBLIP's Q-Former reads the prompt too
     generation = dict(batch_size=args.batch_size, progress="captioning", **generation_of(args))
     autocast = autocast_context(args.device, autocast_dtype(args.device))
     predictions = caption_items(model, processor, items, prompt, args.device, autocast, **generation)

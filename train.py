@@ -38,8 +38,8 @@ import math
 import os
 import sys
 import time
-import types
 from dataclasses import dataclass, field
+from types import SimpleNamespace as Settings  # the settings of this run, as attributes (cfg.batch_images, ...)
 
 import torch
 import torch.distributed as dist
@@ -47,7 +47,7 @@ import torch.distributed as dist
 import demo
 from blip2lora import checkpoint, settings
 from blip2lora.adapter_files import load_adapter, save_adapter
-from blip2lora.blip2 import autocast_context, autocast_dtype, train_mode, vision_embeds
+from blip2lora.blip2 import autocast_context, autocast_dtype, set_instruction, train_mode, vision_embeds
 from blip2lora.captioning import (GENERATION_DEFAULTS, base_model_reference, caption_items, captions_without_adapter,
                                   generation_of, save_caption_settings)
 from blip2lora.checkpoint import (Interrupted, StopRequest, Terminated, check_resume, check_same_collection,
@@ -344,9 +344,6 @@ def epoch_loader(cfg, p, t, epoch, offset, loader_rng):
 
 # ------------------------------------------------------------------------------------------- the run's state
 
-Settings = types.SimpleNamespace  # the settings of this run, as attributes (cfg.batch_images, ...)
-
-
 @dataclass
 class Processes:
     """Where this process computes, in which precision, and its place among the others under torchrun."""
@@ -442,6 +439,7 @@ def load_data_and_model(cfg, p):
         p.log(note)
     prompt = prompt_ids(processor.tokenizer, cfg.prompt, blip2.config,
                         after={k: getattr(cfg, k) for k in ("max_caption_tokens", "max_new_tokens")})
+    set_instruction(blip2, processor, cfg.prompt)  # InstructBLIP's Q-Former reads the prompt too
     caption_ids = caption_tokenizer(processor.tokenizer, blip2.config)
     splits = data.splits
     p.log(f"{data.layout}: " + ", ".join(f"{s} {len(v)} images" for s, v in splits.items())

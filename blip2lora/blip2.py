@@ -32,12 +32,43 @@ def vision_embeds(model, pixel_values):
 
 def image_features(model, image_embeds):
     """(B, V, Dv) -> (B, Q, D): the Q-Former's queries read the image, then are projected to the language model's
-    width D."""
+    width D. InstructBLIP's Q-Former also reads the instruction (set_instruction): its tokens follow the queries in
+    the Q-Former's self-attention, and only the queries' outputs go on."""
     queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)                  # (B, Q, Dq)
     mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    query_output = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds,
-                                 encoder_attention_mask=mask).last_hidden_state          # (B, Q, Dq), fp32
+    instruction = model_inputs(model, image_embeds.shape[0])                            # {} for BLIP-2
+    if instruction:
+        ids = instruction["qformer_input_ids"]                                          # (B, Li)
+        instruction = {"input_ids": ids, "attention_mask": torch.ones(ids.shape[0], queries.shape[1] + ids.shape[1],
+                                                                      dtype=torch.long, device=ids.device)}
+    query_output = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds, encoder_attention_mask=mask,
+                                 **instruction).last_hidden_state[:, :queries.shape[1]]  # (B, Q, Dq), fp32
     return model.language_projection(query_output.to(image_embeds.dtype))               # (B, Q, D)
+
+
+def is_instructblip(model_or_config):
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.model_type == "instructblip"
+
+
+def set_instruction(model, processor, prompt):
+    """InstructBLIP: its Q-Former reads the prompt too, in its own vocabulary (processor.qformer_tokenizer, BERT's:
+    [CLS] ... [SEP]), the same for every image of a run; image_features and model_inputs read it. A no-op for
+    BLIP-2."""
+    if is_instructblip(model):
+        model.instruction_ids = torch.tensor([processor.qformer_tokenizer(prompt).input_ids])  # (1, Li)
+
+
+def model_inputs(model, rows):
+    """What a forward or generate() of the whole model takes besides pixels and prompt: InstructBLIP's
+    qformer_input_ids (rows, Li); nothing for BLIP-2."""
+    if not is_instructblip(model):
+        return {}
+    ids = getattr(model, "instruction_ids", None)
+    if ids is None:
+        raise RuntimeError("InstructBLIP without an instruction: call blip2.set_instruction first")
+    device = model.query_tokens.device
+    return {"qformer_input_ids": ids.to(device).expand(rows, -1)}
 
 
 def embed_prompt(model, input_ids, features):
@@ -106,3 +137,32 @@ def checkpointed(forward):
     def run(*args, **kwargs):
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return run
+
+
+# ------------------------------------------------------------------ decoder-only language models (opt.py, llama.py)
+
+class RecordedKeysValues:
+    """The prefix pass's cache (opt.py, llama.py). The attention of OPT and LLaMA (transformers 5.24) hands each layer's keys and values (B, H, P, d) to
+    cache.update(keys, values, layer) and attends to what it returns. This one keeps them by overwriting, so the
+    recomputation of gradient checkpointing records the same tensors again; transformers' DynamicCache appends
+    (torch.cat), and a replayed layer would then hold two copies and fail in the backward pass."""
+
+    def __init__(self):
+        self.layers = {}
+
+    def update(self, keys, values, layer, **kwargs):
+        self.layers[layer] = keys, values
+        return keys, values
+
+
+class PrefixThenCaption:
+    """The caption pass's cache: each layer attends to its image's prefix keys and values (indexed per caption:
+    (N, H, P, d)), then to the caption's own (N, H, T, d). It stores nothing, so a recomputation reads the same."""
+
+    def __init__(self, recorded, per_caption):
+        self.recorded, self.per_caption = recorded, per_caption
+
+    def update(self, keys, values, layer, **kwargs):
+        prefix_keys, prefix_values = self.recorded.layers[layer]
+        return (torch.cat([prefix_keys[self.per_caption], keys], dim=2),
+                torch.cat([prefix_values[self.per_caption], values], dim=2))

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from blip2lora import opt, t5
+from blip2lora import llama, opt, t5
 from blip2lora.blip2 import QFORMER_TARGETS, cast_frozen_qformer, embed_prompt, image_features, train_mode
 from blip2lora.files import UserError, first_line
 from blip2lora.generation import generate_ids
@@ -26,7 +26,7 @@ DEFAULT_MODEL = "Salesforce/blip2-flan-t5-xl"
 # The language-model families: text_config.model_type -> the module that knows it. Each defines the same public
 # names, FAMILY_CONTRACT (tests/test_layout.py holds them to it); its helpers are private (_name). The rest of the
 # project asks the family (family(config).grouped_caption_loss, ...) and never branches on which one it is.
-FAMILIES = {"t5": t5, "opt": opt}
+FAMILIES = {"t5": t5, "opt": opt, "llama": llama}
 FAMILY_CONTRACT = (
     "LORA_TARGETS",               # module-path suffixes of the language model's attention, where LoRA goes
     "KEEP_UNQUANTIZED",           # what a 4/8-bit base keeps 16-bit besides BLIP-2's own parts
@@ -45,6 +45,11 @@ FAMILY_CONTRACT = (
     "new_tokens",                 # (output, input_ids) -> the new tokens of a BLIP-2 model.generate() output
     "prepare_export",             # (model): what a merged export's own generate() needs
 )
+# The models this project fine-tunes, by config.model_type: their transformers model and processor classes.
+# InstructBLIP is BLIP-2 whose Q-Former also reads the instruction (blip2.image_features); the language model is
+# a family's either way.
+KINDS = {"blip-2": ("Blip2ForConditionalGeneration", "Blip2Processor"),
+         "instructblip": ("InstructBlipForConditionalGeneration", "InstructBlipProcessor")}
 # BLIP-2's parts a 4/8-bit base keeps 16-bit: bitsandbytes would otherwise also quantize the ViT and the projection
 # (bitsandbytes 0.50, transformers 5.24). The family adds its own (t5.KEEP_UNQUANTIZED).
 KEEP_UNQUANTIZED = ("vision_model", "qformer", "language_projection", "lm_head")
@@ -194,11 +199,12 @@ def hub_connection_error(name):
 def check_supported(config, name_or_path):
     """A model this project cannot fine-tune is refused from its config, before any weights are read."""
     text = getattr(config, "text_config", None)
-    if config.model_type != "blip-2" or getattr(text, "model_type", None) not in FAMILIES:
-        what = (f"a model of type {config.model_type!r}" if config.model_type != "blip-2" else
-                f"BLIP-2 with a language model of type {getattr(text, 'model_type', None)!r}")
-        raise ModelError(f"{name_or_path}: {what}; this project fine-tunes BLIP-2 with Flan-T5 or OPT "
-                         "(Blip2ForConditionalGeneration: Salesforce/blip2-flan-t5-xl, blip2-opt-2.7b, ...)")
+    if config.model_type not in KINDS or getattr(text, "model_type", None) not in FAMILIES:
+        what = (f"a model of type {config.model_type!r}" if config.model_type not in KINDS else
+                f"{config.model_type} with a language model of type {getattr(text, 'model_type', None)!r}")
+        raise ModelError(f"{name_or_path}: {what}; this project fine-tunes BLIP-2 with Flan-T5 or OPT and InstructBLIP "
+                         "with Flan-T5 or Vicuna (Salesforce/blip2-flan-t5-xl, blip2-opt-2.7b, instructblip-vicuna-7b, "
+                         "...)")
     for key in ("eos_token_id", "pad_token_id") + ("decoder_start_token_id",) * text.is_encoder_decoder:
         value = getattr(text, key, None)  # a caption's end, its padding, (T5) the decoder's first input
         if type(value) is not int or not 0 <= value < text.vocab_size:
@@ -212,10 +218,11 @@ def check_supported(config, name_or_path):
 
 
 def load_blip2(name_or_path, device="cpu", dtype=torch.float32, base_bits=16, log=print):
-    """Blip2ForConditionalGeneration + Blip2Processor from a hub id or a local folder, in eval mode, its weights in
-    dtype. base_bits 8 or 4: the language model's Linear weights held by bitsandbytes in int8 or NF4 (QLoRA's
-    double-quantized 4-bit)."""
-    from transformers import AutoConfig, Blip2ForConditionalGeneration, Blip2Processor
+    """BLIP-2 or InstructBLIP (KINDS: the model and its processor) from a hub id or a local folder, in eval mode, its
+    weights in dtype. base_bits 8 or 4: the language model's Linear weights held by bitsandbytes in int8 or NF4
+    (QLoRA's double-quantized 4-bit)."""
+    import transformers
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
     local_only = check_model_source(name_or_path, log)
     verbosity = hf_logging.get_verbosity()
@@ -224,7 +231,8 @@ def load_blip2(name_or_path, device="cpu", dtype=torch.float32, base_bits=16, lo
     try:
         config = AutoConfig.from_pretrained(name_or_path, local_files_only=local_only)
         check_supported(config, name_or_path)
-        processor = Blip2Processor.from_pretrained(name_or_path, local_files_only=local_only)
+        model_class, processor_class = (getattr(transformers, name) for name in KINDS[config.model_type])
+        processor = processor_class.from_pretrained(name_or_path, local_files_only=local_only)
         if getattr(processor, "num_query_tokens", None) != config.num_query_tokens:
             raise ModelError(f"{name_or_path}: its processor puts {processor.num_query_tokens!r} image tokens in a "
                              f"prompt, the model reads {config.num_query_tokens}; save the processor again with "
@@ -232,7 +240,7 @@ def load_blip2(name_or_path, device="cpu", dtype=torch.float32, base_bits=16, lo
         extra = {"quantization_config": quantization_config(base_bits, dtype, config),
                  "device_map": {"": device}} if base_bits < 16 else {}
         # sdpa: opt.grouped_caption_loss hands OPT's attention a boolean mask, as scaled_dot_product_attention takes it
-        model, report = Blip2ForConditionalGeneration.from_pretrained(
+        model, report = model_class.from_pretrained(
             name_or_path, dtype=dtype, local_files_only=local_only, use_safetensors=True,  # never a pickle
             attn_implementation="sdpa", output_loading_info=True, ignore_mismatched_sizes=True, **extra)
         check_weights_match(report, name_or_path)

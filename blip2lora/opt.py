@@ -16,8 +16,9 @@ Checked against transformers 5.24; where its behaviour matters here, a comment s
 import torch
 from transformers import OPTConfig
 
-from blip2lora.blip2 import caption_loss_sum, checkpointed, embed_prompt, image_features
-from blip2lora.generation import DecodeState
+from blip2lora.blip2 import (PrefixThenCaption, RecordedKeysValues, caption_loss_sum, checkpointed, embed_prompt,
+                             image_features, model_inputs)
+from blip2lora.generation import DecodeState, prefix_and_own_attention
 
 # LoRA on the attention of every decoder layer: language_model.model.decoder.layers.N.self_attn.q_proj, ...
 LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
@@ -64,8 +65,8 @@ def per_pair_caption_loss(model, batch):
     caption = labels.masked_fill(labels == -100, model.config.text_config.pad_token_id)
     input_ids = torch.cat([batch["input_ids"][per_caption], caption], dim=1)           # (N, L + T)
     attention_mask = torch.cat([batch["attention_mask"][per_caption], (labels != -100).long()], dim=1)
-    logits = model(pixel_values=batch["pixel_values"][per_caption], input_ids=input_ids,
-                   attention_mask=attention_mask, use_cache=False).logits               # (N, L + T, vocab)
+    logits = model(pixel_values=batch["pixel_values"][per_caption], input_ids=input_ids, attention_mask=attention_mask,
+                   use_cache=False, **model_inputs(model, len(per_caption))).logits   # (N, L + T, vocab)
     # the logit at position i predicts token i + 1: the caption's T tokens are predicted from position L - 1 on
     return caption_loss_sum(logits[:, prefix_length - 1:-1], labels)
 
@@ -84,7 +85,7 @@ def grouped_caption_loss(model, batch, image_embeds):
     prefix = embed_prompt(model, batch["input_ids"], image_features(model, image_embeds))   # (B, L, D)
     per_caption, labels = batch["caption_image"], batch["labels"]                           # (N,), (N, T)
     kept, tokens = prefix.shape[1] - 1, labels.shape[1]                                     # P, T
-    recorded = _RecordedKeysValues()
+    recorded = RecordedKeysValues()
     causal = torch.ones(kept, kept, dtype=torch.bool, device=prefix.device).tril()          # (P, P)
     _decoder_layers(decoder, prefix[:, :-1], kept_from=0, attends=causal, cache=recorded)
     caption = labels[:, :-1].masked_fill(labels[:, :-1] == -100, model.config.text_config.pad_token_id)
@@ -94,7 +95,7 @@ def grouped_caption_loss(model, batch, image_embeds):
     attends = torch.cat([torch.ones(tokens, kept, dtype=torch.bool, device=prefix.device),
                          torch.ones(tokens, tokens, dtype=torch.bool, device=prefix.device).tril()], dim=1)
     hidden = _decoder_layers(decoder, inputs, kept_from=kept, attends=attends,
-                            cache=_PrefixThenCaption(recorded, per_caption))                 # (N, T, D)
+                            cache=PrefixThenCaption(recorded, per_caption))                 # (N, T, D)
     return caption_loss_sum(model.language_model.lm_head(hidden), labels)
 
 
@@ -108,33 +109,6 @@ def _decoder_layers(decoder, embeds, kept_from, attends, cache):
         # a boolean mask goes to scaled_dot_product_attention as it is (model.load_blip2 asks for sdpa attention)
         hidden = layer(hidden, attention_mask=attends[None, None], cache=cache, position_ids=positions)
     return decoder.final_layer_norm(hidden)
-
-
-class _RecordedKeysValues:
-    """The prefix pass's cache. OPT's attention (transformers 5.24) hands each layer's keys and values (B, H, P, d) to
-    cache.update(keys, values, layer) and attends to what it returns. This one keeps them by overwriting, so the
-    recomputation of gradient checkpointing records the same tensors again; transformers' DynamicCache appends
-    (torch.cat), and a replayed layer would then hold two copies and fail in the backward pass."""
-
-    def __init__(self):
-        self.layers = {}
-
-    def update(self, keys, values, layer, **kwargs):
-        self.layers[layer] = keys, values
-        return keys, values
-
-
-class _PrefixThenCaption:
-    """The caption pass's cache: each layer attends to its image's prefix keys and values (indexed per caption:
-    (N, H, P, d)), then to the caption's own (N, H, T, d). It stores nothing, so a recomputation reads the same."""
-
-    def __init__(self, recorded, per_caption):
-        self.recorded, self.per_caption = recorded, per_caption
-
-    def update(self, keys, values, layer, **kwargs):
-        prefix_keys, prefix_values = self.recorded.layers[layer]
-        return (torch.cat([prefix_keys[self.per_caption], keys], dim=2),
-                torch.cat([prefix_values[self.per_caption], values], dim=2))
 
 
 # ------------------------------------------------------------------------------------------------- precision, memory
@@ -171,7 +145,7 @@ def start_generation(model, input_ids, image_embeds, beams, max_new_tokens):
     decoder = model.language_model.model.decoder
     prefix = embed_prompt(model, input_ids, image_features(model, image_embeds))       # (B, L, D)
     images, length = prefix.shape[:2]
-    recorded = _RecordedKeysValues()
+    recorded = RecordedKeysValues()
     causal = torch.ones(length, length, dtype=torch.bool, device=prefix.device).tril()
     hidden = _decoder_layers(decoder, prefix, kept_from=0, attends=causal, cache=recorded)  # (B, L, D)
     state = DecodeState(beams, extra={"prefix_length": length})
@@ -216,28 +190,12 @@ def _decode_layer(layer, state, i, hidden, index):
 
 
 def _attention(attention, state, i, x, index):
-    """One new token per row attends to its image's prefix keys and values (B, H, L, d), read by all the image's
-    beams, and to its own cache (R, H, T, d) up to `index`, where its own keys and values are written first: one
-    softmax over both."""
-    rows, beams, heads = x.shape[0], state.beams, attention.num_heads
-    images = rows // beams
-
+    """One new token per row (x: (R, 1, D)) attends to its image's prefix and to its own cache up to `index`, where
+    its own keys and values are written first (generation.prefix_and_own_attention)."""
     def split(projected):                                                               # (R, 1, D) -> (R, H, 1, d)
-        return projected.view(rows, 1, heads, -1).transpose(1, 2)
+        return projected.view(x.shape[0], 1, attention.num_heads, -1).transpose(1, 2)
     query = split(attention.q_proj(x) * attention.scaling)
-    state.keys[i].index_copy_(2, index, split(attention.k_proj(x)))
-    state.values[i].index_copy_(2, index, split(attention.v_proj(x)))
-    prefix_keys, prefix_values = state.image_keys[i], state.image_values[i]
-    by_image = query.view(images, beams, heads, -1).transpose(1, 2)                     # (B, H, beams, d)
-    prefix_scores = by_image @ prefix_keys.transpose(2, 3)                              # (B, H, beams, L)
-    own_scores = (query @ state.keys[i].transpose(2, 3)).view(images, beams, heads, -1).transpose(1, 2)
-    unwritten = torch.arange(own_scores.shape[-1], device=x.device) > index            # (T,)
-    own_scores = own_scores.masked_fill(unwritten, -float("inf"))                       # (B, H, beams, T)
-    weights = torch.softmax(torch.cat([prefix_scores, own_scores], -1).float(), -1).to(query.dtype)
-    length = prefix_scores.shape[-1]
-    out = (weights[..., :length] @ prefix_values).transpose(1, 2).reshape(rows, heads, 1, -1)
-    own_weights = weights[..., length:].transpose(1, 2).reshape(rows, heads, 1, -1)    # (R, H, 1, T)
-    out = out + own_weights @ state.values[i]                                           # (R, H, 1, d)
+    out = prefix_and_own_attention(state, i, query, split(attention.k_proj(x)), split(attention.v_proj(x)), index)
     return attention.out_proj(out.transpose(1, 2).flatten(2))                           # (R, 1, D)
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import T5Config
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-from blip2lora.blip2 import caption_loss_sum, checkpointed, embed_prompt, image_features
+from blip2lora.blip2 import caption_loss_sum, checkpointed, embed_prompt, image_features, model_inputs
 from blip2lora.generation import DecodeState
 
 # LoRA on T5's attention: "SelfAttention.q" matches encoder and decoder self-attention
@@ -66,7 +66,8 @@ def per_pair_caption_loss(model, batch):
     per_caption = batch["caption_image"]                                                # (N,) image of each caption
     logits = model(pixel_values=batch["pixel_values"][per_caption], input_ids=batch["input_ids"][per_caption],
                    attention_mask=batch["attention_mask"][per_caption],
-                   decoder_input_ids=_decoder_inputs(model, batch["labels"]), use_cache=False).logits  # (N, T, vocab)
+                   decoder_input_ids=_decoder_inputs(model, batch["labels"]), use_cache=False,
+                   **model_inputs(model, len(per_caption))).logits                     # (N, T, vocab)
     return caption_loss_sum(logits, batch["labels"])
 
 

@@ -441,9 +441,9 @@ def test_a_missing_model_says_what_to_download(tmp_path):
 
 
 @pytest.mark.parametrize("file, change, message", [
-    ("config.json", {"model_type": "instructblip"}, "a model of type 'instructblip'; this project fine-tunes BLIP-2 "
-     "with Flan-T5 or OPT"),
-    ("config.json", {"text_config": {"model_type": "llama"}}, "BLIP-2 with a language model of type 'llama'"),
+    ("config.json", {"model_type": "llava"}, "a model of type 'llava'; this project fine-tunes BLIP-2 with Flan-T5 or "
+     "OPT and InstructBLIP with Flan-T5 or Vicuna"),
+    ("config.json", {"text_config": {"model_type": "gpt2"}}, "blip-2 with a language model of type 'gpt2'"),
     ("config.json", {"image_token_index": None}, "no usable image_token_index (None): BLIP-2 would caption without "
      "seeing the image"),
     ("processor_config.json", {"num_query_tokens": None}, "its processor puts None image tokens in a prompt, the "
