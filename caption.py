@@ -222,7 +222,7 @@ def export_merged(model, processor, args, adapter, model_name):
             model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         write_json(os.path.join(tmp, CAPTION_SETTINGS_FILE), {**generation, "trained_on": {"adapter": adapter}})
-        write_merged_card(tmp, model_name, adapter, generation)
+        write_merged_card(tmp, model_name, adapter, generation, model.config.model_type)
         write_json(os.path.join(tmp, EXPORT_MARKER), {"adapter": os.path.abspath(adapter), "base_model": model_name,
                                                      "files": sorted(os.listdir(tmp))})
         user_permissions_tree(tmp)
@@ -244,7 +244,7 @@ def export_merged(model, processor, args, adapter, model_name):
                         "was changed") from None
 
 
-def write_merged_card(folder, model_name, adapter, generation):
+def write_merged_card(folder, model_name, adapter, generation, kind):
     """The export's model card (model_card.py), with the test scores of train.py's results.json beside the adapter
     when they are this adapter's."""
     trained_on = read_caption_settings(adapter).get("trained_on", {})
@@ -257,7 +257,7 @@ def write_merged_card(folder, model_name, adapter, generation):
     except (UserError, AttributeError, KeyError, TypeError, ValueError):
         pass  # no scores of this adapter's: the card says what it is and how to use it
     merged_card(folder, base_model_reference(model_name), adapter, trained_on, generation["prompt"],
-                {k: v for k, v in generation.items() if k != "prompt"}, scores, images)
+                {k: v for k, v in generation.items() if k != "prompt"}, scores, images, kind)
 
 
 def remove_export(folder, keep_as):

@@ -63,7 +63,7 @@ NUM_QUERY_TOKENS = 8  # the real model has 32
 # OPT's std of 0.02 those rows stay small beside the trained ones, and LoRA hardly makes the model say the demo's
 # words (config/demo_opt.py, beam 2: fine-tuned CIDEr 94, zero-shot 19); at 0.125 it does (276 to 374 over three
 # seeds, zero-shot 34). A real OPT has trained its whole vocabulary. (The T5 base keeps transformers' initialisation.)
-EMBEDDING_STD = {"opt": 0.125}
+EMBEDDING_STD = {"opt": 0.125, "llama": 0.125}
 
 
 def draw(attributes, rng):
@@ -180,6 +180,8 @@ def pretrain_base(processor, rng, lm=t5, steps=600, batch_images=32, log=print, 
     std = EMBEDDING_STD.get(model.config.text_config.model_type)
     if std is not None:
         torch.nn.init.normal_(model.get_input_embeddings().weight, std=std)
+        if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:  # LLaMA's lm_head: its own
+            torch.nn.init.normal_(model.get_output_embeddings().weight, std=std)
     instruction = INSTRUCTION if is_instructblip(model) else "a photo of"
     prompt = prompt_ids(processor.tokenizer, instruction, model.config)
     set_instruction(model, processor, instruction)
@@ -272,15 +274,17 @@ if __name__ == "__main__":
     parser.add_argument("--base-seed", type=int, help="instead, pretrain a demo base with this torch seed "
                         "(the demo's is 0) into --out: how a result holds on a base another machine pretrains "
                         "(README 'Which GPU')")
-    parser.add_argument("--family", choices=("t5", "opt"), default="t5", help="--base-seed's language model: "
-                        "T5 (config/demo.py's base) or OPT (config/demo_opt.py's)")
+    parser.add_argument("--family", choices=("t5", "opt", "instructblip"), default="t5", help="--base-seed's model: "
+                        "BLIP-2 with T5 (config/demo.py's base) or OPT (config/demo_opt.py's), or InstructBLIP with "
+                        "LLaMA (config/demo_instructblip.py's)")
     parser.add_argument("--out", help="the new folder for --base-seed's base")
     args = parser.parse_args()
     if args.base_seed is not None:
         if not args.out or os.path.exists(args.out):
             parser.error("--base-seed needs --out NEW_FOLDER")
         torch.set_num_threads(min(4, os.cpu_count() or 1))  # as build_demo_world: float sums depend on it
-        _build_model(args.out, print, {"t5": t5, "opt": opt}[args.family], seed=args.base_seed)
+        _build_model(args.out, print, {"t5": t5, "opt": opt, "instructblip": llama}[args.family], seed=args.base_seed,
+                     instruct=args.family == "instructblip")
     else:
         build_demo_world()
     sys.exit(0)

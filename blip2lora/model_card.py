@@ -16,6 +16,9 @@ import yaml  # PyYAML comes with transformers
 from blip2lora.files import atomic_write
 
 CARD_FILE = "README.md"
+# What the card calls each kind of model (config.model_type), and the transformers classes its snippets load it with
+KINDS = {"blip-2": ("BLIP-2", "Blip2ForConditionalGeneration", "Blip2Processor"),
+         "instructblip": ("InstructBLIP", "InstructBlipForConditionalGeneration", "InstructBlipProcessor")}
 METRICS = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 LOAD_IMAGE = """from PIL import Image, ImageOps
 
@@ -103,10 +106,10 @@ def adapter_card(folder, facts):
     {name: value}, and once measured scores {"zero-shot": ..., "fine-tuned": ...} with test_images."""
     about = facts.get("collection_about")  # (name, description) for a collection its folder name misnames
     collection, scores = about[0] if about else collection_name(facts["collection"]), facts.get("scores")
-    name = f"blip2-lora-{collection}"
+    name, kind = f"blip2-lora-{collection}", facts.get("model_type", "blip-2")
     published, note = publishing(facts["base_model"])
     meta = {**published, "library_name": "peft", "pipeline_tag": "image-to-text",
-            "tags": ["blip-2", "lora", "image-captioning", collection]}
+            "tags": [kind, "lora", "image-captioning", collection]}
     if scores:
         meta["model-index"] = model_index(name, collection, scores["fine-tuned"], facts["test_images"])
     splits = ", ".join(f"{split} {images} images / {captions} captions"
@@ -114,11 +117,11 @@ def adapter_card(folder, facts):
     settings = "\n".join(f"| {k} | {v} |" for k, v in facts["settings"].items())
     modules = ", ".join(f"`{t}`" for t in facts["targets"])
     data = about[1] if about else f"`{collection}` ({facts['layout']})"
-    text = [front_matter(meta), f"# {name}: BLIP-2 LoRA adapter for captioning images like `{collection}`\n",
+    text = [front_matter(meta), f"# {name}: {KINDS[kind][0]} LoRA adapter for captioning images like `{collection}`\n",
             f"LoRA (rank r={facts['r']}, alpha={facts['alpha']:g}, so updates scaled by "
             f"{facts['alpha'] / facts['r']:g}; dropout {facts['dropout']:g}) on the modules {modules} of "
-            "BLIP-2's Q-Former and language model, everything else frozen; only the adapter's weights are here "
-            "(peft's layout). Trained with blip2-lora-captioning's `train.py`.", note,
+            f"{KINDS[kind][0]}'s Q-Former and language model, everything else frozen; only the adapter's weights are "
+            "here (peft's layout). Trained with blip2-lora-captioning's `train.py`.", note,
             "\n## Training data\n", f"{data}: {splits}.\n",
             "\n## Training\n", f"Kept: the adapter of step {facts['step']} of {facts['total_steps']} "
             f"({facts['epochs_trained']:.3g} epochs over the train split).\n",
@@ -126,16 +129,23 @@ def adapter_card(folder, facts):
             "\n## Test scores (x100, the COCO caption toolkit's scores as papers print them)\n"]
     text.append(f"{facts['test_images']} test images, beam search as below.\n\n" + score_table(scores) + "\n" if scores
                 else "Not measured yet: train.py's final evaluation writes them here.\n")
-    text.append(usage(facts["prompt"], facts["generation"], published["base_model"]))
+    text.append(usage(facts["prompt"], facts["generation"], published["base_model"], kind))
     write_card(folder, text)
 
 
-def usage(prompt, generation, base_model):
+def prompt_sentence(prompt, kind):
+    if kind == "instructblip":
+        return f"Every caption answers the instruction {prompt!r}, which the Q-Former and the language model both read"
+    return f"Every caption starts from the prompt {prompt!r} (BLIP-2 continues it)"
+
+
+def usage(prompt, generation, base_model, kind="blip-2"):
     settings = ", ".join(f"{k}={v}" for k, v in generation.items())
+    _, model_class, processor_class = KINDS[kind]
     return f"""
 ## Use it
 
-Every caption starts from the prompt {prompt!r} (BLIP-2 continues it), with {settings}.
+{prompt_sentence(prompt, kind)}, with {settings}.
 
 With blip2-lora-captioning:
 
@@ -147,33 +157,35 @@ With peft and transformers:
 
 ```python
 from peft import PeftModel
-from transformers import Blip2ForConditionalGeneration, Blip2Processor
+from transformers import {model_class}, {processor_class}
 {LOAD_IMAGE}
 base = {base_model!r}
-model = PeftModel.from_pretrained(Blip2ForConditionalGeneration.from_pretrained(base), "path/to/this/folder")
-processor = Blip2Processor.from_pretrained(base)
+model = PeftModel.from_pretrained({model_class}.from_pretrained(base), "path/to/this/folder")
+processor = {processor_class}.from_pretrained(base)
 inputs = processor(images=[load_image("photo.jpg")], text=[{prompt!r}], return_tensors="pt")
 ids = model.generate(**inputs, {settings})
 print(processor.batch_decode(ids, skip_special_tokens=True))
 ```
 
-An OPT base returns the prompt's tokens before the caption: decode `ids[:, inputs.input_ids.shape[1]:]`.
+A decoder-only base (OPT, Vicuna) returns the prompt's tokens before the caption: decode
+`ids[:, inputs.input_ids.shape[1]:]`.
 
 Publish it: `hf upload your-name/your-adapter path/to/this/folder` (huggingface_hub's command line).
 """
 
 
-def merged_card(folder, base_model, adapter, trained_on, prompt, generation, scores=None, test_images=0):
-    """Write folder/README.md for a merged export: a plain transformers BLIP-2 checkpoint."""
+def merged_card(folder, base_model, adapter, trained_on, prompt, generation, scores=None, test_images=0,
+                kind="blip-2"):
+    """Write folder/README.md for a merged export: a plain transformers BLIP-2 (or InstructBLIP) checkpoint."""
     collection = collection_name(trained_on.get("data_dir", "captions"))
-    name = f"blip2-lora-{collection}-merged"
+    name, (title, model_class, processor_class) = f"blip2-lora-{collection}-merged", KINDS[kind]
     published, note = publishing(base_model)
     meta = {**published, "library_name": "transformers", "pipeline_tag": "image-to-text",
-            "tags": ["blip-2", "lora", "merged", "image-captioning", collection]}
+            "tags": [kind, "lora", "merged", "image-captioning", collection]}
     if scores:
         meta["model-index"] = model_index(name, collection, scores["fine-tuned"], test_images)
     settings = ", ".join(f"{k}={v}" for k, v in generation.items())
-    text = [front_matter(meta), f"# {name}: BLIP-2 fine-tuned for image captioning\n",
+    text = [front_matter(meta), f"# {name}: {title} fine-tuned for image captioning\n",
             f"{published['base_model']} with a LoRA adapter (trained on `{collection}`, step "
             f"{trained_on.get('step', '?')}) folded into its weights by blip2-lora-captioning's `caption.py "
             "--export-merged`: a plain transformers checkpoint, no peft needed.", note]
@@ -182,14 +194,14 @@ def merged_card(folder, base_model, adapter, trained_on, prompt, generation, sco
     text.append(f"""
 ## Use it
 
-The prompt {prompt!r} and the generation settings ({settings}) are in `caption_settings.json` and
-`generation_config.json`:
+{prompt_sentence(prompt, kind)}. The prompt and the generation settings ({settings}) are in
+`caption_settings.json` and `generation_config.json`:
 
 ```python
-from transformers import Blip2ForConditionalGeneration, Blip2Processor
+from transformers import {model_class}, {processor_class}
 {LOAD_IMAGE}
-model = Blip2ForConditionalGeneration.from_pretrained("path/to/this/folder")
-processor = Blip2Processor.from_pretrained("path/to/this/folder")
+model = {model_class}.from_pretrained("path/to/this/folder")
+processor = {processor_class}.from_pretrained("path/to/this/folder")
 inputs = processor(images=[load_image("photo.jpg")], text=[{prompt!r}], return_tensors="pt")
 ids = model.generate(**inputs, generation_config=model.generation_config)
 print(processor.batch_decode(ids, skip_special_tokens=True))

@@ -206,7 +206,7 @@ def write_model_card(cfg, p, t, step, scores=None, test_images=0):
         "settings": {**{k: getattr(cfg, k) for k in CARD_SETTINGS}, "precision": str(p.dtype).split(".")[-1],
                      "processes": p.world_size},
         "step": step, "total_steps": t.total_steps, "prompt": cfg.prompt, "generation": generation,
-        "scores": scores, "test_images": test_images})
+        "scores": scores, "test_images": test_images, "model_type": t.model.config.model_type})
 
 
 def why_not_better(cfg, t, steps, unchanged, losses):

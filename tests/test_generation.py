@@ -13,7 +13,18 @@ from blip2lora.model import family, lora_targets
 from data import prompt_ids
 from lora import inject_lora
 
-BASES = ["data/demo/blip2-tiny", "data/demo/blip2-opt-tiny"]
+BASES = ["data/demo/blip2-tiny", "data/demo/blip2-opt-tiny", "data/demo/instructblip-tiny"]
+
+
+def load(base):
+    """(model, processor, prompt ids) of a demo base in eval mode, with the prompt its demo trains with (for the
+    InstructBLIP base, the instruction its Q-Former reads too)."""
+    from blip2lora.blip2 import is_instructblip, set_instruction
+    from blip2lora.model import load_blip2
+    model, processor = load_blip2(base, log=lambda *a: None)
+    prompt = "A short image description:" if is_instructblip(model) else "a photo of"
+    set_instruction(model, processor, prompt)
+    return model.eval(), processor, prompt_ids(processor.tokenizer, prompt, model.config)
 
 
 def with_adapter(model, random_lora_b):
@@ -68,10 +79,8 @@ def assert_same_captions(model, prompt, embeds, ours, theirs, eos):
 
 @pytest.mark.parametrize("base", BASES)
 def test_the_same_captions_as_transformers_on_100_images_for_beams_1_3_and_5(demo_world, base, random_lora_b):
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor
-    model = with_adapter(Blip2ForConditionalGeneration.from_pretrained(base), random_lora_b)
-    processor = Blip2Processor.from_pretrained(base)
-    prompt, embeds = prompt_ids(processor.tokenizer, "a photo of", model.config), demo_images(model, processor, 100)
+    model, processor, prompt = load(base)
+    model, embeds = with_adapter(model, random_lora_b), demo_images(model, processor, 100)
     settings = dict(max_new_tokens=20, min_new_tokens=6)
     for beams in (1, 3, 5):
         ours = generate_ids(model, family(model.config), prompt, embeds, num_beams=beams, **settings)
@@ -84,10 +93,8 @@ def test_repetition_controls_give_transformers_captions_and_stop_repeats(demo_wo
     """Made to write 14 tokens or more, the demo base repeats itself ("... black backdrop in in in in in");
     repetition_penalty and no_repeat_ngram_size change its captions exactly as transformers' processors do, and with
     no_repeat_ngram_size=2 no caption holds a pair of tokens twice."""
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor
-    model = with_adapter(Blip2ForConditionalGeneration.from_pretrained(base), random_lora_b)
-    processor = Blip2Processor.from_pretrained(base)
-    prompt, embeds = prompt_ids(processor.tokenizer, "a photo of", model.config), demo_images(model, processor, 30)
+    model, processor, prompt = load(base)
+    model, embeds = with_adapter(model, random_lora_b), demo_images(model, processor, 30)
     eos, lm, long = model.config.text_config.eos_token_id, family(model.config), dict(max_new_tokens=16,
                                                                                       min_new_tokens=14)
     for beams in (1, 3, 5):
@@ -108,10 +115,8 @@ def test_repetition_controls_give_transformers_captions_and_stop_repeats(demo_wo
 def test_the_image_side_runs_once_per_image_and_every_beam_reads_it(demo_world, base):
     """The encoder (T5) or the prefix (OPT) sees B rows, once; the keys and values every beam reads are one per image
     (B, H, L, d), never B * beams copies; each later call sees one token per row of the images still going."""
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor
-    model = Blip2ForConditionalGeneration.from_pretrained(base).eval()
-    processor = Blip2Processor.from_pretrained(base)
-    lm, prompt = family(model.config), prompt_ids(processor.tokenizer, "a photo of", model.config)
+    model, processor, prompt = load(base)
+    lm = family(model.config)
     embeds = demo_images(model, processor, 4)
     shapes, first = [], model.language_model.get_input_embeddings()
     hook = first.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
@@ -131,10 +136,8 @@ def test_the_image_side_runs_once_per_image_and_every_beam_reads_it(demo_world, 
 def test_the_decode_step_is_one_graph(demo_world, base):
     """torch.compile covers the whole decode step (CUDA graphs on a GPU): no graph break, whatever the step index."""
     import torch._dynamo
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor
-    model = Blip2ForConditionalGeneration.from_pretrained(base).eval()
-    processor = Blip2Processor.from_pretrained(base)
-    lm, prompt = family(model.config), prompt_ids(processor.tokenizer, "a photo of", model.config)
+    model, processor, prompt = load(base)
+    lm = family(model.config)
     with torch.no_grad():
         state, logits = lm.start_generation(model, torch.tensor(prompt).expand(2, -1), demo_images(model, processor, 2),
                                             3, 10)
