@@ -68,7 +68,7 @@ def main(argv=None):
 def run(args):
     notes = []  # said once the model has loaded: an error is then the only line
     adapter, model_name = resolve_model(args.adapter, args.model, log=notes.append)
-    resolve_generation(args, read_caption_settings(adapter) if adapter else {})
+    resolve_generation(args, read_caption_settings(adapter) if adapter else {}, model_name)
     if args.export_merged:
         if adapter is None:
             raise UserError("--export-merged needs an adapter (--adapter DIR)")

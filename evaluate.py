@@ -55,7 +55,7 @@ def run(args):
     notes = []
     adapter, model_name = resolve_model(args.adapter, args.model, log=notes.append)  # said if no error follows
     saved = read_caption_settings(adapter) if adapter else {}
-    resolve_generation(args, saved)
+    resolve_generation(args, saved, None if args.predictions else model_name)  # predictions: no model is run
     collection = choose_collection(args, saved.get("trained_on", {}), model_name)
     data = read_captions(collection["data_dir"], collection["caption_column"], collection["image_column"],
                          collection["symlinks_out"], collection["val_from_train"])

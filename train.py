@@ -49,7 +49,7 @@ from blip2lora import checkpoint, settings
 from blip2lora.adapter_files import load_adapter, save_adapter
 from blip2lora.blip2 import autocast_context, autocast_dtype, set_instruction, train_mode, vision_embeds
 from blip2lora.captioning import (GENERATION_DEFAULTS, base_model_reference, caption_items, captions_without_adapter,
-                                  generation_of, save_caption_settings)
+                                  default_prompt, generation_of, save_caption_settings)
 from blip2lora.checkpoint import (Interrupted, StopRequest, Terminated, check_resume, check_same_collection,
                                   collection_state, restore_run, stop_on_a_non_finite_loss)
 from blip2lora.curves import curves_html, read_log
@@ -161,6 +161,7 @@ def main(argv=None):
 def train(cfg, stop):
     """The whole run, stage by stage."""
     check_tensorboard(cfg)  # run_log.py: the package, and folders it can write, before any work
+    cfg.prompt = default_prompt(cfg.model, cfg.prompt)  # an InstructBLIP base given BLIP-2's: its instruction
     started, p = time.time(), start_processes(cfg)
     torch.manual_seed(cfg.seed)
     resume = check_resume(cfg, p)  # checkpoint.py: lock out_dir, read its checkpoint, refuse changed settings

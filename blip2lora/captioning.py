@@ -19,7 +19,7 @@ from blip2lora.adapter_files import load_adapter, read_adapter_config
 from blip2lora.blip2 import autocast_dtype, move_vision, vision_embeds
 from blip2lora.files import UserError, printable, read_json, write_json
 from blip2lora.images import UnreadableImage, load_image, warn_unreadable
-from blip2lora.model import DEFAULT_MODEL, generate_captions, load_prepared, looks_like_hub_id
+from blip2lora.model import DEFAULT_MODEL, check_model_source, generate_captions, load_prepared, looks_like_hub_id
 from blip2lora.progress import print_to_stderr, progress as progress_of
 from lora import lora_layers
 
@@ -34,6 +34,9 @@ GENERATION_LIMITS = {"num_beams": (1, 32), "max_new_tokens": (1, 512), "min_new_
 # Which beam search writes the captions: this project's (generation.py: the image side once per image, the same
 # captions) or transformers' generate() (for comparison, and for what the project's does not do)
 GENERATION_PATHS = ("own", "transformers")
+# InstructBLIP was tuned to follow instructions, and its Q-Former reads the instruction too: LAVIS evaluates its
+# captions with this one, which an InstructBLIP base gets where BLIP-2's default prompt would be (default_prompt).
+INSTRUCTBLIP_PROMPT = "A short image description:"
 MAX_PROMPT_CHARACTERS = 1000
 CAPTION_SETTINGS_FILE = "caption_settings.json"
 # What caption_settings.json's trained_on holds, and the type each value must have when read back
@@ -93,12 +96,30 @@ def read_caption_settings(adapter_dir):
     return {k: settings[k] for k in (*GENERATION_DEFAULTS, "trained_on") if k in settings}
 
 
-def resolve_generation(args, saved):
-    """Fill the prompt and generation options left out: the adapter's settings, else the defaults; then check."""
+def resolve_generation(args, saved, model_name):
+    """Fill the prompt and generation options left out: the adapter's settings, else the defaults (the prompt:
+    default_prompt); then check."""
     for key, default in GENERATION_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, saved.get(key, default))
+    if "prompt" not in saved and model_name is not None:  # None: no model will be run
+        args.prompt = default_prompt(model_name, args.prompt)
     check_generation({k: getattr(args, k) for k in GENERATION_DEFAULTS}, "generation settings")
+
+
+def default_prompt(model_name, prompt):
+    """The prompt, but for an InstructBLIP base given BLIP-2's default ("a photo of"): its captioning instruction
+    (INSTRUCTBLIP_PROMPT). The model's kind comes from its config.json, a folder's or the hub's (a config that
+    cannot be read leaves the prompt as it is: loading the model then says what is wrong)."""
+    if prompt != GENERATION_DEFAULTS["prompt"] or not (os.path.isdir(model_name) or looks_like_hub_id(model_name)):
+        return prompt  # (a folder not there yet, as the demo's before it is built: loading says what is wrong)
+    from transformers import AutoConfig
+    local_only = check_model_source(model_name, log=lambda *a: None)  # one line if the model cannot be had
+    try:
+        kind = AutoConfig.from_pretrained(model_name, local_files_only=local_only).model_type
+    except (OSError, ValueError):
+        return prompt
+    return INSTRUCTBLIP_PROMPT if kind == "instructblip" else prompt
 
 
 def resolve_model(adapter, model, log):

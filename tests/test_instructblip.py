@@ -118,3 +118,15 @@ def test_peft_and_a_merged_export_caption_as_caption_py(instructblip_run, demo_w
         with torch.no_grad():
             ids = model.generate(**inputs, **generation)[:, inputs.input_ids.shape[1]:]
         assert [c.strip() for c in processor.tokenizer.batch_decode(ids, skip_special_tokens=True)] == expected
+
+
+def test_an_instructblip_base_gets_its_captioning_instruction_when_no_prompt_is_set(demo_world, tmp_path):
+    """BLIP-2's default prompt ("a photo of") means InstructBLIP's captioning instruction on an InstructBLIP base, the
+    same on every run of the command (the run below finishes, then is found finished, not refused as changed)."""
+    run = ["train", f"--model={BASE}", "--data_dir=data/demo/flickr8k", "--max_steps=1", "--eval_interval=0",
+           "--final_eval=False", "--num_workers=0", f"--out_dir={tmp_path}"]
+    code, _, err = run_main(*run)
+    assert code == 0, err[-2000:]
+    assert json.load(open(tmp_path / "adapter" / "caption_settings.json"))["prompt"] == INSTRUCTION
+    code, out, err = run_main(*run)
+    assert code == 0 and "this run has finished" in out, err[-2000:]
