@@ -38,16 +38,21 @@ from dataclasses import dataclass
 import torch
 
 import train
-from blip2lora import memory, opt, t5
-from blip2lora.blip2 import autocast_context, train_mode, vision_embeds
+from blip2lora import llama, memory, opt, t5
+from blip2lora.blip2 import autocast_context, model_inputs, train_mode, vision_embeds
 from blip2lora.files import UserError, one_line_errors
 from blip2lora.generation import caption_tokens
-from blip2lora.model import family, generate_captions, grouped_caption_loss, per_pair_caption_loss
+from blip2lora.model import family, generate_captions, grouped_caption_loss, model_class, per_pair_caption_loss
 from train import SETTINGS  # its settings block: the LoRA, clipping and optimizer defaults a training run uses
 from data import add_collection_arguments
 
 ARCHS = {"flan-t5-xl": (t5, "Salesforce/blip2-flan-t5-xl"), "flan-t5-xxl": (t5, "Salesforce/blip2-flan-t5-xxl"),
-         "opt-2.7b": (opt, "Salesforce/blip2-opt-2.7b"), "opt-6.7b": (opt, "Salesforce/blip2-opt-6.7b")}
+         "opt-2.7b": (opt, "Salesforce/blip2-opt-2.7b"), "opt-6.7b": (opt, "Salesforce/blip2-opt-6.7b"),
+         "instructblip-flan-t5-xl": (t5, "Salesforce/instructblip-flan-t5-xl"),
+         "instructblip-flan-t5-xxl": (t5, "Salesforce/instructblip-flan-t5-xxl"),
+         "instructblip-vicuna-7b": (llama, "Salesforce/instructblip-vicuna-7b"),
+         "instructblip-vicuna-13b": (llama, "Salesforce/instructblip-vicuna-13b")}
+INSTRUCTBLIP = "instructblip-"  # an arch named so is InstructBLIP with the language model named after it
 PROMPT_TOKENS = 4  # "a photo of" + T5's end token, or OPT's BOS + "a photo of"
 # Generation as timed here: beam 5, always 20 new tokens (the end token is held off until then), so that every run
 # writes the same number of tokens whatever the random weights prefer.
@@ -66,18 +71,22 @@ class StepShape:
 
 
 def blip2_config(size, arch="flan-t5-xl"):
-    """BLIP-2 with the language model of `arch`: at full size as released, else a stand-in of the same family."""
-    from transformers import Blip2Config
+    """BLIP-2 (or InstructBLIP) with the language model of `arch`: at full size as released, else a stand-in of the
+    same family."""
+    from transformers import Blip2Config, InstructBlipConfig
     import demo
-    lm = ARCHS[arch][0]
+    lm, instruct = ARCHS[arch][0], arch.startswith(INSTRUCTBLIP)
     if size == "tiny":  # the demo's base, with its processor's vocabulary
-        return demo.processor_config(demo.build_processor(lm=lm), lm)
+        return demo.processor_config(demo.build_processor(lm=lm, instruct=instruct), lm)
     if size == "full":  # ViT-g/14 and the Q-Former with transformers' defaults, which are the released ones
         vision, qformer = {}, {}
     else:  # small: the same 257 vision tokens and 32 queries, widths and depths about a quarter
         vision = dict(hidden_size=352, intermediate_size=1536, num_hidden_layers=10, num_attention_heads=4)
         qformer = dict(hidden_size=192, intermediate_size=768, num_hidden_layers=3, num_attention_heads=3)
-    text = lm.text_config(arch if size == "full" else "small")
+    text = lm.text_config(arch.removeprefix(INSTRUCTBLIP) if size == "full" else "small")
+    if instruct:  # its Q-Former has word embeddings for the instruction: BERT's vocabulary and [DEC], 30,523
+        return InstructBlipConfig(vision_config=vision, qformer_config={**qformer, "vocab_size": 30523},
+                                  text_config=text, num_query_tokens=32, image_token_id=lm.IMAGE_TOKEN_ID)
     return Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=32,
                        image_token_id=lm.IMAGE_TOKEN_ID)
 
@@ -95,15 +104,15 @@ def make_world(root, size, images, device, arch="flan-t5-xl"):
     image size, `images` images with five captions each (90/5/5 train/val/test). Measures speed, not quality."""
     import random
     import demo
-    from transformers import Blip2ForConditionalGeneration
     lm = ARCHS[arch][0]
     config = blip2_config(size, arch)
-    processor = demo.build_processor(config.vision_config.image_size, config.num_query_tokens, lm)
+    processor = demo.build_processor(config.vision_config.image_size, config.num_query_tokens, lm,
+                                     instruct=arch.startswith(INSTRUCTBLIP))
     config.image_token_id, config.text_config.eos_token_id = demo.special_ids(processor, lm)
     config.vision_config.initializer_range = 0.02  # random weights with signal (the default is 1e-10)
     torch.manual_seed(0)
     with torch.device(device):
-        model = Blip2ForConditionalGeneration(config).to(torch.bfloat16 if size == "full" else torch.float32)
+        model = model_class(config)(config).to(torch.bfloat16 if size == "full" else torch.float32)
         if size != "tiny":  # the weights laid out as the checkpoint's: blip2-flan-t5-xl has an lm_head of its own
             lm.as_released(model)
         if model.language_model.lm_head.weight is not model.get_input_embeddings().weight:
@@ -278,7 +287,8 @@ def measure_generation(model, batch, prompt, device, dtype, repeats, compiled):
     def theirs():
         with torch.no_grad(), autocast:
             output = model.generate(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
-                                    attention_mask=batch["attention_mask"], **GENERATION)
+                                    attention_mask=batch["attention_mask"], **GENERATION,
+                                    **model_inputs(model, len(batch["input_ids"])))  # InstructBLIP's instruction
         return lm.new_tokens(output, batch["input_ids"])
     eos = model.config.text_config.eos_token_id
     same = [a == b for a, b in zip(caption_tokens(ours(), eos), caption_tokens(theirs(), eos))]

@@ -2,8 +2,8 @@
 blip2lora/: the library behind the scripts at the top level (train.py, evaluate.py, caption.py, data.py, bench.py,
 demo.py) and lora.py. Nothing here imports a script; each module's first line says its place.
 
-    model.py, blip2.py          loading BLIP-2; what every BLIP-2 shares (vision, Q-Former, image tokens)
-    t5.py, opt.py               the language-model families: the same functions, one file each (model.FAMILIES)
+    model.py, blip2.py          loading BLIP-2 and InstructBLIP; what they share (vision, Q-Former, image tokens)
+    t5.py, opt.py, llama.py     the language-model families: the same functions, one file each (model.FAMILIES)
     vision_cache.py             the frozen ViT's outputs, computed once
     captioning.py, labels.py    captioning images with a base and an adapter; captions written as labels
     generation.py               beam search as transformers' generate(), the image side once per image

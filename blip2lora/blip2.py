@@ -36,39 +36,14 @@ def image_features(model, image_embeds):
     the Q-Former's self-attention, and only the queries' outputs go on."""
     queries = model.query_tokens.expand(image_embeds.shape[0], -1, -1)                  # (B, Q, Dq)
     mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-    instruction = model_inputs(model, image_embeds.shape[0])                            # {} for BLIP-2
-    if instruction:
-        ids = instruction["qformer_input_ids"]                                          # (B, Li)
+    instruction = {}
+    if is_instructblip(model):  # the instruction's tokens (B, Li) after the queries, all attended to
+        ids = model_inputs(model, image_embeds.shape[0])["qformer_input_ids"]
         instruction = {"input_ids": ids, "attention_mask": torch.ones(ids.shape[0], queries.shape[1] + ids.shape[1],
                                                                       dtype=torch.long, device=ids.device)}
     query_output = model.qformer(query_embeds=queries, encoder_hidden_states=image_embeds, encoder_attention_mask=mask,
                                  **instruction).last_hidden_state[:, :queries.shape[1]]  # (B, Q, Dq), fp32
     return model.language_projection(query_output.to(image_embeds.dtype))               # (B, Q, D)
-
-
-def is_instructblip(model_or_config):
-    config = getattr(model_or_config, "config", model_or_config)
-    return config.model_type == "instructblip"
-
-
-def set_instruction(model, processor, prompt):
-    """InstructBLIP: its Q-Former reads the prompt too, in its own vocabulary (processor.qformer_tokenizer, BERT's:
-    [CLS] ... [SEP]), the same for every image of a run; image_features and model_inputs read it. A no-op for
-    BLIP-2."""
-    if is_instructblip(model):
-        model.instruction_ids = torch.tensor([processor.qformer_tokenizer(prompt).input_ids])  # (1, Li)
-
-
-def model_inputs(model, rows):
-    """What a forward or generate() of the whole model takes besides pixels and prompt: InstructBLIP's
-    qformer_input_ids (rows, Li); nothing for BLIP-2."""
-    if not is_instructblip(model):
-        return {}
-    ids = getattr(model, "instruction_ids", None)
-    if ids is None:
-        raise RuntimeError("InstructBLIP without an instruction: call blip2.set_instruction first")
-    device = model.query_tokens.device
-    return {"qformer_input_ids": ids.to(device).expand(rows, -1)}
 
 
 def embed_prompt(model, input_ids, features):
@@ -137,6 +112,33 @@ def checkpointed(forward):
     def run(*args, **kwargs):
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return run
+
+
+# ------------------------------------------------------------------ InstructBLIP: the Q-Former reads the instruction
+
+def is_instructblip(model_or_config):
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.model_type == "instructblip"
+
+
+def set_instruction(model, processor, prompt):
+    """InstructBLIP: its Q-Former reads the prompt too, in its own vocabulary (processor.qformer_tokenizer, BERT's:
+    [CLS] ... [SEP]), the same for every image of a run; image_features and model_inputs read it. A no-op for
+    BLIP-2."""
+    if is_instructblip(model):
+        model.instruction_ids = torch.tensor([processor.qformer_tokenizer(prompt).input_ids])  # (1, Li)
+
+
+def model_inputs(model, rows):
+    """What a forward or generate() of the whole model takes besides pixels and prompt: InstructBLIP's
+    qformer_input_ids (rows, Li); nothing for BLIP-2."""
+    if not is_instructblip(model):
+        return {}
+    ids = getattr(model, "instruction_ids", None)
+    if ids is None:
+        raise RuntimeError("InstructBLIP without an instruction: call blip2.set_instruction first")
+    device = model.query_tokens.device
+    return {"qformer_input_ids": ids.to(device).expand(rows, -1)}
 
 
 # ------------------------------------------------------------------ decoder-only language models (opt.py, llama.py)

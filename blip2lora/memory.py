@@ -37,7 +37,9 @@ from torch.utils._pytree import tree_flatten
 
 from torch.utils.flop_counter import FlopCounterMode
 
-from blip2lora.model import family, grouped_caption_loss, per_pair_caption_loss, prepare_for_training, unquantized
+from blip2lora.blip2 import is_instructblip
+from blip2lora.model import (family, grouped_caption_loss, model_class, per_pair_caption_loss, prepare_for_training,
+                             unquantized)
 
 
 @dataclass
@@ -155,11 +157,12 @@ def train_ready(config, device, dtype, settings, levers=Levers(), released=True)
     settings, gradient checkpointing, train mode for the adapters only). released: hold the weights as the released
     checkpoint does (t5.as_released: Flan-T5's own lm_head; the demo's tiny base has none). bench.py times this
     model."""
-    from transformers import Blip2ForConditionalGeneration
     with torch.device(device):
-        model = Blip2ForConditionalGeneration(config)
+        model = model_class(config)(config)
         if released:
             family(config).as_released(model)
+    if is_instructblip(model):  # an instruction of LAVIS's captioning one's length: [CLS] 5 words [SEP]
+        model.instruction_ids = torch.arange(2, 9)[None]
     model.to(dtype)
     model.qformer.float()  # as from_pretrained does (_keep_in_fp32_modules)
     model.query_tokens.data = model.query_tokens.data.float()

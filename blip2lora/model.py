@@ -50,6 +50,8 @@ FAMILY_CONTRACT = (
 # a family's either way.
 KINDS = {"blip-2": ("Blip2ForConditionalGeneration", "Blip2Processor"),
          "instructblip": ("InstructBlipForConditionalGeneration", "InstructBlipProcessor")}
+
+
 # BLIP-2's parts a 4/8-bit base keeps 16-bit: bitsandbytes would otherwise also quantize the ViT and the projection
 # (bitsandbytes 0.50, transformers 5.24). The family adds its own (t5.KEEP_UNQUANTIZED).
 KEEP_UNQUANTIZED = ("vision_model", "qformer", "language_projection", "lm_head")
@@ -215,6 +217,12 @@ def check_supported(config, name_or_path):
         raise ModelError(f"{name_or_path}: its config.json has no usable image_token_index ({config.image_token_id!r}):"
                          " BLIP-2 would caption without seeing the image. Use a checkpoint saved by transformers 4.47 "
                          "or newer (the Salesforce ones are)")
+
+
+def model_class(config):
+    """The transformers class of a BLIP-2 or InstructBLIP config (KINDS), for a model built from a config."""
+    import transformers
+    return getattr(transformers, KINDS[config.model_type][0])
 
 
 def load_blip2(name_or_path, device="cpu", dtype=torch.float32, base_bits=16, log=print):
