@@ -4,6 +4,7 @@ demo.py) and lora.py. Nothing here imports a script; each module's first line sa
 
     model.py, blip2.py          loading BLIP-2 and InstructBLIP; what they share (vision, Q-Former, image tokens)
     t5.py, opt.py, llama.py     the language-model families: the same functions, one file each (model.FAMILIES)
+    decoder_only.py             what OPT and LLaMA share: the prefix once per image, in the loss and in generation
     vision_cache.py             the frozen ViT's outputs, computed once
     captioning.py, labels.py    captioning images with a base and an adapter; captions written as labels
     generation.py               beam search as transformers' generate(), the image side once per image

@@ -139,32 +139,3 @@ def model_inputs(model, rows):
         raise RuntimeError("InstructBLIP without an instruction: call blip2.set_instruction first")
     device = model.query_tokens.device
     return {"qformer_input_ids": ids.to(device).expand(rows, -1)}
-
-
-# ------------------------------------------------------------------ decoder-only language models (opt.py, llama.py)
-
-class RecordedKeysValues:
-    """The prefix pass's cache (opt.py, llama.py). The attention of OPT and LLaMA (transformers 5.24) hands each layer's keys and values (B, H, P, d) to
-    cache.update(keys, values, layer) and attends to what it returns. This one keeps them by overwriting, so the
-    recomputation of gradient checkpointing records the same tensors again; transformers' DynamicCache appends
-    (torch.cat), and a replayed layer would then hold two copies and fail in the backward pass."""
-
-    def __init__(self):
-        self.layers = {}
-
-    def update(self, keys, values, layer, **kwargs):
-        self.layers[layer] = keys, values
-        return keys, values
-
-
-class PrefixThenCaption:
-    """The caption pass's cache: each layer attends to its image's prefix keys and values (indexed per caption:
-    (N, H, P, d)), then to the caption's own (N, H, T, d). It stores nothing, so a recomputation reads the same."""
-
-    def __init__(self, recorded, per_caption):
-        self.recorded, self.per_caption = recorded, per_caption
-
-    def update(self, keys, values, layer, **kwargs):
-        prefix_keys, prefix_values = self.recorded.layers[layer]
-        return (torch.cat([prefix_keys[self.per_caption], keys], dim=2),
-                torch.cat([prefix_values[self.per_caption], values], dim=2))

@@ -54,27 +54,6 @@ class DecodeState:
         self.prompt_ids = self.prompt_ids.index_select(0, rows)
 
 
-def prefix_and_own_attention(state, i, query, key, value, index):
-    """A decoder-only family's attention of one new token per row in layer i: query, key, value (R, H, 1, d), the
-    query already scaled. The row's own key and value are written at `index` of its cache (R, H, T, d); then one
-    softmax over its image's prefix keys (B, H, L, d), read by all the image's beams (never copied per beam), and its
-    own keys up to `index`. Returns (R, H, 1, d)."""
-    rows, heads = query.shape[:2]
-    images, beams = rows // state.beams, state.beams
-    state.keys[i].index_copy_(2, index, key)
-    state.values[i].index_copy_(2, index, value)
-    by_image = query.view(images, beams, heads, -1).transpose(1, 2)                     # (B, H, beams, d)
-    prefix_scores = by_image @ state.image_keys[i].transpose(2, 3)                      # (B, H, beams, L)
-    own_scores = (query @ state.keys[i].transpose(2, 3)).view(images, beams, heads, -1).transpose(1, 2)
-    unwritten = torch.arange(own_scores.shape[-1], device=query.device) > index        # (T,)
-    own_scores = own_scores.masked_fill(unwritten, -float("inf"))                       # (B, H, beams, T)
-    weights = torch.softmax(torch.cat([prefix_scores, own_scores], -1).float(), -1).to(query.dtype)
-    length = prefix_scores.shape[-1]
-    out = (weights[..., :length] @ state.image_values[i]).transpose(1, 2).reshape(rows, heads, 1, -1)
-    own_weights = weights[..., length:].transpose(1, 2).reshape(rows, heads, 1, -1)    # (R, H, 1, T)
-    return out + own_weights @ state.values[i]                                          # (R, H, 1, d)
-
-
 def process(scores, seen, new_tokens, eos, min_new_tokens, repetition_penalty, no_repeat_ngram_size):
     """transformers' logits processors, in place on scores (R, vocab): the end token is banned before
     min_new_tokens new tokens; every token already in `seen` (R, S; the ids before the new one) is penalised (a

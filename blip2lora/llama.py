@@ -15,12 +15,13 @@ feed-forward; attention projections q/k/v/o_proj; lm_head of its own.
 
 Checked against transformers 5.24; where its behaviour matters here, a comment says so.
 """
+import functools
+
 import torch
 from transformers import LlamaConfig
 
-from blip2lora.blip2 import (PrefixThenCaption, RecordedKeysValues, caption_loss_sum, checkpointed, embed_prompt,
-                             image_features, model_inputs)
-from blip2lora.generation import DecodeState, prefix_and_own_attention
+from blip2lora import decoder_only
+from blip2lora.blip2 import checkpointed
 
 # LoRA on the attention of every decoder layer: language_model.model.layers.N.self_attn.q_proj, ...
 LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
@@ -59,41 +60,21 @@ def caption_ids(tokenizer, captions, eos_token_id):
 # ------------------------------------------------------------------------------------------------- the loss
 
 def per_pair_caption_loss(model, batch):
-    """The plain way: one whole forward per (image, caption) pair over [prefix][caption], as transformers runs it;
-    right padding masked. Returns (summed loss, caption tokens)."""
-    per_caption, labels = batch["caption_image"], batch["labels"]                      # (N,), (N, T)
-    prefix_length = batch["input_ids"].shape[1]                                         # L
-    caption = labels.masked_fill(labels == -100, model.config.text_config.pad_token_id)
-    input_ids = torch.cat([batch["input_ids"][per_caption], caption], dim=1)           # (N, L + T)
-    attention_mask = torch.cat([batch["attention_mask"][per_caption], (labels != -100).long()], dim=1)
-    logits = model(pixel_values=batch["pixel_values"][per_caption], input_ids=input_ids, attention_mask=attention_mask,
-                   use_cache=False, **model_inputs(model, len(per_caption))).logits   # (N, L + T, vocab)
-    # the logit at position i predicts token i + 1: the caption's T tokens are predicted from position L - 1 on
-    return caption_loss_sum(logits[:, prefix_length - 1:-1], labels)
+    """The plain way: one whole forward per (image, caption) pair over [prefix][caption], as transformers runs it
+    (decoder_only.per_pair_caption_loss). Returns (summed loss, caption tokens)."""
+    return decoder_only.per_pair_caption_loss(model, batch)
 
 
 def grouped_caption_loss(model, batch, image_embeds):
-    """per_pair_caption_loss with the prefix run once per image instead of once per caption (tests/test_fast.py holds
-    the two equal, in loss and LoRA gradients). image_embeds: (B, V, Dv). Returns (summed loss, caption tokens).
+    """per_pair_caption_loss with the prefix run once per image instead of once per caption, each caption attending
+    to its image's keys and values (decoder_only.grouped_caption_loss): the prefix at positions 0..P-1, its keys
+    kept already rotated for them; the caption pass at P..P+T-1. Returns (summed loss, caption tokens)."""
+    return decoder_only.grouped_caption_loss(model, batch, image_embeds, functools.partial(_layers, _text(model)))
 
-    1. Once per image: the layers over the prefix minus its last token, (B, P) with P = L - 1, at positions 0..P-1,
-       keeping every layer's keys and values (B, H, P, d), their keys already rotated for their positions.
-    2. Once per caption: [last prefix token][caption minus its last token] (N, T) at positions P..P+T-1, each layer
-       attending to its image's prefix keys and values and then causally to itself."""
-    text = model.language_model.model
-    prefix = embed_prompt(model, batch["input_ids"], image_features(model, image_embeds))   # (B, L, D)
-    per_caption, labels = batch["caption_image"], batch["labels"]                           # (N,), (N, T)
-    kept, tokens = prefix.shape[1] - 1, labels.shape[1]                                     # P, T
-    recorded = RecordedKeysValues()
-    causal = torch.ones(kept, kept, dtype=torch.bool, device=prefix.device).tril()          # (P, P)
-    _layers(text, prefix[:, :-1], kept_from=0, attends=causal, cache=recorded)
-    caption = labels[:, :-1].masked_fill(labels[:, :-1] == -100, model.config.text_config.pad_token_id)
-    inputs = torch.cat([prefix[per_caption, -1:], text.embed_tokens(caption)], dim=1)       # (N, T, D)
-    # each caption position sees the whole prefix and its own caption up to itself; right padding needs no mask
-    attends = torch.cat([torch.ones(tokens, kept, dtype=torch.bool, device=prefix.device),
-                         torch.ones(tokens, tokens, dtype=torch.bool, device=prefix.device).tril()], dim=1)
-    hidden = _layers(text, inputs, kept_from=kept, attends=attends, cache=PrefixThenCaption(recorded, per_caption))
-    return caption_loss_sum(model.language_model.lm_head(hidden), labels)                  # hidden: (N, T, D)
+
+def _text(model):
+    """The LLaMA stack (LlamaModel: embeddings, layers, rotary embedding, final norm), without lm_head."""
+    return model.language_model.model
 
 
 def _layers(text, embeds, kept_from, attends, cache):
@@ -120,7 +101,7 @@ def prepare(model, compute_dtype):
 def use_gradient_checkpointing(model):
     """LLaMA's layers keep only their inputs in the forward pass and recompute the rest in the backward pass (as
     opt.use_gradient_checkpointing, and for the same reasons)."""
-    for layer in model.language_model.model.layers:
+    for layer in _text(model).layers:
         layer.forward = checkpointed(layer.forward)  # the module itself stays: adapter paths do not change
 
 
@@ -135,32 +116,17 @@ def prepare_export(model):
 # ------------------------------------------------------------------------------------------------- generation
 
 def start_generation(model, input_ids, image_embeds, beams, max_new_tokens):
-    """generation.py's start, for B images with `beams` rows each: the prefix once per image, keeping every layer's
-    keys and values (B, H, L, d), which all of an image's beams read; the new tokens' own keys and values allocated
-    for max_new_tokens - 1 positions (R, H, T, d). Returns (state, the first new token's logits (R, vocab))."""
-    text = model.language_model.model
-    prefix = embed_prompt(model, input_ids, image_features(model, image_embeds))       # (B, L, D)
-    images, length = prefix.shape[:2]
-    recorded = RecordedKeysValues()
-    causal = torch.ones(length, length, dtype=torch.bool, device=prefix.device).tril()
-    hidden = _layers(text, prefix, kept_from=0, attends=causal, cache=recorded)         # (B, L, D)
-    state = DecodeState(beams, extra={"prefix_length": length})
-    for i in range(len(text.layers)):
-        keys, values = recorded.layers[i]                                               # (B, H, L, d)
-        state.image_keys.append(keys)
-        state.image_values.append(values)
-        state.keys.append(keys.new_zeros(images * beams, keys.shape[1], max(1, max_new_tokens - 1), keys.shape[3]))
-        state.values.append(torch.zeros_like(state.keys[-1]))
-    state.prompt_ids = torch.zeros(images * beams, 0, dtype=torch.long, device=prefix.device)
-    logits = model.language_model.lm_head(hidden[:, -1])                                # (B, vocab)
-    return state, logits.repeat_interleave(beams, dim=0)
+    """generation.py's start: the prefix once per image, its keys and values read by all the image's beams
+    (decoder_only.start_generation). Returns (state, the first new token's logits (R, vocab))."""
+    return decoder_only.start_generation(model, input_ids, image_embeds, beams, max_new_tokens,
+                                         functools.partial(_layers, _text(model)))
 
 
 def decode_step(model, state, tokens, n):
     """The layers on the n-th new token of each row, tokens (R,), at position L + n - 1 after the prefix: each layer
     attends to the row's image prefix and its own cache (written at n - 1). Returns the next token's logits
     (R, vocab)."""
-    text = model.language_model.model
+    text = _text(model)
     index = torch.as_tensor(n - 1, device=tokens.device).view(1)
     positions = (index + state.extra["prefix_length"])[None]                           # (1, 1)
     hidden = text.embed_tokens(tokens)[:, None]                                         # (R, 1, D)
@@ -174,11 +140,11 @@ def decode_step(model, state, tokens, n):
 
 def _attention(attention, state, i, x, index, cos, sin):
     """One new token per row (x: (R, 1, D)): its query and key rotated for its position (cos, sin: (1, 1, 1, d)),
-    then attention to its image's prefix and its own cache (generation.prefix_and_own_attention)."""
+    then attention to its image's prefix and its own cache (decoder_only.attention)."""
     def split(projected):                                                               # (R, 1, D) -> (R, H, 1, d)
         return projected.view(x.shape[0], 1, -1, attention.head_dim).transpose(1, 2)
     query, key = (_rotate(split(project(x)), cos, sin) for project in (attention.q_proj, attention.k_proj))
-    out = prefix_and_own_attention(state, i, query * attention.scaling, key, split(attention.v_proj(x)), index)
+    out = decoder_only.attention(state, i, query * attention.scaling, key, split(attention.v_proj(x)), index)
     return attention.o_proj(out.transpose(1, 2).flatten(2))                             # (R, 1, D)
 
 

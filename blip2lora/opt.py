@@ -13,12 +13,13 @@ The prefix is the same for all of an image's captions, so grouped_caption_loss r
 
 Checked against transformers 5.24; where its behaviour matters here, a comment says so.
 """
+import functools
+
 import torch
 from transformers import OPTConfig
 
-from blip2lora.blip2 import (PrefixThenCaption, RecordedKeysValues, caption_loss_sum, checkpointed, embed_prompt,
-                             image_features, model_inputs)
-from blip2lora.generation import DecodeState, prefix_and_own_attention
+from blip2lora import decoder_only
+from blip2lora.blip2 import checkpointed
 
 # LoRA on the attention of every decoder layer: language_model.model.decoder.layers.N.self_attn.q_proj, ...
 LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
@@ -58,45 +59,21 @@ def caption_ids(tokenizer, captions, eos_token_id):
 # ------------------------------------------------------------------------------------------------- the loss
 
 def per_pair_caption_loss(model, batch):
-    """The plain way: one whole BLIP-2 forward per (image, caption) pair over [prefix][caption], as transformers runs
-    it; right padding masked. Returns (summed loss, caption tokens)."""
-    per_caption, labels = batch["caption_image"], batch["labels"]                      # (N,), (N, T)
-    prefix_length = batch["input_ids"].shape[1]                                         # L
-    caption = labels.masked_fill(labels == -100, model.config.text_config.pad_token_id)
-    input_ids = torch.cat([batch["input_ids"][per_caption], caption], dim=1)           # (N, L + T)
-    attention_mask = torch.cat([batch["attention_mask"][per_caption], (labels != -100).long()], dim=1)
-    logits = model(pixel_values=batch["pixel_values"][per_caption], input_ids=input_ids, attention_mask=attention_mask,
-                   use_cache=False, **model_inputs(model, len(per_caption))).logits   # (N, L + T, vocab)
-    # the logit at position i predicts token i + 1: the caption's T tokens are predicted from position L - 1 on
-    return caption_loss_sum(logits[:, prefix_length - 1:-1], labels)
+    """The plain way: one whole forward per (image, caption) pair over [prefix][caption], as transformers runs it
+    (decoder_only.per_pair_caption_loss). Returns (summed loss, caption tokens)."""
+    return decoder_only.per_pair_caption_loss(model, batch)
 
 
 def grouped_caption_loss(model, batch, image_embeds):
-    """per_pair_caption_loss with the prefix run once per image instead of once per caption (tests/test_fast.py holds
-    the two equal, in loss and LoRA gradients): at blip2-opt-2.7b's size, with 5 captions of 16 tokens, 2.26 times
-    fewer FLOPs per caption. image_embeds: (B, V, Dv). Returns (summed loss, caption tokens).
+    """per_pair_caption_loss with the prefix run once per image instead of once per caption, each caption attending
+    to its image's keys and values (decoder_only.grouped_caption_loss, with OPT's layers): at blip2-opt-2.7b's size,
+    with 5 captions of 16 tokens, 2.26 times fewer FLOPs per caption. Returns (summed loss, caption tokens)."""
+    return decoder_only.grouped_caption_loss(model, batch, image_embeds, _layers(model))
 
-    1. Once per image: the decoder over the prefix minus its last token, (B, P) with P = L - 1, keeping every layer's
-       keys and values (B, H, P, d). No logits: nothing before the caption is predicted.
-    2. Once per caption: [last prefix token][caption minus its last token] (N, T), each layer attending to its
-       image's prefix keys and values and then causally to itself. The logit at the last prefix token predicts the
-       caption's first token, and so on: the T logits predict the caption's T tokens, as in the per-pair forward."""
-    decoder = model.language_model.model.decoder
-    prefix = embed_prompt(model, batch["input_ids"], image_features(model, image_embeds))   # (B, L, D)
-    per_caption, labels = batch["caption_image"], batch["labels"]                           # (N,), (N, T)
-    kept, tokens = prefix.shape[1] - 1, labels.shape[1]                                     # P, T
-    recorded = RecordedKeysValues()
-    causal = torch.ones(kept, kept, dtype=torch.bool, device=prefix.device).tril()          # (P, P)
-    _decoder_layers(decoder, prefix[:, :-1], kept_from=0, attends=causal, cache=recorded)
-    caption = labels[:, :-1].masked_fill(labels[:, :-1] == -100, model.config.text_config.pad_token_id)
-    inputs = torch.cat([prefix[per_caption, -1:], decoder.embed_tokens(caption)], dim=1)    # (N, T, D)
-    # each caption position sees the whole prefix and its own caption up to itself; right padding needs no mask,
-    # since no real token comes after a pad (and a pad's logit is ignored: its label is -100)
-    attends = torch.cat([torch.ones(tokens, kept, dtype=torch.bool, device=prefix.device),
-                         torch.ones(tokens, tokens, dtype=torch.bool, device=prefix.device).tril()], dim=1)
-    hidden = _decoder_layers(decoder, inputs, kept_from=kept, attends=attends,
-                            cache=PrefixThenCaption(recorded, per_caption))                 # (N, T, D)
-    return caption_loss_sum(model.language_model.lm_head(hidden), labels)
+
+def _layers(model):
+    """decoder_only's `layers` for this model: OPT's decoder stack (_decoder_layers)."""
+    return functools.partial(_decoder_layers, model.language_model.model.decoder)
 
 
 def _decoder_layers(decoder, embeds, kept_from, attends, cache):
@@ -138,26 +115,9 @@ def prepare_export(model):
 # ------------------------------------------------------------------------------------------------- generation
 
 def start_generation(model, input_ids, image_embeds, beams, max_new_tokens):
-    """generation.py's start, for B images with `beams` rows each: the prefix (image features and prompt, (B, L, D))
-    once per image, keeping every layer's keys and values (B, H, L, d), which all of an image's beams read; the new
-    tokens' own keys and values allocated for max_new_tokens - 1 positions (R, H, T, d). Returns (state, the first
-    new token's logits, predicted at the prefix's last position, for each row (R, vocab))."""
-    decoder = model.language_model.model.decoder
-    prefix = embed_prompt(model, input_ids, image_features(model, image_embeds))       # (B, L, D)
-    images, length = prefix.shape[:2]
-    recorded = RecordedKeysValues()
-    causal = torch.ones(length, length, dtype=torch.bool, device=prefix.device).tril()
-    hidden = _decoder_layers(decoder, prefix, kept_from=0, attends=causal, cache=recorded)  # (B, L, D)
-    state = DecodeState(beams, extra={"prefix_length": length})
-    for i in range(len(decoder.layers)):
-        keys, values = recorded.layers[i]                                               # (B, H, L, d)
-        state.image_keys.append(keys)
-        state.image_values.append(values)
-        state.keys.append(keys.new_zeros(images * beams, keys.shape[1], max(1, max_new_tokens - 1), keys.shape[3]))
-        state.values.append(torch.zeros_like(state.keys[-1]))
-    state.prompt_ids = torch.zeros(images * beams, 0, dtype=torch.long, device=prefix.device)
-    logits = model.language_model.lm_head(hidden[:, -1])                                # (B, vocab)
-    return state, logits.repeat_interleave(beams, dim=0)
+    """generation.py's start: the prefix once per image, its keys and values read by all the image's beams
+    (decoder_only.start_generation, with OPT's layers). Returns (state, the first new token's logits (R, vocab))."""
+    return decoder_only.start_generation(model, input_ids, image_embeds, beams, max_new_tokens, _layers(model))
 
 
 def decode_step(model, state, tokens, n):
@@ -191,11 +151,11 @@ def _decode_layer(layer, state, i, hidden, index):
 
 def _attention(attention, state, i, x, index):
     """One new token per row (x: (R, 1, D)) attends to its image's prefix and to its own cache up to `index`, where
-    its own keys and values are written first (generation.prefix_and_own_attention)."""
+    its own keys and values are written first (decoder_only.attention)."""
     def split(projected):                                                               # (R, 1, D) -> (R, H, 1, d)
         return projected.view(x.shape[0], 1, attention.num_heads, -1).transpose(1, 2)
     query = split(attention.q_proj(x) * attention.scaling)
-    out = prefix_and_own_attention(state, i, query, split(attention.k_proj(x)), split(attention.v_proj(x)), index)
+    out = decoder_only.attention(state, i, query, split(attention.k_proj(x)), split(attention.v_proj(x)), index)
     return attention.out_proj(out.transpose(1, 2).flatten(2))                           # (R, 1, D)
 
 
