@@ -130,3 +130,28 @@ def test_an_instructblip_base_gets_its_captioning_instruction_when_no_prompt_is_
     assert json.load(open(tmp_path / "adapter" / "caption_settings.json"))["prompt"] == INSTRUCTION
     code, out, err = run_main(*run)
     assert code == 0 and "this run has finished" in out, err[-2000:]
+
+
+def test_a_run_with_a_4bit_llama_and_checkpointing_resumes_exactly(demo_world, tmp_path, monkeypatch):
+    """The InstructBLIP base with its LLaMA in 4 bits and gradient checkpointing: Ctrl-C at step 6 of 8, then the
+    same command, gives the adapter an uninterrupted run gives, bit for bit (dropout on)."""
+    import train
+    from conftest import adapter_tensors, same_tensors
+    args = ["config/demo_instructblip.py", "--base_bits=4", "--gradient_checkpointing=True", "--max_steps=8",
+            "--checkpoint_interval=2", "--eval_interval=0", "--final_eval=False", "--lora_dropout=0.1"]
+    code, _, err = run_main("train", *args, f"--out_dir={tmp_path / 'whole'}")
+    assert code == 0, err[-2000:]
+    real_step, steps = train.train_step, []
+
+    def interrupted_at_step_6(*a, **k):
+        steps.append(1)
+        if len(steps) == 6:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+    monkeypatch.setattr(train, "train_step", interrupted_at_step_6)
+    code, _, err = run_main("train", *args, f"--out_dir={tmp_path / 'cut'}")
+    assert code == 130 and "run the same command again to resume" in err
+    monkeypatch.setattr(train, "train_step", real_step)
+    code, out, err = run_main("train", *args, f"--out_dir={tmp_path / 'cut'}")
+    assert code == 0 and "resuming from" in out, err[-2000:]
+    assert same_tensors(adapter_tensors(tmp_path / "whole"), adapter_tensors(tmp_path / "cut"))
