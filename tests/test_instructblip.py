@@ -155,3 +155,25 @@ def test_a_run_with_a_4bit_llama_and_checkpointing_resumes_exactly(demo_world, t
     code, out, err = run_main("train", *args, f"--out_dir={tmp_path / 'cut'}")
     assert code == 0 and "resuming from" in out, err[-2000:]
     assert same_tensors(adapter_tensors(tmp_path / "whole"), adapter_tensors(tmp_path / "cut"))
+
+
+def test_an_instructblip_with_flan_t5_trains_and_captions_from_its_folder(demo_world, tmp_path):
+    """The Flan-T5 InstructBLIPs' path, at toy size: an InstructBLIP with a T5 language model saved with
+    save_pretrained (random weights, the demo's words in both tokenizers) loads, trains two steps with its
+    instruction and captions through caption.py with the adapter."""
+    import demo
+    from blip2lora import t5
+    from transformers import InstructBlipForConditionalGeneration
+    processor = demo.build_processor(lm=t5, instruct=True)
+    torch.manual_seed(0)
+    InstructBlipForConditionalGeneration(demo.processor_config(processor, t5)).save_pretrained(tmp_path / "base")
+    processor.save_pretrained(tmp_path / "base")
+    code, out, err = run_main("train", f"--model={tmp_path / 'base'}", "--data_dir=data/demo/flickr8k",
+                              "--max_steps=2", "--batch_images=4", "--eval_interval=0", "--final_eval=False",
+                              "--num_workers=0", f"--out_dir={tmp_path / 'out'}")
+    assert code == 0, err[-2000:]
+    assert "LoRA: 36 layers" in out  # the Q-Former's 12 and T5's attention: 2 encoder layers x 4, 2 decoder x 8
+    assert json.load(open(tmp_path / "out" / "adapter" / "caption_settings.json"))["prompt"] == INSTRUCTION
+    code, stdout, err = run_main("caption", "--adapter", tmp_path / "out" / "adapter", "--max-new-tokens", "5",
+                                 *demo_images(demo_world, 2))
+    assert code == 0 and len(stdout.splitlines()) == 2, err[-2000:]
