@@ -175,5 +175,5 @@ def test_an_instructblip_with_flan_t5_trains_and_captions_from_its_folder(demo_w
     assert "LoRA: 36 layers" in out  # the Q-Former's 12 and T5's attention: 2 encoder layers x 4, 2 decoder x 8
     assert json.load(open(tmp_path / "out" / "adapter" / "caption_settings.json"))["prompt"] == INSTRUCTION
     code, stdout, err = run_main("caption", "--adapter", tmp_path / "out" / "adapter", "--max-new-tokens", "5",
-                                 *demo_images(demo_world, 2))
+                                 "--min-new-tokens", "1", *demo_images(demo_world, 2))
     assert code == 0 and len(stdout.splitlines()) == 2, err[-2000:]
