@@ -239,7 +239,7 @@ def load_blip2(name_or_path, device="cpu", dtype=torch.float32, base_bits=16, lo
     try:
         config = AutoConfig.from_pretrained(name_or_path, local_files_only=local_only)
         check_supported(config, name_or_path)
-        model_class, processor_class = (getattr(transformers, name) for name in KINDS[config.model_type])
+        processor_class = getattr(transformers, KINDS[config.model_type][1])
         processor = processor_class.from_pretrained(name_or_path, local_files_only=local_only)
         if getattr(processor, "num_query_tokens", None) != config.num_query_tokens:
             raise ModelError(f"{name_or_path}: its processor puts {processor.num_query_tokens!r} image tokens in a "
@@ -248,7 +248,7 @@ def load_blip2(name_or_path, device="cpu", dtype=torch.float32, base_bits=16, lo
         extra = {"quantization_config": quantization_config(base_bits, dtype, config),
                  "device_map": {"": device}} if base_bits < 16 else {}
         # sdpa: opt.grouped_caption_loss hands OPT's attention a boolean mask, as scaled_dot_product_attention takes it
-        model, report = model_class.from_pretrained(
+        model, report = model_class(config).from_pretrained(
             name_or_path, dtype=dtype, local_files_only=local_only, use_safetensors=True,  # never a pickle
             attn_implementation="sdpa", output_loading_info=True, ignore_mismatched_sizes=True, **extra)
         check_weights_match(report, name_or_path)
@@ -285,8 +285,8 @@ def check_weights_match(report, name_or_path):
 def _no_cpu_packing(module):
     """bitsandbytes (0.50) repacks a 4-bit layer's weights for CPUs with AVX512-BF16 on its first forward without
     gradients in eval mode, and computes in bfloat16 from then on. The frozen base is always in eval mode here, so the
-    first evaluation would switch the rest of training to bf16 matmuls, on some CPUs only (the 4-bit demo ended at CIDEr
-    100 instead of 310 on one base): turned off, a 4-bit CPU run computes the same way on every CPU, evaluation or not."""
+    first evaluation would switch the rest of training to bf16 matmuls, on some CPUs only (one base's 4-bit demo fell
+    from CIDEr 311 to 100): turned off, a 4-bit CPU run computes the same way on every CPU, evaluation or not."""
     if getattr(module, "support_avx512bf16_for_cpu", False):
         module.support_avx512bf16_for_cpu = False
 
