@@ -365,9 +365,9 @@ def _agree_on_the_start(cfg, p, problem, step, finished):
     return bool(finished)
 
 
-def _differs(now, was, path):
+def _differs(now, was, is_path):
     """Whether a setting changed: a folder named two ways (data/x/ and data/x, ./data/x) is the same folder."""
-    if path and isinstance(now, str) and isinstance(was, str):
+    if is_path and isinstance(now, str) and isinstance(was, str):
         return os.path.normpath(now) != os.path.normpath(was)
     return now != was
 
@@ -382,7 +382,7 @@ def _read_checkpoint(cfg, p):
         raise CheckpointError(f"{e}; delete {checkpoint_dir} to train this run afresh") from None
     settings_now = vars(cfg)
     changed = {k: was for k, was in state.get("settings", {}).items() if k in settings_now and
-               _differs(settings_now[k], was, path=k in ("model", "data_dir", "out_dir"))}
+               _differs(settings_now[k], was, is_path=k in ("model", "data_dir", "out_dir"))}
     for key in sorted(FIXED_ON_RESUME & changed.keys()):  # sorted: the same key is reported every time
         raise CheckpointError(f"{resume_from} was written with {key}={changed[key]!r}, this run has {key}="
                               f"{settings_now[key]!r}: resume with the same value, or train afresh in another out_dir "

@@ -68,6 +68,7 @@ class RunState:
         if resumed:
             self.record({"step": self.step, "resumed": True})
         if self.cfg.tensorboard:  # the run TensorBoard lists as "train"; a resumed one drops the stopped run's steps
+            threading.excepthook = _quiet_tensorboard_thread
             self._tensorboard("train", {}, self.step, purge_step=self.step + 1 if resumed else None)
 
     def record(self, entry):
@@ -93,7 +94,6 @@ class RunState:
         empty event file this process began is removed."""
         from torch.utils.tensorboard import SummaryWriter  # (checked installed before any work)
         folder = os.path.join(self.cfg.out_dir, "tensorboard", run)
-        threading.excepthook = _quiet_tensorboard_thread
         try:
             if run not in self.writers:
                 self.writers[run] = SummaryWriter(folder, purge_step=purge_step, flush_secs=10)
