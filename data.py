@@ -287,7 +287,8 @@ def caption_notes(items, caption_ids, max_tokens, unknown_id):
         notes.append(f"warning: {100 * stats['unknown_fraction']:.0f}% of the train captions' tokens are unknown to "
                      "this model's tokenizer (<unk>): it can neither learn nor write those words. The demo base knows "
                      "only its own few dozen words; the released BLIP-2 checkpoints' tokenizers cover English text")
-    return notes + [many_captions_note(items)] * bool(many_captions_note(items))
+    many = many_captions_note(items)
+    return notes + ([many] if many else [])
 
 
 def prompt_ids(tokenizer, prompt, config, after=None):

@@ -3,8 +3,9 @@ The offline demo world: a synthetic Flickr8k and a tiny pretrained BLIP-2, so th
 
     python demo.py            # builds data/demo/ if missing (about a minute on 2 CPU cores); train.py does it too
 
-Only this and `python train.py config/demo.py` (or config/demo_opt.py) build the world, train.py only the parts its
-settings name; caption.py and evaluate.py never do (a missing base or collection is one error line there).
+Only this and `python train.py config/demo.py` (or config/demo_opt.py, demo_instructblip.py) build the world, train.py
+only the parts its settings name; caption.py and evaluate.py never do (a missing base or collection is one error line
+there).
 
 data/demo/flickr8k/    300 images of a coloured circle on a plain background, in the ORIGINAL release layout
                        (Flicker8k_Dataset/, Flickr8k.token.txt with five captions per image, the three split files),
@@ -12,6 +13,8 @@ data/demo/flickr8k/    300 images of a coloured circle on a plain background, in
 data/demo/blip2-tiny/  a BLIP-2 (ViT + Q-Former + T5) of 0.40M parameters, saved with save_pretrained with its
                        Blip2Processor, so it loads through the same from_pretrained code as Salesforce/blip2-flan-t5-xl.
 data/demo/blip2-opt-tiny/  the same with an OPT-style decoder, standing for Salesforce/blip2-opt-2.7b.
+data/demo/instructblip-tiny/  an InstructBLIP (its Q-Former reads the instruction, with a tokenizer of its own) with
+                       a LLaMA-style decoder, standing for Salesforce/instructblip-vicuna-7b.
 
 The tiny model was first trained, all of its weights, on other images of the same kind described in a DIFFERENT
 style ("red dot . tiny . white backdrop"). Like the real BLIP-2 before it sees Flickr8k, it describes the demo

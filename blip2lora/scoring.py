@@ -42,8 +42,8 @@ def check_lengths(predictions, references, where=""):
         for kind, text in [("caption", caption)] + [("reference", r) for r in references[image]]:
             words = len(text.split())
             if words > MAX_WORDS:
-                raise ScoringError(f"{where}the {kind} of {printable(image)} has {words:,} words: METEOR's Java process "
-                                   f"cannot score one over {MAX_WORDS:,} (it dies on 14,000); shorten it")
+                raise ScoringError(f"{where}the {kind} of {printable(image)} has {words:,} words: METEOR's Java "
+                                   f"process cannot score one over {MAX_WORDS:,} (it dies on 14,000); shorten it")
 
 
 @contextmanager
