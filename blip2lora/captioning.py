@@ -114,10 +114,10 @@ def default_prompt(model_name, prompt):
     if prompt != GENERATION_DEFAULTS["prompt"] or not (os.path.isdir(model_name) or looks_like_hub_id(model_name)):
         return prompt  # (a folder not there yet, as the demo's before it is built: loading says what is wrong)
     from transformers import AutoConfig
-    local_only = check_model_source(model_name, log=lambda *a: None)  # one line if the model cannot be had
     try:
+        local_only = check_model_source(model_name, log=lambda *a: None)
         kind = AutoConfig.from_pretrained(model_name, local_files_only=local_only).model_type
-    except (OSError, ValueError):
+    except (UserError, OSError, ValueError):  # not to be had (yet): loading says so, after the data's checks
         return prompt
     return INSTRUCTBLIP_PROMPT if kind == "instructblip" else prompt
 
