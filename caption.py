@@ -10,8 +10,8 @@ Caption images with BLIP-2 and a LoRA adapter; or export base + adapter as one p
     python caption.py --recursive --write txt my_photos/         # a caption file beside each image (photo.txt)
 
 Prints `path<TAB>caption` per image, one line each (control characters in a file name are written as escapes), or
-with --json one JSON object a line, {"path": ..., "caption": ...}, for programs; --num-captions N gives each image's
-N best (`captions` in JSON). With --write the captions go to files instead (blip2lora/labels.py), with a progress
+with --json one JSON object a line, {"path": ..., "caption": ...}, for programs (a name that is not UTF-8 also as
+"path_base64", its bytes); --num-captions N gives each image's N best (`captions` in JSON). With --write the captions go to files instead (blip2lora/labels.py), with a progress
 line, and --resume leaves the images already captioned there.
 The adapter names its base model and carries the prompt and generation settings it was trained with
 (caption_settings.json); options override them. Captioning goes through captioning.caption_stream, the path
