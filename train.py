@@ -13,8 +13,8 @@ Fine-tune BLIP-2 (Salesforce/blip2-flan-t5-xl, or an OPT one) on image captions 
 What a run does, top to bottom:
 - LoRA on the Q-Former and the language model's attention; everything else frozen; AdamW over the LoRA tensors only.
 - Grouped steps: a micro-batch is B images with all their captions; what depends only on the image runs once per
-  image (ViT, Q-Former, and T5's encoder or OPT's prefix), the rest once per caption (model.grouped_caption_loss:
-  t5.py, opt.py). The ViT is frozen, so its outputs are computed once and memory-mapped from disk (vision_cache.py),
+  image (ViT, Q-Former, and T5's encoder or a decoder's prefix), the rest once per caption (model.grouped_caption_loss:
+  t5.py, opt.py, llama.py). The ViT is frozen, so its outputs are computed once and memory-mapped from disk (vision_cache.py),
   and the ViT then leaves the GPU.
 - Loss = summed caption-token cross-entropy / caption tokens in the whole optimizer step (all micro-batches, all
   ranks), so long and short captions weigh the same however the batch is split.
@@ -258,7 +258,7 @@ def train_step(model, micro_batches, caption_loss, image_embeds, optimizer, scal
     """One optimizer step, the one that train.py, bench.py and memory.py all take: each micro-batch forward and
     backward, then (several processes) the gradients summed over them, clipping, and AdamW through the GradScaler
     (which does nothing unless float16). caption_loss(model, batch, image_embeds(batch)) is a summed loss and its
-    token count (t5.py, opt.py). Returns the step's loss, a tensor: the caption-token mean over every micro-batch
+    token count (t5.py, ...). Returns the step's loss, a tensor: the caption-token mean over every micro-batch
     of every rank. before_update(loss) runs once the loss is known and before the weights change."""
     params = optimizer.param_groups[0]["params"]  # exactly the LoRA tensors
     device = params[0].device

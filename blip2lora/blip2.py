@@ -1,7 +1,7 @@
 """
 blip2lora/blip2.py: what every BLIP-2 shares, whichever language model it has (step 3 of the README's reading path).
 
-t5.py and opt.py hold what differs between the two families; model.py picks one from the model's config.
+t5.py, opt.py and llama.py hold what differs between the families; model.py picks one from the model's config.
 
 BLIP-2 (Li et al. 2023) captions an image in four stages:
     pixels (B, 3, 224, 224) --ViT-g--> vision_embeds (B, 257, 1408)             frozen, no LoRA: cacheable

@@ -1,12 +1,12 @@
 """
 blip2lora/generation.py: beam search and greedy captions, the image side once per image (captioning.py's path).
 
-The same captions as transformers' generate() with the same settings (tests/test_generation.py holds them equal,
-token for token): beam search with length penalty 1 and transformers' default early stop, greedy for one beam,
-min_new_tokens, repetition_penalty and no_repeat_ngram_size as its logits processors apply them. What differs is the
-work: the family (t5.py, opt.py) runs what depends only on the image once per image (T5's encoder and every layer's
-cross-attention keys and values; OPT's prefix of image queries and prompt) and every beam of an image reads those
-keys and values, never a copy per beam; the decoder's own keys and values live in a cache allocated once for
+The same captions as transformers' generate() with the same settings (tests/test_generation.py holds them equal, token
+for token): beam search with length penalty 1 and transformers' default early stop, greedy for one beam, min_new_tokens,
+repetition_penalty and no_repeat_ngram_size as its logits processors apply them. What differs is the work: the family
+(t5.py, opt.py, llama.py) runs what depends only on the image once per image (T5's encoder and every layer's
+cross-attention keys and values; a decoder-only model's prefix of image queries and prompt) and every beam of an image
+reads those keys and values, never a copy per beam; the decoder's own keys and values live in a cache allocated once for
 max_new_tokens; beams are reordered by index; an image whose captions can no longer improve leaves the batch.
 
     ids = generate_ids(model, prompt_ids, image_embeds, num_beams=5, max_new_tokens=30, min_new_tokens=8)

@@ -1,11 +1,12 @@
 """
-blip2lora/model.py: loading BLIP-2 and the family that knows its language model (t5.py, opt.py).
+blip2lora/model.py: loading BLIP-2 and the family that knows its language model (t5.py, opt.py, llama.py).
 
-BLIP-2 as train.py, evaluate.py, caption.py and bench.py use it, whichever language model it has: loading (16-bit,
-or a 4/8-bit language model through bitsandbytes) with a clear line for each problem, the family that knows the
-language model (t5.py for Flan-T5, opt.py for OPT), the loss, the memory levers and caption generation.
+BLIP-2 (and InstructBLIP) as train.py, evaluate.py, caption.py and bench.py use it, whichever language model it has:
+loading (16-bit, or a 4/8-bit language model through bitsandbytes) with a clear line for each problem, the family
+that knows the language model (t5.py for Flan-T5, opt.py for OPT, llama.py for Vicuna), the loss, the memory levers
+and caption generation.
 
-    lm = family(model.config)                  # t5 or opt: FAMILIES[config.text_config.model_type]
+    lm = family(model.config)                  # t5, opt or llama: FAMILIES[config.text_config.model_type]
     loss_sum, tokens = grouped_caption_loss(model, batch, image_embeds)     # = lm.grouped_caption_loss(...)
 
 The shared parts (vision, Q-Former, image tokens) are in blip2.py, the frozen-vision cache in vision_cache.py.
@@ -73,7 +74,7 @@ def lora_targets(config):
 
 
 def grouped_caption_loss(model, batch, image_embeds):
-    """train.py's loss: the image side once per image, the rest as the family shares it (t5.py, opt.py)."""
+    """train.py's loss: the image side once per image, the rest as the family shares it (t5.py, ...)."""
     return family(model.config).grouped_caption_loss(model, batch, image_embeds)
 
 
