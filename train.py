@@ -14,7 +14,7 @@ What a run does, top to bottom:
 - LoRA on the Q-Former and the language model's attention; everything else frozen; AdamW over the LoRA tensors only.
 - Grouped steps: a micro-batch is B images with all their captions; what depends only on the image runs once per
   image (ViT, Q-Former, and T5's encoder or a decoder's prefix), the rest once per caption (model.grouped_caption_loss:
-  t5.py, opt.py, llama.py). The ViT is frozen, so its outputs are computed once and memory-mapped from disk (vision_cache.py),
+  t5.py, opt.py, llama.py). The frozen ViT's outputs are computed once and memory-mapped from disk (vision_cache.py),
   and the ViT then leaves the GPU.
 - Loss = summed caption-token cross-entropy / caption tokens in the whole optimizer step (all micro-batches, all
   ranks), so long and short captions weigh the same however the batch is split.
