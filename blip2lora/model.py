@@ -208,6 +208,11 @@ def check_supported(config, name_or_path):
         raise ModelError(f"{name_or_path}: {what}; this project fine-tunes BLIP-2 with Flan-T5 or OPT and InstructBLIP "
                          "with Flan-T5 or Vicuna (Salesforce/blip2-flan-t5-xl, blip2-opt-2.7b, instructblip-vicuna-7b, "
                          "...)")
+    heads = getattr(text, "num_attention_heads", None)
+    if getattr(text, "num_key_value_heads", heads) != heads:  # (LLaMA-2 70B's kind; Vicuna has none)
+        raise ModelError(f"{name_or_path}: its language model shares keys and values across heads "
+                         f"({text.num_key_value_heads} for {heads} heads), which this project's decode step does not "
+                         "handle; the released BLIP-2 and InstructBLIP checkpoints do not")
     for key in ("eos_token_id", "pad_token_id") + ("decoder_start_token_id",) * text.is_encoder_decoder:
         value = getattr(text, key, None)  # a caption's end, its padding, (T5) the decoder's first input
         if type(value) is not int or not 0 <= value < text.vocab_size:

@@ -177,3 +177,17 @@ def test_an_instructblip_with_flan_t5_trains_and_captions_from_its_folder(demo_w
     code, stdout, err = run_main("caption", "--adapter", tmp_path / "out" / "adapter", "--max-new-tokens", "5",
                                  "--min-new-tokens", "1", *demo_images(demo_world, 2))
     assert code == 0 and len(stdout.splitlines()) == 2, err[-2000:]
+
+
+def test_a_llama_sharing_keys_across_heads_is_one_line_before_its_weights(demo_world, tmp_path):
+    """A LLaMA with fewer key/value heads than heads (grouped-query attention) is refused from its config: the decode
+    step attends with one key per head."""
+    import shutil
+    folder = tmp_path / "model"
+    shutil.copytree(BASE, folder)
+    (folder / "model.safetensors").write_bytes(b"")
+    config = json.load(open(folder / "config.json"))
+    config["text_config"]["num_key_value_heads"] = 2
+    (folder / "config.json").write_text(json.dumps(config))
+    code, _, err = run_main("caption", "--adapter", "none", "--model", folder, "photo.jpg")
+    assert code == 1 and err.count("\n") == 1 and "(2 for 4 heads)" in err
