@@ -108,7 +108,7 @@ def build_processor(image_pixels=MODEL_PIXELS, num_query_tokens=NUM_QUERY_TOKENS
     tokenizer lays them out (lm.SPECIAL_TOKENS; T5: pad 0, </s> 1 at the end of a text; OPT: pad 1, </s> 2 as BOS at
     the start, and "\n" to end a caption), inside a Blip2Processor; instruct: an InstructBlipProcessor, with the
     Q-Former's own tokenizer over the same words laid out as BERT's ([PAD] 0, [CLS] text [SEP])."""
-    words = set("a photo of . backdrop".split()) | set(INSTRUCTION.lower().split())
+    words = set("a photo of . backdrop".split()) | (set(INSTRUCTION.lower().split()) if instruct else set())
     for text in CAPTION_TEMPLATES + (PRETRAIN_TEMPLATE,):
         words |= set(re.sub(r"\{\w+\}", " ", text).split())  # the template's own words, not its {fields}
     for group in (COLOURS, BACKGROUNDS, SIZES, PRETRAIN_WORDS.values()):
