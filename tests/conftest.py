@@ -70,6 +70,34 @@ def collate(model, processor, items, prompt="a photo of"):
     return collator([dataset[i] for i in range(len(items))])
 
 
+def demo_image_paths(demo_world, count):
+    """The first `count` image files of the demo collection, by name."""
+    folder = os.path.join(demo_world[0], "Flicker8k_Dataset")
+    return [os.path.join(folder, name) for name in sorted(os.listdir(folder))[:count]]
+
+
+def resumes_exactly(args, tmp_path, monkeypatch):
+    """train.py with `args` whole, and again with Ctrl-C at the 6th of its steps then the same command: the second
+    resumes and ends with the first's adapter, bit for bit."""
+    import train
+    code, _, err = run_main("train", *args, f"--out_dir={tmp_path / 'whole'}")
+    assert code == 0, err[-2000:]
+    real_step, steps = train.train_step, []
+
+    def interrupted_at_step_6(*a, **k):
+        steps.append(1)
+        if len(steps) == 6:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+    monkeypatch.setattr(train, "train_step", interrupted_at_step_6)
+    code, _, err = run_main("train", *args, f"--out_dir={tmp_path / 'cut'}")
+    assert code == 130 and "run the same command again to resume" in err
+    monkeypatch.setattr(train, "train_step", real_step)
+    code, out, err = run_main("train", *args, f"--out_dir={tmp_path / 'cut'}")
+    assert code == 0 and "resuming from" in out, err[-2000:]
+    assert same_tensors(adapter_tensors(tmp_path / "whole"), adapter_tensors(tmp_path / "cut"))
+
+
 def adapter_tensors(out_dir):
     from safetensors.torch import load_file
     return load_file(os.path.join(out_dir, "adapter", "adapter_model.safetensors"))

@@ -3,12 +3,11 @@ language model): the Q-Former reads the instruction as transformers' does, the d
 with the adapter, and the adapter works in evaluate.py, caption.py, peft and a merged export. The prefix-shared loss
 of InstructBLIP with each family equals the per-pair one."""
 import json
-import os
 
 import pytest
 import torch
 
-from conftest import run_main
+from conftest import demo_image_paths, resumes_exactly, run_main
 
 BASE = "data/demo/instructblip-tiny"
 INSTRUCTION = "A short image description:"
@@ -23,11 +22,6 @@ def instructblip_run(demo_world, tmp_path_factory):
     return out_dir, out
 
 
-def demo_images(demo_world, count):
-    folder = os.path.join(demo_world[0], "Flicker8k_Dataset")
-    return [os.path.join(folder, name) for name in sorted(os.listdir(folder))[:count]]
-
-
 def test_the_qformer_reads_the_instruction_as_transformers_does(demo_world):
     """image_features (the grouped loss's and generation's) equal transformers' get_image_features with the
     processor's qformer_input_ids, and another instruction gives other features."""
@@ -35,7 +29,7 @@ def test_the_qformer_reads_the_instruction_as_transformers_does(demo_world):
     from blip2lora.images import load_image
     from blip2lora.model import load_blip2
     model, processor = load_blip2(BASE, log=lambda *a: None)
-    images = [load_image(path) for path in demo_images(demo_world, 3)]
+    images = [load_image(path) for path in demo_image_paths(demo_world, 3)]
     inputs = processor(images=images, text=[INSTRUCTION] * 3, return_tensors="pt")
     set_instruction(model, processor, INSTRUCTION)
     with torch.no_grad():
@@ -90,7 +84,7 @@ def test_the_instructblip_demo_learns_and_the_instruction_travels_with_the_adapt
     assert "InstructBlipForConditionalGeneration.from_pretrained(base)" in card
     code, stdout, stderr = run_main("evaluate", "--adapter", out_dir / "adapter", "--num-beams", "2")
     assert code == 0 and "fine-tuned" in stdout, stderr[-2000:]
-    code, stdout, stderr = run_main("caption", "--adapter", out_dir / "adapter", *demo_images(demo_world, 4))
+    code, stdout, stderr = run_main("caption", "--adapter", out_dir / "adapter", *demo_image_paths(demo_world, 4))
     assert code == 0, stderr[-2000:]
     assert all("circle" in line.split("\t")[1] for line in stdout.splitlines())
 
@@ -103,7 +97,7 @@ def test_peft_and_a_merged_export_caption_as_caption_py(instructblip_run, demo_w
     from transformers import InstructBlipForConditionalGeneration, InstructBlipProcessor
     from blip2lora.images import load_image
     out_dir, _ = instructblip_run
-    images = demo_images(demo_world, 20)
+    images = demo_image_paths(demo_world, 20)
     _, ours, _ = run_main("caption", "--adapter", out_dir / "adapter", *images)
     expected = [line.split("\t")[1] for line in ours.splitlines()]
     processor = InstructBlipProcessor.from_pretrained(BASE)
@@ -135,26 +129,9 @@ def test_an_instructblip_base_gets_its_captioning_instruction_when_no_prompt_is_
 def test_a_run_with_a_4bit_llama_and_checkpointing_resumes_exactly(demo_world, tmp_path, monkeypatch):
     """The InstructBLIP base with its LLaMA in 4 bits and gradient checkpointing: Ctrl-C at step 6 of 8, then the
     same command, gives the adapter an uninterrupted run gives, bit for bit (dropout on)."""
-    import train
-    from conftest import adapter_tensors, same_tensors
-    args = ["config/demo_instructblip.py", "--base_bits=4", "--gradient_checkpointing=True", "--max_steps=8",
-            "--checkpoint_interval=2", "--eval_interval=0", "--final_eval=False", "--lora_dropout=0.1"]
-    code, _, err = run_main("train", *args, f"--out_dir={tmp_path / 'whole'}")
-    assert code == 0, err[-2000:]
-    real_step, steps = train.train_step, []
-
-    def interrupted_at_step_6(*a, **k):
-        steps.append(1)
-        if len(steps) == 6:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-    monkeypatch.setattr(train, "train_step", interrupted_at_step_6)
-    code, _, err = run_main("train", *args, f"--out_dir={tmp_path / 'cut'}")
-    assert code == 130 and "run the same command again to resume" in err
-    monkeypatch.setattr(train, "train_step", real_step)
-    code, out, err = run_main("train", *args, f"--out_dir={tmp_path / 'cut'}")
-    assert code == 0 and "resuming from" in out, err[-2000:]
-    assert same_tensors(adapter_tensors(tmp_path / "whole"), adapter_tensors(tmp_path / "cut"))
+    resumes_exactly(["config/demo_instructblip.py", "--base_bits=4", "--gradient_checkpointing=True", "--max_steps=8",
+                     "--checkpoint_interval=2", "--eval_interval=0", "--final_eval=False", "--lora_dropout=0.1"],
+                    tmp_path, monkeypatch)
 
 
 def test_an_instructblip_with_flan_t5_trains_and_captions_from_its_folder(demo_world, tmp_path):
@@ -175,7 +152,7 @@ def test_an_instructblip_with_flan_t5_trains_and_captions_from_its_folder(demo_w
     assert "LoRA: 36 layers" in out  # the Q-Former's 12 and T5's attention: 2 encoder layers x 4, 2 decoder x 8
     assert json.load(open(tmp_path / "out" / "adapter" / "caption_settings.json"))["prompt"] == INSTRUCTION
     code, stdout, err = run_main("caption", "--adapter", tmp_path / "out" / "adapter", "--max-new-tokens", "5",
-                                 "--min-new-tokens", "1", *demo_images(demo_world, 2))
+                                 "--min-new-tokens", "1", *demo_image_paths(demo_world, 2))
     assert code == 0 and len(stdout.splitlines()) == 2, err[-2000:]
 
 

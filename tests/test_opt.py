@@ -2,13 +2,12 @@
 tokens, the demo learns, and its adapter works in evaluate.py, caption.py, peft and a merged export. (The loss itself,
 prefix shared against per pair, is in test_fast.py with T5's.)"""
 import json
-import os
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import run_main
+from conftest import demo_image_paths, resumes_exactly, run_main
 
 DEMO_OPT_MODEL = "data/demo/blip2-opt-tiny"
 
@@ -20,11 +19,6 @@ def opt_run(demo_world, tmp_path_factory):
     code, out, err = run_main("train", "config/demo_opt.py", f"--out_dir={out_dir}")
     assert code == 0, err[-3000:]
     return out_dir, out
-
-
-def demo_images(demo_world, count):
-    folder = os.path.join(demo_world[0], "Flicker8k_Dataset")
-    return [os.path.join(folder, name) for name in sorted(os.listdir(folder))[:count]]
 
 
 def test_a_caption_is_a_space_its_words_and_a_newline_with_no_bos(demo_world):
@@ -53,7 +47,7 @@ def test_the_opt_demo_learns_and_evaluate_and_caption_use_its_adapter(opt_run, d
     code, stdout, stderr = run_main("evaluate", "--adapter", out_dir / "adapter", "--num-beams", "2",
                                     "--html", out_dir / "test.html")
     assert code == 0 and "fine-tuned" in stdout and "zero-shot" in stdout, stderr[-2000:]
-    images = demo_images(demo_world, 4)
+    images = demo_image_paths(demo_world, 4)
     code, stdout, stderr = run_main("caption", "--adapter", out_dir / "adapter", *images)
     assert code == 0, stderr[-2000:]
     captions = [line.split("\t")[1] for line in stdout.splitlines()]
@@ -67,7 +61,7 @@ def test_peft_and_a_merged_export_caption_as_caption_py(opt_run, demo_world, tmp
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
     from blip2lora.images import load_image
     out_dir, _ = opt_run
-    images = demo_images(demo_world, 20)
+    images = demo_image_paths(demo_world, 20)
     _, ours, _ = run_main("caption", "--adapter", out_dir / "adapter", *images)
     expected = [line.split("\t")[1] for line in ours.splitlines()]
     processor = Blip2Processor.from_pretrained(DEMO_OPT_MODEL)
@@ -87,26 +81,8 @@ def test_peft_and_a_merged_export_caption_as_caption_py(opt_run, demo_world, tmp
 def test_a_run_on_the_opt_base_resumes_exactly(demo_world, tmp_path, monkeypatch):
     """Ctrl-C in the middle of a run on the OPT base, then the same command: the adapter an uninterrupted run gives,
     bit for bit (dropout on, so the random state is restored too)."""
-    import train
-    from conftest import adapter_tensors, same_tensors
-    args = ["config/demo_opt.py", "--max_steps=8", "--checkpoint_interval=2", "--eval_interval=0",
-            "--final_eval=False", "--lora_dropout=0.1"]
-    code, _, err = run_main("train", *args, f"--out_dir={tmp_path / 'whole'}")
-    assert code == 0, err[-2000:]
-    real_step, steps = train.train_step, []
-
-    def interrupted_at_step_6(*a, **k):
-        steps.append(1)
-        if len(steps) == 6:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-    monkeypatch.setattr(train, "train_step", interrupted_at_step_6)
-    code, _, err = run_main("train", *args, f"--out_dir={tmp_path / 'cut'}")
-    assert code == 130 and "run the same command again to resume" in err
-    monkeypatch.setattr(train, "train_step", real_step)
-    code, out, err = run_main("train", *args, f"--out_dir={tmp_path / 'cut'}")
-    assert code == 0 and "resuming from" in out, err[-2000:]
-    assert same_tensors(adapter_tensors(tmp_path / "whole"), adapter_tensors(tmp_path / "cut"))
+    resumes_exactly(["config/demo_opt.py", "--max_steps=8", "--checkpoint_interval=2", "--eval_interval=0",
+                     "--final_eval=False", "--lora_dropout=0.1"], tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("script, args, setting", [
