@@ -9,10 +9,10 @@ Caption images with BLIP-2 and a LoRA adapter; or export base + adapter as one p
                                                                  # train.py --data my_photos reads (README)
     python caption.py --recursive --write txt my_photos/         # a caption file beside each image (photo.txt)
 
-Prints `path<TAB>caption` per image, one line each (control characters in a file name are written as escapes), or
-with --json one JSON object a line, {"path": ..., "caption": ...}, for programs (a name that is not UTF-8 also as
-"path_base64", its bytes); --num-captions N gives each image's N best (`captions` in JSON). With --write the captions go to files instead (blip2lora/labels.py), with a progress
-line, and --resume leaves the images already captioned there.
+Prints `path<TAB>caption` per image, one line each (control characters in a file name are written as escapes), or with
+--json one JSON object a line, {"path": ..., "caption": ...}, for programs (a name that is not UTF-8 also as
+"path_base64", its bytes); --num-captions N gives each image's N best (`captions` in JSON). With --write the captions go
+to files instead (blip2lora/labels.py), with a progress line, and --resume leaves the images already captioned there.
 The adapter names its base model and carries the prompt and generation settings it was trained with
 (caption_settings.json); options override them. Captioning goes through captioning.caption_stream, the path
 evaluate.py and train.py use. A missing, non-image or corrupt file, or a folder with no images, gets one line on
@@ -33,7 +33,7 @@ from blip2lora.files import (UserError, inside, make_temp_dir, one_line_errors, 
                              user_permissions_tree, write_json, writer_errors_as_os_errors)
 from blip2lora.images import IMAGE_SUFFIXES
 from blip2lora.labels import FORMATS, METADATA, Labels
-from blip2lora.model import family
+from blip2lora.model import KINDS, family
 from blip2lora.model_card import merged_card
 from data import ImageCaptions, prompt_ids
 from lora import merge_lora
@@ -88,7 +88,7 @@ def run(args):
     if args.export_merged:
         export_merged(model, processor, args, adapter, model_name)
         print(f"merged {printable(adapter)} into {printable(model_name)}: {printable(args.export_merged)} loads with "
-              "Blip2ForConditionalGeneration.from_pretrained alone", file=sys.stderr)
+              f"{KINDS[model.config.model_type][0]}.from_pretrained alone", file=sys.stderr)
         return 0
     paths, errors = image_paths(args.images, args.recursive)
     for e in errors:
