@@ -88,7 +88,7 @@ def run(args):
     if args.export_merged:
         export_merged(model, processor, args, adapter, model_name)
         print(f"merged {printable(adapter)} into {printable(model_name)}: {printable(args.export_merged)} loads with "
-              f"{KINDS[model.config.model_type][0]}.from_pretrained alone", file=sys.stderr)
+              f"{KINDS[model.config.model_type][1]}.from_pretrained alone", file=sys.stderr)
         return 0
     paths, errors = image_paths(args.images, args.recursive)
     for e in errors:

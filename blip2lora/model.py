@@ -46,11 +46,11 @@ FAMILY_CONTRACT = (
     "new_tokens",                 # (output, input_ids) -> the new tokens of a BLIP-2 model.generate() output
     "prepare_export",             # (model): what a merged export's own generate() needs
 )
-# The models this project fine-tunes, by config.model_type: their transformers model and processor classes.
-# InstructBLIP is BLIP-2 whose Q-Former also reads the instruction (blip2.image_features); the language model is
-# a family's either way.
-KINDS = {"blip-2": ("Blip2ForConditionalGeneration", "Blip2Processor"),
-         "instructblip": ("InstructBlipForConditionalGeneration", "InstructBlipProcessor")}
+# The models this project fine-tunes, by config.model_type: their name, and their transformers model and processor
+# classes. InstructBLIP is BLIP-2 whose Q-Former also reads the instruction (blip2.image_features); the language
+# model is a family's either way.
+KINDS = {"blip-2": ("BLIP-2", "Blip2ForConditionalGeneration", "Blip2Processor"),
+         "instructblip": ("InstructBLIP", "InstructBlipForConditionalGeneration", "InstructBlipProcessor")}
 
 
 # BLIP-2's parts a 4/8-bit base keeps 16-bit: bitsandbytes would otherwise also quantize the ViT and the projection
@@ -228,7 +228,7 @@ def check_supported(config, name_or_path):
 def model_class(config):
     """The transformers class of a BLIP-2 or InstructBLIP config (KINDS), for a model built from a config."""
     import transformers
-    return getattr(transformers, KINDS[config.model_type][0])
+    return getattr(transformers, KINDS[config.model_type][1])
 
 
 def load_blip2(name_or_path, device="cpu", dtype=torch.float32, base_bits=16, log=print):
@@ -245,7 +245,7 @@ def load_blip2(name_or_path, device="cpu", dtype=torch.float32, base_bits=16, lo
     try:
         config = AutoConfig.from_pretrained(name_or_path, local_files_only=local_only)
         check_supported(config, name_or_path)
-        processor_class = getattr(transformers, KINDS[config.model_type][1])
+        processor_class = getattr(transformers, KINDS[config.model_type][2])
         processor = processor_class.from_pretrained(name_or_path, local_files_only=local_only)
         if getattr(processor, "num_query_tokens", None) != config.num_query_tokens:
             raise ModelError(f"{name_or_path}: its processor puts {processor.num_query_tokens!r} image tokens in a "

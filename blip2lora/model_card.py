@@ -14,11 +14,9 @@ import re
 import yaml  # PyYAML comes with transformers
 
 from blip2lora.files import atomic_write
+from blip2lora.model import KINDS  # what the card calls each kind of model, and its snippets' classes
 
 CARD_FILE = "README.md"
-# What the card calls each kind of model (config.model_type), and the transformers classes its snippets load it with
-KINDS = {"blip-2": ("BLIP-2", "Blip2ForConditionalGeneration", "Blip2Processor"),
-         "instructblip": ("InstructBLIP", "InstructBlipForConditionalGeneration", "InstructBlipProcessor")}
 METRICS = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 LOAD_IMAGE = """from PIL import Image, ImageOps
 
@@ -60,8 +58,12 @@ def score_table(scores):
 def collection_name(data_dir):
     """The collection as a card names it: its folder's name as a slug (letters, digits, . _ -), which no folder name
     can turn into Markdown, HTML or another line of YAML."""
-    name = os.path.basename(os.path.abspath(str(data_dir)))
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "captions"
+    return _slug(os.path.basename(os.path.abspath(str(data_dir)))) or "captions"
+
+
+def _slug(name):
+    """letters, digits, . _ and -, every other run of characters one -; "" if nothing is left."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")
 
 
 def base_reference(base_model):
@@ -69,7 +71,7 @@ def base_reference(base_model):
     with a line saying to put the hub id there."""
     if not os.path.isdir(base_model):
         return base_model, ""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(os.path.normpath(base_model))).strip("-") or "base"
+    name = _slug(os.path.basename(os.path.normpath(base_model))) or "base"
     return name, (f"\n`base_model` names the local folder it was trained from ({name}); put the base's hub id there "
                   "before uploading, so that the hub links the two.\n")
 
