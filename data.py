@@ -412,10 +412,11 @@ def print_report(data):
              if data.caption_columns else ""))
     if data.val_note:
         print(data.val_note)
-    for s, counts in data.report()["splits"].items():
+    report = data.report()
+    for s, counts in report["splits"].items():
         print(f"  {s:5s} {counts['images']:6,d} images {counts['captions']:7,d} captions")
-    if many_captions_note(data.splits["train"]):
-        print(many_captions_note(data.splits["train"]))
+    if report["many_captions"]:
+        print(report["many_captions"])
     by_reason = {}
     for entry in data.skipped:
         by_reason.setdefault(entry["reason"], []).append(printable(entry["item"]))
