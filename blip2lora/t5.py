@@ -184,20 +184,21 @@ def prepare_export(model):
 def start_generation(model, input_ids, image_embeds, beams, max_new_tokens):
     """generation.py's start, for B images with `beams` rows each: the encoder once per image, every decoder layer's
     cross-attention keys and values once per image (B, H, L, d), which all of an image's beams read; the decoder's
-    own keys and values allocated for max_new_tokens positions (R, H, T, d), and its relative position bias for every
-    (query, key) position pair with later keys masked, (1, H, T, T). Then the decoder start token at position 0.
+    own keys and values allocated for max_new_tokens positions, and its relative position bias for every (query, key)
+    position pair with later keys masked, (1, H, T, T). Then the decoder start token at position 0, once per image
+    (all of an image's beams begin with it), its keys and values copied to each beam's rows (R, H, T, d).
     Returns (state, the first new token's logits (R, vocab))."""
     text = model.language_model
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     encoded = _encode_images(model, batch, image_embeds)                                 # (B, L, D)
-    rows, heads, width = encoded.shape[0] * beams, text.config.num_heads, text.config.d_kv
-    state = DecodeState(beams)
+    rows, heads, width = encoded.shape[0], text.config.num_heads, text.config.d_kv
+    state = DecodeState(beams=1)                                                         # one row per image, first
     for block in text.decoder.block:
         attention = block.layer[1].EncDecAttention
         shape = (*encoded.shape[:2], heads, width)
         state.image_keys.append(attention.k(encoded).view(shape).transpose(1, 2))       # (B, H, L, d)
         state.image_values.append(attention.v(encoded).view(shape).transpose(1, 2))
-        own = state.image_keys[-1].new_zeros(rows, heads, max_new_tokens, width)       # (R, H, T, d), in the
+        own = state.image_keys[-1].new_zeros(rows, heads, max_new_tokens, width)       # (B, H, T, d), in the
         state.keys.append(own)                                                          # keys' dtype (autocast's)
         state.values.append(torch.zeros_like(own))
     positions = text.decoder.block[0].layer[0].SelfAttention
@@ -206,7 +207,11 @@ def start_generation(model, input_ids, image_embeds, beams, max_new_tokens):
     lowest = torch.finfo(state.keys[0].dtype).min  # a masked position, in the dtype the attention runs in
     state.extra["bias"] = bias.masked_fill(later, lowest).to(state.keys[0].dtype)
     state.prompt_ids = torch.full((rows, 1), text.config.decoder_start_token_id, device=encoded.device)
-    return state, decode_step(model, state, state.prompt_ids[:, 0], 0)
+    logits = decode_step(model, state, state.prompt_ids[:, 0], 0)                      # (B, vocab)
+    state.beams = beams
+    state.reorder(torch.arange(rows, device=encoded.device).repeat_interleave(beams))   # each image's row to its beams
+    state.prompt_ids = state.prompt_ids.repeat_interleave(beams, dim=0)
+    return state, logits.repeat_interleave(beams, dim=0)
 
 
 def decode_step(model, state, tokens, n):

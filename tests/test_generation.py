@@ -114,19 +114,25 @@ def test_repetition_controls_give_transformers_captions_and_stop_repeats(demo_wo
 @pytest.mark.parametrize("base", BASES)
 def test_the_image_side_runs_once_per_image_and_every_beam_reads_it(demo_world, base):
     """The encoder (T5) or the prefix (OPT) sees B rows, once; the keys and values every beam reads are one per image
-    (B, H, L, d), never B * beams copies; each later call sees one token per row of the images still going."""
+    (B, H, L, d), never B * beams copies; the first new token's scores are computed once per image (all its beams
+    start alike); each later call sees one token per row of the images still going."""
     model, processor, prompt = load(base)
     lm = family(model.config)
     embeds = demo_images(model, processor, 4)
     shapes, first = [], model.language_model.get_input_embeddings()
-    hook = first.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    scored_rows = []  # the rows of each lm_head call
+    hooks = [first.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape))),
+             model.language_model.lm_head.register_forward_hook(
+                 lambda module, args, out: scored_rows.append(args[0].shape[0]))]
     try:
         with torch.no_grad():
             state, _ = lm.start_generation(model, torch.tensor(prompt).expand(4, -1), embeds, 5, 12)
             generate_ids(model, lm, prompt, embeds, num_beams=5, max_new_tokens=12, min_new_tokens=2)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     assert all(k.shape[0] == 4 for k in state.image_keys) and all(k.shape[0] == 20 for k in state.keys)
+    assert scored_rows[:3] == [4, 4, 20]  # each start_generation: 4 images; then the first decode step: 20 rows
     image_side = [s for s in shapes if len(s) == 2 and s[1] > 1]  # embedding lookups of more than one token
     assert image_side == [(4, len(prompt))] * 2  # the prompt's embeddings, once per image, in each of the two calls
     assert all(s[0] <= 20 and (len(s) == 1 or s[1] == 1) for s in shapes if s not in image_side)
