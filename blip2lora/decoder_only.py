@@ -13,9 +13,10 @@ embeddings, or rotations inside each layer): the family hands that in as `layers
         attention of OPT and LLaMA in transformers 5.24).
 """
 import torch
+import torch.nn.functional as F
 
 from blip2lora.blip2 import caption_loss_sum, embed_prompt, image_features, model_inputs
-from blip2lora.generation import DecodeState
+from blip2lora.generation import DecodeState, replace_each
 
 
 def per_pair_caption_loss(model, batch):
@@ -60,45 +61,92 @@ def grouped_caption_loss(model, batch, image_embeds, layers):
 
 def start_generation(model, input_ids, image_embeds, beams, max_new_tokens, layers):
     """generation.py's start, for B images with `beams` rows each: the prefix (image features and prompt, (B, L, D))
-    once per image, keeping every layer's keys and values (B, H, L, d), which all of an image's beams read; the new
-    tokens' own keys and values allocated for max_new_tokens - 1 positions (R, H, T, d). Returns (state, the first
-    new token's logits, predicted at the prefix's last position, for each row (R, vocab))."""
+    once per image. Each layer's keys and values are one tensor per image (PrefixAndBeams): the prefix's L positions,
+    which all of the image's beams read, then each beam's own T = max_new_tokens - 1 (the first new token is
+    predicted at the prefix's last position). Returns (state, that first token's logits for each row (R, vocab))."""
     prefix = embed_prompt(model, input_ids, image_features(model, image_embeds))       # (B, L, D)
     images, length = prefix.shape[:2]
     recorded = RecordedKeysValues()
     causal = torch.ones(length, length, dtype=torch.bool, device=prefix.device).tril()
     hidden = layers(prefix, kept_from=0, attends=causal, cache=recorded)                # (B, L, D)
-    state = DecodeState(beams, extra={"prefix_length": length})
+    state = PrefixAndBeams(beams, extra={"prefix_length": length, "own_length": max(1, max_new_tokens - 1)})
     for i in range(len(recorded.layers)):
-        keys, values = recorded.layers[i]                                               # (B, H, L, d)
-        state.image_keys.append(keys)
-        state.image_values.append(values)
-        state.keys.append(keys.new_zeros(images * beams, keys.shape[1], max(1, max_new_tokens - 1), keys.shape[3]))
-        state.values.append(torch.zeros_like(state.keys[-1]))
+        for kept, recorded_part in zip((state.keys, state.values), recorded.layers[i]):  # (B, H, L, d) each
+            heads, width = recorded_part.shape[1], recorded_part.shape[3]
+            kept.append(recorded_part.new_zeros(images, heads, length + beams * state.extra["own_length"], width))
+            kept[-1][:, :, :length] = recorded_part
     state.prompt_ids = torch.zeros(images * beams, 0, dtype=torch.long, device=prefix.device)
     logits = model.language_model.lm_head(hidden[:, -1])                                # (B, vocab)
     return state, logits.repeat_interleave(beams, dim=0)
 
 
-def attention(state, i, query, key, value, index):
-    """A decode step's attention of one new token per row in layer i: query, key, value (R, H, 1, d), the query
-    already scaled. The row's own key and value are written at `index` of its cache (R, H, T, d); then one softmax
-    over its image's prefix keys (B, H, L, d), read by all the image's beams (never copied per beam), and its own
-    keys up to `index`. Returns (R, H, 1, d)."""
+class PrefixAndBeams(DecodeState):
+    """A decoder-only model's decode state: per layer, the keys (and values) of each image in one tensor,
+    (B, H, K, d) with K = L + beams * T:
+
+        [ prefix: L | beam 0: T | beam 1: T | ... ]     the prefix written once, at the start; beam j's n-th new
+                                                        token at L + j * T + n - 1
+
+    so that one fused attention call, masked so that a beam reads the prefix and its own keys, serves all of an
+    image's beams, and the prefix is never copied per beam."""
+
+    def layout(self, device):
+        """For each of the K key positions, (K,) each: its beam (-1 in the prefix) and its place among that beam's."""
+        length, own = self.extra["prefix_length"], self.extra["own_length"]
+        after = torch.arange(length + self.beams * own, device=device) - length        # negative in the prefix
+        return torch.where(after < 0, -1, after.div(own, rounding_mode="floor")), after % own
+
+    def reorder(self, rows):
+        """rows (R,) = image * beams + the beam each row continues (beams never change image): each beam's keys
+        become its source beam's; the prefix stays in place."""
+        length, own, beams = self.extra["prefix_length"], self.extra["own_length"], self.beams
+        images, device = len(rows) // beams, rows.device
+        beam, offset = self.layout(device)
+        source_beam = (rows % beams).view(images, beams)[:, beam.clamp(min=0)]        # (B, K)
+        source = torch.where(beam < 0, torch.arange(len(beam), device=device), length + source_beam * own + offset)
+        # the tensors as rows of d numbers, (B * H * K, d): one index_select of whole rows each, the same index in
+        # every layer
+        heads = self.keys[0].shape[1]
+        image_head = torch.arange(images * heads, device=device).view(images, heads, 1)
+        rows_read = (image_head * len(beam) + source[:, None, :]).flatten()            # (B * H * K,)
+        for caches in (self.keys, self.values):
+            replace_each(caches, lambda cache: cache.flatten(0, 2).index_select(0, rows_read).view(cache.shape))
+
+    def keep(self, images):
+        """Only these images (indices into the current ones) go on."""
+        rows = (images[:, None] * self.beams + torch.arange(self.beams, device=images.device)).flatten()
+        for caches in (self.keys, self.values):
+            replace_each(caches, lambda cache: cache.index_select(0, images))
+        self.prompt_ids = self.prompt_ids.index_select(0, rows)
+
+
+def cache_places(state, index):
+    """What every layer of a decode step shares. index: the new token's place among its beam's own keys (0-based,
+    a tensor). Returns where each beam's new key goes, (beams,), and what each beam reads, as a bias on the scores
+    (beams, K): 0 for the prefix and its own keys up to the new one, -inf elsewhere, in the keys' dtype."""
+    length, own = state.extra["prefix_length"], state.extra["own_length"]
+    each_beam = torch.arange(state.beams, device=index.device)[:, None]                # (beams, 1)
+    beam, offset = state.layout(index.device)
+    reads = (beam < 0) | ((beam == each_beam) & (offset <= index))                      # (beams, K)
+    bias = torch.zeros_like(reads, dtype=state.keys[0].dtype).masked_fill(~reads, -float("inf"))
+    return length + each_beam[:, 0] * own + index, bias
+
+
+def attention(state, i, query, key, value, places):
+    """A decode step's attention in layer i: query, key, value (R, H, 1, d), one new token per row, the query
+    already scaled; places: cache_places'. The new keys and values are written into their image's tensors, then
+    each image's beams attend together: (B, H, beams, d) queries over its (B, H, K, d) keys, one fused call.
+    Returns (R, H, 1, d)."""
+    written, bias = places
     rows, heads = query.shape[:2]
-    images, beams = rows // state.beams, state.beams
-    state.keys[i].index_copy_(2, index, key)
-    state.values[i].index_copy_(2, index, value)
-    by_image = query.view(images, beams, heads, -1).transpose(1, 2)                     # (B, H, beams, d)
-    prefix_scores = by_image @ state.image_keys[i].transpose(2, 3)                      # (B, H, beams, L)
-    own_scores = (query @ state.keys[i].transpose(2, 3)).view(images, beams, heads, -1).transpose(1, 2)
-    unwritten = torch.arange(own_scores.shape[-1], device=query.device) > index        # (T,)
-    own_scores = own_scores.masked_fill(unwritten, -float("inf"))                       # (B, H, beams, T)
-    weights = torch.softmax(torch.cat([prefix_scores, own_scores], -1).float(), -1).to(query.dtype)
-    length = prefix_scores.shape[-1]
-    out = (weights[..., :length] @ state.image_values[i]).transpose(1, 2).reshape(rows, heads, 1, -1)
-    own_weights = weights[..., length:].transpose(1, 2).reshape(rows, heads, 1, -1)    # (R, H, 1, T)
-    return out + own_weights @ state.values[i]                                          # (R, H, 1, d)
+    images = rows // state.beams
+
+    def by_image(x):                                                   # (R, H, 1, d) -> (B, H, beams, d)
+        return x.view(images, state.beams, heads, -1).transpose(1, 2)
+    state.keys[i].index_copy_(2, written, by_image(key))
+    state.values[i].index_copy_(2, written, by_image(value))
+    out = F.scaled_dot_product_attention(by_image(query), state.keys[i], state.values[i], attn_mask=bias, scale=1.0)
+    return out.transpose(1, 2).reshape(rows, heads, 1, -1)            # (B, beams, H, d) -> (R, H, 1, d)
 
 
 class RecordedKeysValues:

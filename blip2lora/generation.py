@@ -29,9 +29,10 @@ NEVER = -1.0e9  # transformers' "cannot be chosen" score
 @dataclass
 class DecodeState:
     """What a decode step reads: per layer, the image side's keys and values (B, H, P, d), one entry per image, and
-    each row's own keys and values (R, H, T, d), allocated for every new token at once. `prompt_ids` (R, p): the ids
-    transformers' processors see before the new ones (T5's decoder start token; none for OPT). `extra`: what the
-    family needs besides (T5's position bias, OPT's prefix length)."""
+    each row's own keys and values (R, H, T, d), allocated for every new token at once (T5's; a decoder-only model
+    keeps both in one tensor per image: decoder_only.PrefixAndBeams). `prompt_ids` (R, p): the ids transformers'
+    processors see before the new ones (T5's decoder start token; none for OPT). `extra`: what the family needs
+    besides (T5's position bias, OPT's prefix length)."""
     beams: int
     image_keys: list = field(default_factory=list)
     image_values: list = field(default_factory=list)
@@ -42,16 +43,23 @@ class DecodeState:
 
     def reorder(self, rows):
         """Each row continues the row it was chosen from: rows (R,) indexes the current rows."""
-        self.keys = [k.index_select(0, rows) for k in self.keys]
-        self.values = [v.index_select(0, rows) for v in self.values]
+        for caches in (self.keys, self.values):
+            replace_each(caches, lambda cache: cache.index_select(0, rows))
 
     def keep(self, images):
         """Only these images (indices into the current ones) go on; the others have their captions."""
         rows = (images[:, None] * self.beams + torch.arange(self.beams, device=images.device)).flatten()
-        self.image_keys = [k.index_select(0, images) for k in self.image_keys]
-        self.image_values = [v.index_select(0, images) for v in self.image_values]
+        for caches in (self.image_keys, self.image_values):
+            replace_each(caches, lambda cache: cache.index_select(0, images))
         self.reorder(rows)
         self.prompt_ids = self.prompt_ids.index_select(0, rows)
+
+
+def replace_each(caches, change):
+    """caches[i] = change(caches[i]), one layer after the other: each old tensor is freed before the next new one is
+    made, so that a reordering holds one layer's copy at most, not every layer's twice (the evaluation's peak)."""
+    for i, cache in enumerate(caches):
+        caches[i] = change(cache)
 
 
 def process(scores, seen, new_tokens, eos, min_new_tokens, repetition_penalty, no_repeat_ngram_size):

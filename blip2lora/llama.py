@@ -129,22 +129,23 @@ def decode_step(model, state, tokens, n):
     text = _text(model)
     index = torch.as_tensor(n - 1, device=tokens.device).view(1)
     positions = (index + state.extra["prefix_length"])[None]                           # (1, 1)
+    places = decoder_only.cache_places(state, index)                                    # the same in every layer
     hidden = text.embed_tokens(tokens)[:, None]                                         # (R, 1, D)
     cos, sin = text.rotary_emb(hidden, position_ids=positions)                          # (1, 1, d)
     for i, layer in enumerate(text.layers):
         x = layer.input_layernorm(hidden)
-        hidden = hidden + _attention(layer.self_attn, state, i, x, index, cos[:, None], sin[:, None])
+        hidden = hidden + _attention(layer.self_attn, state, i, x, places, cos[:, None], sin[:, None])
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return model.language_model.lm_head(text.norm(hidden))[:, 0]
 
 
-def _attention(attention, state, i, x, index, cos, sin):
+def _attention(attention, state, i, x, places, cos, sin):
     """One new token per row (x: (R, 1, D)): its query and key rotated for its position (cos, sin: (1, 1, 1, d)),
     then attention to its image's prefix and its own cache (decoder_only.attention)."""
     def split(projected):                                                               # (R, 1, D) -> (R, H, 1, d)
         return projected.view(x.shape[0], 1, -1, attention.head_dim).transpose(1, 2)
     query, key = (_rotate(split(project(x)), cos, sin) for project in (attention.q_proj, attention.k_proj))
-    out = decoder_only.attention(state, i, query * attention.scaling, key, split(attention.v_proj(x)), index)
+    out = decoder_only.attention(state, i, query * attention.scaling, key, split(attention.v_proj(x)), places)
     return attention.o_proj(out.transpose(1, 2).flatten(2))                             # (R, 1, D)
 
 

@@ -127,21 +127,22 @@ def decode_step(model, state, tokens, n):
     decoder = model.language_model.model.decoder
     index = torch.as_tensor(n - 1, device=tokens.device).view(1)
     positions = (index + state.extra["prefix_length"])[None]                           # (1, 1)
+    places = decoder_only.cache_places(state, index)                                    # the same in every layer
     hidden = decoder.embed_tokens(tokens)[:, None]                                      # (R, 1, D)
     hidden = hidden + decoder.embed_positions(None, position_ids=positions).to(hidden.dtype)
     for i, layer in enumerate(decoder.layers):
-        hidden = _decode_layer(layer, state, i, hidden, index)
+        hidden = _decode_layer(layer, state, i, hidden, places)
     if decoder.final_layer_norm is not None:
         hidden = decoder.final_layer_norm(hidden)
     return model.language_model.lm_head(hidden)[:, 0]
 
 
-def _decode_layer(layer, state, i, hidden, index):
+def _decode_layer(layer, state, i, hidden, places):
     """One OPT decoder layer (OPTDecoderLayer's order: attention, then the feed-forward, each with its residual; the
     layer norms before or after them as the config says) on one token per row."""
     before = layer.do_layer_norm_before
     x = layer.self_attn_layer_norm(hidden) if before else hidden
-    hidden = hidden + _attention(layer.self_attn, state, i, x, index)
+    hidden = hidden + _attention(layer.self_attn, state, i, x, places)
     if not before:
         hidden = layer.self_attn_layer_norm(hidden)
     x = layer.final_layer_norm(hidden) if before else hidden
@@ -149,13 +150,13 @@ def _decode_layer(layer, state, i, hidden, index):
     return hidden if before else layer.final_layer_norm(hidden)
 
 
-def _attention(attention, state, i, x, index):
-    """One new token per row (x: (R, 1, D)) attends to its image's prefix and to its own cache up to `index`, where
-    its own keys and values are written first (decoder_only.attention)."""
+def _attention(attention, state, i, x, places):
+    """One new token per row (x: (R, 1, D)) attends to its image's prefix and to its own keys so far, its new key and
+    value written first at `places` (decoder_only.attention)."""
     def split(projected):                                                               # (R, 1, D) -> (R, H, 1, d)
         return projected.view(x.shape[0], 1, attention.num_heads, -1).transpose(1, 2)
     query = split(attention.q_proj(x) * attention.scaling)
-    out = decoder_only.attention(state, i, query, split(attention.k_proj(x)), split(attention.v_proj(x)), index)
+    out = decoder_only.attention(state, i, query, split(attention.k_proj(x)), split(attention.v_proj(x)), places)
     return attention.out_proj(out.transpose(1, 2).flatten(2))                           # (R, 1, D)
 
 
