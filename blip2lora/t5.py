@@ -191,14 +191,14 @@ def start_generation(model, input_ids, image_embeds, beams, max_new_tokens):
     text = model.language_model
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     encoded = _encode_images(model, batch, image_embeds)                                 # (B, L, D)
-    rows, heads, width = encoded.shape[0], text.config.num_heads, text.config.d_kv
+    images, heads, width = encoded.shape[0], text.config.num_heads, text.config.d_kv
     state = DecodeState(beams=1)                                                         # one row per image, first
     for block in text.decoder.block:
         attention = block.layer[1].EncDecAttention
         shape = (*encoded.shape[:2], heads, width)
         state.image_keys.append(attention.k(encoded).view(shape).transpose(1, 2))       # (B, H, L, d)
         state.image_values.append(attention.v(encoded).view(shape).transpose(1, 2))
-        own = state.image_keys[-1].new_zeros(rows, heads, max_new_tokens, width)       # (B, H, T, d), in the
+        own = state.image_keys[-1].new_zeros(images, heads, max_new_tokens, width)     # (B, H, T, d), in the
         state.keys.append(own)                                                          # keys' dtype (autocast's)
         state.values.append(torch.zeros_like(own))
     positions = text.decoder.block[0].layer[0].SelfAttention
@@ -206,10 +206,10 @@ def start_generation(model, input_ids, image_embeds, beams, max_new_tokens):
     later = torch.ones(max_new_tokens, max_new_tokens, dtype=torch.bool, device=encoded.device).triu(1)
     lowest = torch.finfo(state.keys[0].dtype).min  # a masked position, in the dtype the attention runs in
     state.extra["bias"] = bias.masked_fill(later, lowest).to(state.keys[0].dtype)
-    state.prompt_ids = torch.full((rows, 1), text.config.decoder_start_token_id, device=encoded.device)
+    state.prompt_ids = torch.full((images, 1), text.config.decoder_start_token_id, device=encoded.device)
     logits = decode_step(model, state, state.prompt_ids[:, 0], 0)                      # (B, vocab)
     state.beams = beams
-    state.reorder(torch.arange(rows, device=encoded.device).repeat_interleave(beams))   # each image's row to its beams
+    state.reorder(torch.arange(images, device=encoded.device).repeat_interleave(beams))  # each image's row to its beams
     state.prompt_ids = state.prompt_ids.repeat_interleave(beams, dim=0)
     return state, logits.repeat_interleave(beams, dim=0)
 
