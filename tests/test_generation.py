@@ -143,6 +143,23 @@ def test_the_image_side_runs_once_per_image_and_every_beam_reads_it(demo_world, 
 
 
 @pytest.mark.parametrize("base", BASES)
+def test_reordering_the_beams_holds_one_layers_new_cache_at_most(demo_world, base):
+    """A reordering replaces the caches one layer at a time: at its peak it holds one new tensor beside the old ones
+    (and its small index), never a new copy of every layer's (the evaluation's peak memory, memory.py's count)."""
+    from blip2lora.memory import LiveBytes
+    model, processor, prompt = load(base)
+    embeds = demo_images(model, processor, 4)
+    each_image_reversed = torch.arange(20) // 5 * 5 + torch.tensor([4, 3, 2, 1, 0]).repeat(4)  # beams stay in image
+    with torch.no_grad(), LiveBytes() as counter:
+        state, _ = family(model.config).start_generation(model, torch.tensor(prompt).expand(4, -1), embeds, 5, 12)
+        counter.reset_peak()
+        before = counter.live
+        state.reorder(each_image_reversed)
+    largest = max(cache.untyped_storage().nbytes() for cache in state.keys + state.values)
+    assert len(state.keys) >= 2 and counter.peak - before <= 1.5 * largest
+
+
+@pytest.mark.parametrize("base", BASES)
 def test_the_decode_step_is_one_graph(demo_world, base):
     """torch.compile covers the whole decode step (CUDA graphs on a GPU): no graph break, whatever the step index."""
     import torch._dynamo
